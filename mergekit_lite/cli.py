@@ -1,0 +1,95 @@
+"""The `moemerge` command line: one thin command per job; settings live in recipes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from mergekit_lite.errors import MoemergeError
+
+app = typer.Typer(
+    help="Grow dense Hugging Face checkpoints into Mixture-of-Experts or deeper models, then keep training them.\n\n"
+         "Start with `moemerge quickstart` (offline, a minute on a laptop CPU).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+OUTPUT = typer.Option(None, "-o", "--output", help="output folder (wins over `output:` in the recipe)")
+DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (tensors, bytes, parameters) and write nothing")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output folder")
+
+
+def echo(line: str) -> None:
+    out.print(line, markup=False)
+
+
+@app.command()
+def upcycle(recipe: Path = typer.Argument(..., help="upcycle recipe (YAML)"), output: Optional[Path] = OUTPUT,
+            dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
+            verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor")) -> None:
+    """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    from mergekit_lite.ops.upcycle import run_upcycle
+
+    run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, echo=echo)
+
+
+@app.command()
+def verify(model: Path = typer.Argument(..., help="output model folder"),
+           against: Path = typer.Option(..., "--against", help="the source model to compare with"),
+           text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
+           device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
+           tolerance: Optional[float] = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this")) -> None:
+    """Compare logits with the source model: max/mean |Δlogits| and top-1 agreement."""
+    from mergekit_lite.verify import compare_logits
+
+    kwargs = {"text": text} if text else {}
+    report = compare_logits(model, against, device=device, **kwargs)
+    for line in report.lines():
+        echo(line)
+    if tolerance is not None and report.max_abs > tolerance:
+        err.print(f"max |Δlogits| {report.max_abs:.3e} exceeds tolerance {tolerance:.1e}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(model: Path = typer.Argument(..., help="model folder")) -> None:
+    """Architecture, layers, experts, parameters (total/active), dtype, shards, how it was built."""
+    from mergekit_lite.inspect_model import describe, describe_lines
+
+    for line in describe_lines(describe(model)):
+        echo(line)
+
+
+@app.command()
+def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="where to build everything"),
+               overwrite: bool = OVERWRITE) -> None:
+    """Offline demo: build a small dense Llama, upcycle it to 8 experts, print the parity report."""
+    from mergekit_lite.quickstart import run_quickstart
+
+    run_quickstart(workdir, overwrite=overwrite, echo=echo)
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2; Ctrl-C/SIGTERM exit 130."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own output says what is happening; keep logs readable
+    try:
+        app()
+    except MoemergeError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; no partial output was left behind")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""`moemerge inspect`: what a model folder holds, from headers and config only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.io import CheckpointReader
+from mergekit_lite.io.sidefiles import read_sidecar
+from mergekit_lite.plan import format_bytes, format_count
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Architecture, layers, experts, parameters (total / active per token), dtypes, shards, provenance."""
+    reader = CheckpointReader(path)
+    cfg = reader.config
+    total = expert = 0
+    dtypes: dict[str, int] = {}
+    for info in reader.tensors.values():
+        n = 1
+        for s in info.shape:
+            n *= s
+        total += n
+        name = str(info.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + n
+    n_experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    top_k = cfg.get("num_experts_per_tok")
+    for key, info in reader.tensors.items():
+        if _EXPERT.search(key):
+            n = 1
+            for s in info.shape:
+                n *= s
+            expert += n
+    active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
+    files = sorted({i.file for i in reader.tensors.values()})
+    return {
+        "path": str(path), "architecture": (cfg.get("architectures") or ["?"])[0],
+        "model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"), "experts": n_experts, "experts_per_token": top_k,
+        "total_params": total, "active_params": active, "dtypes": dtypes, "shards": files,
+        "bytes": reader.total_bytes(), "built_by": read_sidecar(path),
+    }
+
+
+def describe_lines(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{d['path']}",
+        f"  architecture   {d['architecture']} ({d['model_type']})",
+        f"  layers         {d['layers']}   hidden {d['hidden_size']}",
+    ]
+    if d["experts"]:
+        lines.append(f"  experts        {d['experts']} per MoE layer, top-{d['experts_per_token']}")
+    lines += [
+        f"  parameters     total {format_count(d['total_params'])}   active per token {format_count(d['active_params'])}",
+        f"  dtype          {', '.join(f'{k} ({format_count(v)})' for k, v in d['dtypes'].items())}",
+        f"  shards         {len(d['shards'])} file(s), {format_bytes(d['bytes'])}",
+    ]
+    built = d.get("built_by")
+    if built:
+        steps = " -> ".join(s.get("step", "?") for s in built.get("lineage", []))
+        lines.append(f"  built by       moemerge {built.get('kind')}   lineage: {steps}")
+        for k, v in built.items():
+            if k not in ("recipe", "lineage", "kind"):
+                lines.append(f"    {k}: {v}")
+    return lines

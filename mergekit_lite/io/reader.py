@@ -1,0 +1,198 @@
+"""Lazy checkpoint reader: a Hugging Face model folder opened without loading its weights.
+
+Shapes and dtypes come from safetensors headers, so a preflight can check every tensor before
+a single weight byte is read. `get` returns a memory-mapped view (`safe_open`), so the bytes are
+read from disk only when the writer touches them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergekit_lite.errors import MoemergeError
+
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts about one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+
+def resolve_model_path(source: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise download a Hub snapshot (weights, config, tokenizer)."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise MoemergeError(f"{source} is a file; point to the model *folder* that holds config.json")
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise MoemergeError(f"model folder not found: {source}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md", "LICENSE*"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoemergeError(
+            f"{source} is not a local folder and could not be fetched from the Hugging Face Hub ({first}); "
+            "check the path, or your network and token") from None
+
+
+class CheckpointReader:
+    """Index of a model folder's tensors, opened lazily one shard file at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise MoemergeError(f"{self.path} has no config.json; is this a Hugging Face model folder?")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise MoemergeError(f"{cfg} is not valid JSON: {e}") from None
+        self._handles: dict[str, Any] = {}
+        self._bin: dict[str, dict[str, torch.Tensor]] = {}
+        self.tensors: dict[str, TensorInfo] = self._scan()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _scan(self) -> dict[str, TensorInfo]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            weight_map = self._read_index(index)
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            return self._scan_bin()
+        infos: dict[str, TensorInfo] = {}
+        for name in files:
+            for key, info in self._header(name).items():
+                infos[key] = info
+        if weight_map is not None:
+            missing = [k for k, f in weight_map.items() if k not in infos or infos[k].file != f]
+            if missing:
+                k = missing[0]
+                raise MoemergeError(
+                    f"{index.name} maps {k!r} to {weight_map[k]}, but that shard does not hold it "
+                    f"({len(missing)} such keys); the checkpoint is incomplete or its index is stale")
+        return infos
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MoemergeError(f"{index} is not a valid safetensors index ({e})") from None
+        for f in set(weight_map.values()):
+            if not (self.path / f).is_file():
+                raise MoemergeError(f"{index.name} names shard {f}, which is missing from {self.path}")
+        return weight_map
+
+    def _header(self, name: str) -> dict[str, TensorInfo]:
+        f = self._open(name)
+        out = {}
+        for key in f.keys():
+            sl = f.get_slice(key)
+            dt = _ST_DTYPES.get(sl.get_dtype())
+            if dt is None:
+                raise MoemergeError(f"{name}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
+            out[key] = TensorInfo(tuple(sl.get_shape()), dt, name)
+        return out
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            try:
+                self._handles[name] = safe_open(str(self.path / name), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise MoemergeError(
+                    f"{self.path / name} is not a readable safetensors file ({e}); "
+                    "it may be truncated or corrupt: download or copy it again") from None
+        return self._handles[name]
+
+    def _scan_bin(self) -> dict[str, TensorInfo]:
+        """Legacy PyTorch pickles, loaded only with `weights_only=True` (no arbitrary code)."""
+        index = self.path / "pytorch_model.bin.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.path / "pytorch_model.bin").is_file():
+            files = ["pytorch_model.bin"]
+        else:
+            raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or pytorch_model.bin)")
+        infos = {}
+        for name in files:
+            try:
+                sd = torch.load(self.path / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means: refuse this file
+                raise MoemergeError(
+                    f"refusing {self.path / name}: it cannot be loaded safely with torch.load(weights_only=True) "
+                    f"({type(e).__name__}); convert it to safetensors with a tool you trust") from None
+            self._bin[name] = sd
+            for k, t in sd.items():
+                infos[k] = TensorInfo(tuple(t.shape), t.dtype, name)
+        return infos
+
+    # -- access ----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        if key not in self.tensors:
+            raise MoemergeError(f"tensor {key!r} is missing from {self.path}")
+        return self.tensors[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, as a view on the memory-mapped file (no copy until touched)."""
+        info = self.info(key)
+        if info.file in self._bin:
+            return self._bin[info.file][key]
+        try:
+            return self._open(info.file).get_tensor(key)
+        except SafetensorError as e:
+            raise MoemergeError(f"cannot read {key!r} from {self.path / info.file}: {e}") from None
+
+    def total_bytes(self) -> int:
+        return sum(_numel(i.shape) * i.dtype.itemsize for i in self.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bin.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def dir_size(path: str | Path) -> int:
+    """Bytes in a folder's regular files (used by benchmarks and inspect)."""
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)

@@ -1,0 +1,56 @@
+"""Hugging Face side files: config.json, tokenizer, generation config, chat template, licence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+# Files a model folder carries besides weights and config; copied verbatim when present.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+)
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer, generation config, chat template and licence files; returns their names."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(folder: str | Path, config: dict[str, Any]) -> None:
+    """Write config.json with sorted keys, as transformers does."""
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+SIDECAR = "moemerge.json"
+
+
+def write_sidecar(folder: str | Path, record: dict[str, Any]) -> None:
+    """How this folder was built (recipe, sources, options, lineage), read by `inspect` and cards."""
+    (Path(folder) / SIDECAR).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def finish_folder(folder: str | Path, config: dict[str, Any], side_files_from: str | Path | None,
+                  record: dict[str, Any]) -> None:
+    """Everything a model folder needs besides its weights: config, tokenizer & co, provenance, model card."""
+    from mergekit_lite.card import write_card
+
+    write_config(folder, config)
+    if side_files_from is not None:
+        copy_side_files(side_files_from, folder)
+    write_sidecar(folder, record)
+    write_card(folder, record, config, side_files_from)
+
+
+def read_sidecar(folder: str | Path) -> dict[str, Any] | None:
+    p = Path(folder) / SIDECAR
+    return json.loads(p.read_text()) if p.is_file() else None

@@ -1,0 +1,80 @@
+"""Step-0 parity: compare an output model's logits with its source's on sample text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.pico import SAMPLE_TEXT
+
+
+@dataclass
+class ParityReport:
+    max_abs: float
+    mean_abs: float
+    top1_agreement: float
+    n_tokens: int
+    dtype: str
+    device: str
+
+    def lines(self) -> list[str]:
+        return [f"parity over {self.n_tokens} tokens ({self.dtype}, {self.device}):",
+                f"  max |Δlogits|  {self.max_abs:.3e}",
+                f"  mean |Δlogits| {self.mean_abs:.3e}",
+                f"  top-1 agreement {100 * self.top1_agreement:.2f}%"]
+
+
+def default_device() -> torch.device:
+    """The device accelerate would pick for this process (a GPU when one is visible)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
+        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> torch.Tensor:
+    """Token ids of `text` with the output's (or the reference's) tokenizer; seeded ids without one."""
+    from transformers import AutoTokenizer
+
+    for folder in (model_dir, reference):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # noqa: BLE001 - no usable tokenizer here; try the next folder
+            continue
+        ids = tok(text, return_tensors="pt").input_ids
+        if ids.numel() > 1 and int(ids.max()) < vocab_size:
+            return ids
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (1, 64), generator=g)
+
+
+@torch.no_grad()
+def compare_logits(model_dir: str | Path, reference: str | Path, *, text: str = SAMPLE_TEXT,
+                   dtype: str = "float32", device: str | None = None) -> ParityReport:
+    """Run both models on the same tokens and compare the logits position by position."""
+    dev = torch.device(device) if device else default_device()
+    tdtype = getattr(torch, dtype)
+    ref = load_model(reference, tdtype, dev)
+    ids = sample_ids(Path(model_dir), Path(reference), text, ref.config.get_text_config().vocab_size).to(dev)
+    ref_logits = ref(ids).logits.float()
+    del ref
+    out = load_model(model_dir, tdtype, dev)
+    out_logits = out(ids).logits.float()
+    if out_logits.shape != ref_logits.shape:
+        raise MoemergeError(f"logit shapes differ: {tuple(out_logits.shape)} vs reference {tuple(ref_logits.shape)} "
+                            "(different vocabularies?)")
+    diff = (out_logits - ref_logits).abs()
+    top1 = (out_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    return ParityReport(diff.max().item(), diff.mean().item(), top1, ids.shape[1], dtype, str(dev))

@@ -18,6 +18,7 @@ import torch
 from safetensors import TensorSpec, serialize_file
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.plan import format_bytes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -134,3 +135,15 @@ def write_index(folder: str | Path, weight_map: dict[str, str], total_size: int,
     meta = {"total_size": total_size, **(extra or {})}
     body = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
     (Path(folder) / INDEX_FILE).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def preflight_disk(output: Path, nbytes: int) -> None:
+    """Refuse before writing when the output's filesystem cannot hold the estimated output."""
+    probe = output.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = int(nbytes * 1.02) + 1_000_000
+    if free < need:
+        raise MoemergeError(f"not enough free disk for {output}: need about {format_bytes(need)}, "
+                            f"{format_bytes(free)} free on {probe}")

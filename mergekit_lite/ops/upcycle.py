@@ -7,23 +7,21 @@ built from headers only; `run_upcycle` preflights it and hands it to the executo
 
 from __future__ import annotations
 
-import hashlib
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from mergekit_lite import __version__
 from mergekit_lite.arch.config import moe_config
 from mergekit_lite.arch.tables import AUTO_TARGET, DENSE, LOSSY_REASONS, MOE, PROJS, MoEFamily, layer_key, \
     model_type_of, split_layer_key
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
-from mergekit_lite.io.sidefiles import read_sidecar
-from mergekit_lite.plan import Plan, Src, TensorOp, derive_seed, format_bytes
+from mergekit_lite.io.writer import preflight_disk
+from mergekit_lite.plan import Plan, Src, TensorOp, derive_seed
+from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -197,32 +195,6 @@ class UpcyclePlanner:
             notes.append(f"config fields not used by {self.fam.model_type}: {', '.join(dropped)}")
         notes.append("identical experts: step-0 logits equal the dense model's (check with `moemerge verify`)")
         return notes
-
-
-def recipe_record(kind: str, recipe_yaml: str, sources: list[Path], extra: dict) -> dict:
-    """Provenance for the output sidecar: the recipe verbatim, its hash, and the inputs' own lineage."""
-    lineage = []
-    for s in sources:
-        prior = read_sidecar(s)
-        if prior:
-            lineage = prior.get("lineage", [])
-            break
-    step = {"step": kind, "recipe_sha256": hashlib.sha256(recipe_yaml.encode()).hexdigest()[:16],
-            "sources": [str(s) for s in sources], "tool": f"mergekit-lite {__version__}"}
-    base = lineage or [{"step": "source", "model": str(sources[0])}]
-    return {"kind": kind, "recipe": recipe_yaml, "lineage": base + [step], **extra}
-
-
-def preflight_disk(output: Path, nbytes: int) -> None:
-    """Refuse before writing when the output's filesystem cannot hold the estimated output."""
-    probe = output.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    need = int(nbytes * 1.02) + 1_000_000
-    if free < need:
-        raise MoemergeError(f"not enough free disk for {output}: need about {format_bytes(need)}, "
-                            f"{format_bytes(free)} free on {probe}")
 
 
 def plan_upcycle(recipe: UpcycleRecipe, recipe_text: str | None = None) -> tuple[Plan, list[CheckpointReader]]:

@@ -1,0 +1,74 @@
+"""The command line as a user meets it: help, dry run, inspect, verify, offline Hub ids."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from mergekit_lite.cli import app
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.inspect_model import describe
+from mergekit_lite.ops.upcycle import run_upcycle
+
+runner = CliRunner()
+
+
+def _recipe(tmp_path, source, **kw):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"source": str(source), "num_experts": 4, "experts_per_token": 2, **kw}))
+    return p
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("upcycle", "verify", "inspect", "quickstart"):
+        assert cmd in result.output
+
+
+def test_dry_run_via_cli(tmp_path, pico_llama):
+    result = runner.invoke(app, ["upcycle", str(_recipe(tmp_path, pico_llama)), "-o", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "MixtralForCausalLM" in result.output and "active per token" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_field_and_cli_override(tmp_path, pico_llama):
+    r = _recipe(tmp_path, pico_llama, output=str(tmp_path / "from-recipe"))
+    assert runner.invoke(app, ["upcycle", str(r)]).exit_code == 0
+    assert (tmp_path / "from-recipe" / "config.json").exists()
+    assert runner.invoke(app, ["upcycle", str(r), "-o", str(tmp_path / "from-cli")]).exit_code == 0
+    assert (tmp_path / "from-cli" / "config.json").exists()
+
+
+def test_inspect_and_verify(tmp_path, pico_llama):
+    out = tmp_path / "moe"
+    plan = run_upcycle(_recipe(tmp_path, pico_llama, dtype="float32"), out, echo=lambda s: None)
+    d = describe(out)
+    assert (d["experts"], d["experts_per_token"], d["layers"]) == (4, 2, 4)
+    assert d["total_params"] == plan.total_params and d["active_params"] == plan.active_params
+    assert d["built_by"]["kind"] == "upcycle"
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0 and "top-2" in result.output
+    result = runner.invoke(app, ["verify", str(out), "--against", str(pico_llama), "--device", "cpu",
+                                 "--tolerance", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert "top-1 agreement 100.00%" in result.output
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = _recipe(tmp_path, "no-such-org/no-such-model")
+    try:
+        run_upcycle(r, tmp_path / "o", echo=lambda s: None)
+    except MoemergeError as e:
+        assert "could not be fetched from the Hugging Face Hub" in str(e)
+    else:
+        raise AssertionError("expected a MoemergeError")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_power_of_two_experts_warns(tmp_path, pico_llama):
+    lines: list[str] = []
+    run_upcycle(_recipe(tmp_path, pico_llama, num_experts=6), None, dry_run=True, echo=lines.append)
+    assert any("not a power of two" in line and "llama.cpp" in line for line in lines)

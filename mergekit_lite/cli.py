@@ -32,11 +32,28 @@ def echo(line: str) -> None:
 @app.command()
 def upcycle(recipe: Path = typer.Argument(..., help="upcycle recipe (YAML)"), output: Optional[Path] = OUTPUT,
             dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
-            verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor")) -> None:
+            verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor"),
+            device: Optional[str] = typer.Option(None, help="runs the base model for router.init=hidden: cpu, cuda, "
+                                                            "cuda:1 ... (default: accelerate's choice)")) -> None:
     """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
     from mergekit_lite.ops.upcycle import run_upcycle
 
-    run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, echo=echo)
+    run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, device=device, echo=echo)
+
+
+@app.command()
+def graft(source: Path = typer.Argument(..., help="a model folder (with --drop or --expand) or a graft recipe (YAML)"),
+          output: Optional[Path] = OUTPUT,
+          drop: Optional[int] = typer.Option(None, "--drop", help="SOLAR depth up-scaling: n layers -> 2(n-m)"),
+          expand: Optional[int] = typer.Option(None, "--expand", help="LLaMA-Pro: insert K identity blocks"),
+          dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
+          shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 5GB (default 5GB)"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor")) -> None:
+    """Deeper models from layer slices: SOLAR --drop, LLaMA-Pro --expand, or a slices recipe."""
+    from mergekit_lite.ops.graft import run_graft
+
+    run_graft(source, output, drop=drop, expand=expand, dry_run=dry_run, overwrite=overwrite,
+              shard_size=shard_size, verbose=verbose, echo=echo)
 
 
 @app.command()
@@ -73,6 +90,30 @@ def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="w
     from mergekit_lite.quickstart import run_quickstart
 
     run_quickstart(workdir, overwrite=overwrite, echo=echo)
+
+
+@app.command()
+def check(model: Path = typer.Argument(..., help="model folder")) -> None:
+    """Is this folder a sound checkpoint? Index/shards/headers, key set vs config class, tokenizer, no NaN/Inf."""
+    from mergekit_lite.check import check_folder
+
+    for line in check_folder(model, progress=echo).lines():
+        echo(line)
+
+
+@app.command()
+def push(model: Path = typer.Argument(..., help="model folder"),
+         repo: str = typer.Option(..., "--repo", help="Hub repo id, ORG/NAME (created if needed)"),
+         private: bool = typer.Option(False, "--private", help="create the repo private"),
+         revision: str = typer.Option("main", "--revision", help="branch to commit to (created if needed)"),
+         dry_run: bool = typer.Option(False, "--dry-run", help="check and list files and sizes; no network call"),
+         include_checkpoints: bool = typer.Option(False, "--include-checkpoints",
+                                                  help="also upload checkpoints/ and optimizer states")) -> None:
+    """Check a model folder, then upload it to the Hugging Face Hub in one commit and print the URL."""
+    from mergekit_lite.hub import push_folder
+
+    push_folder(model, repo, private=private, revision=revision, dry_run=dry_run,
+                include_checkpoints=include_checkpoints, echo=echo)
 
 
 def main() -> None:

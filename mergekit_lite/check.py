@@ -1,0 +1,192 @@
+"""`moemerge check`: is a model folder a sound checkpoint that `transformers` will load as is?
+
+Checks run cheapest first and the first hard failure raises `MoemergeError` (exit 2) naming the
+file or tensor and the fix: config, shards and index, index total size, the key set the config's
+class expects, tokenizer, then every value finite (streamed one tensor, one chunk at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io import CheckpointReader
+from mergekit_lite.io.writer import INDEX_FILE
+from mergekit_lite.plan import format_bytes, format_count
+
+# Elements per isfinite() call: bounds the temporary bool buffer (~16 MB) whatever the tensor size.
+_CHUNK = 1 << 24
+
+
+@dataclass
+class CheckReport:
+    """What `check` verified, for the summary it prints."""
+
+    path: Path
+    architecture: str = "?"
+    tensors: int = 0
+    params: int = 0
+    nbytes: int = 0
+    shards: list[str] = field(default_factory=list)
+    tokenizer: str = "?"
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}: OK",
+                f"  config         {self.architecture} loads with AutoConfig; its class accepts every tensor",
+                f"  weights        {self.tensors} tensors, {format_count(self.params)} parameters, "
+                f"{format_bytes(self.nbytes)} in {len(self.shards)} shard(s); headers and index agree",
+                "  values         all finite (no NaN/Inf)",
+                f"  tokenizer      {self.tokenizer}",
+                *(f"  note           {n}" for n in self.notes)]
+
+
+def check_folder(path: str | Path, progress: Callable[[str], None] | None = None) -> CheckReport:
+    """Run every check on a model folder; raises MoemergeError on the first hard failure."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoemergeError(f"check: {path} is not a folder")
+    report = CheckReport(path)
+    config = _load_config(path, report)
+    reader = CheckpointReader(path)  # headers of every shard; index <-> shard consistency
+    try:
+        _check_files(path, reader, report)
+        _check_keys(config, reader)
+        report.tokenizer = _check_tokenizer(path)
+        _check_values(reader, progress)
+    finally:
+        reader.close()
+    return report
+
+
+def _load_config(path: Path, report: CheckReport) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any failure here means transformers cannot load the folder
+        raise MoemergeError(f"check: {path / 'config.json'} does not load with AutoConfig ({_first_line(e)}); "
+                            "fix or regenerate config.json") from None
+    report.architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    return config
+
+
+def _check_files(path: Path, reader: CheckpointReader, report: CheckReport) -> None:
+    """No stray shard, and the index's total_size equals the bytes its headers describe."""
+    shards = sorted({i.file for i in reader.tensors.values()})
+    on_disk = sorted(p.name for p in path.glob("*.safetensors"))
+    stray = [f for f in on_disk if f not in shards]
+    if stray:
+        raise MoemergeError(f"check: {path / stray[0]} is not named by {INDEX_FILE} ({len(stray)} stray shard(s)); "
+                            "delete it or regenerate the index")
+    report.shards, report.tensors, report.nbytes = shards, len(reader.tensors), reader.total_bytes()
+    report.params = sum(_numel(i.shape) for i in reader.tensors.values())
+    index = path / INDEX_FILE
+    if index.is_file():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total is None:
+            report.notes.append(f"{INDEX_FILE} has no metadata.total_size; size not cross-checked")
+        elif int(total) != report.nbytes:
+            raise MoemergeError(f"check: {INDEX_FILE} says total_size {total}, but the shard headers describe "
+                                f"{report.nbytes} bytes of tensors; the index is stale: regenerate it")
+
+
+def expected_keys(config: Any) -> tuple[dict[str, tuple[int, ...]], set[str], list[str], list[str]]:
+    """Checkpoint keys the config's class would load, as saved on disk (Hub layout), with their shapes.
+
+    transformers v5 holds fused 3-D expert tensors in memory and converts the Hub's per-expert keys
+    at load time; `revert_weight_conversion` (what `save_pretrained` uses) maps the in-memory state
+    dict of a meta-device model back to the on-disk names, so a set comparison is exact.
+
+    Returns (key -> shape, tied keys that may be absent, missing-ok patterns, unexpected-ok patterns).
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:  # older transformers: no conversion, in-memory names are the disk names
+        pass
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return ({k: tuple(t.shape) for k, t in state.items()}, tied,
+            list(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
+            list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []))
+
+
+def _check_keys(config: Any, reader: CheckpointReader) -> None:
+    """Every tensor the class expects is present with its shape; nothing it would drop is stored."""
+    want, tied, ok_missing, ok_unexpected = expected_keys(config)
+    have = set(reader.tensors)
+    cls = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    missing = sorted(k for k in want.keys() - have
+                     if k not in tied and not any(re.search(p, k) for p in ok_missing))
+    if missing:
+        raise MoemergeError(f"check: {cls} expects tensor {missing[0]!r} {list(want[missing[0]])}, which no shard "
+                            f"holds ({len(missing)} missing); the checkpoint does not match config.json")
+    unexpected = sorted(k for k in have - want.keys() if not any(re.search(p, k) for p in ok_unexpected))
+    if unexpected:
+        raise MoemergeError(f"check: {unexpected[0]!r} is stored but {cls} has no such weight ({len(unexpected)} "
+                            "such tensors; transformers would silently drop them); the checkpoint does not match "
+                            "config.json")
+    for k in sorted(want.keys() & have):
+        got = reader.info(k).shape
+        if got != want[k]:
+            raise MoemergeError(f"check: {k!r} has shape {list(got)} but {cls} with this config.json expects "
+                                f"{list(want[k])}")
+
+
+def _check_tokenizer(path: Path) -> str:
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / n).is_file() for n in names):
+        raise MoemergeError(f"check: {path} has no tokenizer ({', '.join(names)}); copy the source's tokenizer "
+                            "files into it")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any failure means users cannot load it
+        raise MoemergeError(f"check: the tokenizer in {path} does not load ({_first_line(e)})") from None
+    return f"{type(tok).__name__}, {len(tok)} tokens, loads"
+
+
+def _check_values(reader: CheckpointReader, progress: Callable[[str], None] | None) -> None:
+    """NaN/Inf scan: one memory-mapped tensor at a time, in chunks, so memory stays flat."""
+    for n, key in enumerate(reader.keys()):
+        t = reader.get(key)
+        if t.is_floating_point():
+            flat = t.reshape(-1)  # view of the mmap; chunks below are read from disk one at a time
+            for start in range(0, flat.numel(), _CHUNK):
+                chunk = flat[start:start + _CHUNK]
+                finite = torch.isfinite(chunk)
+                if not finite.all():
+                    first = int((~finite).nonzero()[0, 0])
+                    kind = "NaN" if torch.isnan(chunk[first]) else "Inf"
+                    raise MoemergeError(f"check: tensor {key!r} in {reader.info(key).file} holds {kind} (first at "
+                                        f"flat index {start + first}); the checkpoint is corrupt or diverged")
+        if progress and (n + 1) % 200 == 0:
+            progress(f"  scanned {n + 1}/{len(reader.tensors)} tensors")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

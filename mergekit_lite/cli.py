@@ -61,14 +61,18 @@ def verify(model: Path = typer.Argument(..., help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
            device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
-           tolerance: Optional[float] = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this")) -> None:
+           tolerance: Optional[float] = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this"),
+           record: bool = typer.Option(True, "--record/--no-record",
+                                       help="store the figures in the folder's moemerge.json and model card")) -> None:
     """Compare logits with the source model: max/mean |Δlogits| and top-1 agreement."""
-    from mergekit_lite.verify import compare_logits
+    from mergekit_lite.verify import compare_logits, record_parity
 
     kwargs = {"text": text} if text else {}
     report = compare_logits(model, against, device=device, **kwargs)
     for line in report.lines():
         echo(line)
+    if record and record_parity(model, against, report):
+        echo(f"  recorded in {model / 'moemerge.json'} and the model card")
     if tolerance is not None and report.max_abs > tolerance:
         err.print(f"max |Δlogits| {report.max_abs:.3e} exceeds tolerance {tolerance:.1e}")
         raise typer.Exit(1)

@@ -60,6 +60,25 @@ def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> 
     return torch.randint(0, vocab_size, (1, 64), generator=g)
 
 
+def record_parity(model_dir: str | Path, reference: str | Path, report: ParityReport) -> bool:
+    """Store the parity figures in the folder's sidecar and model card; False when it has no sidecar."""
+    import json
+
+    from mergekit_lite.card import write_card
+    from mergekit_lite.io.sidefiles import read_sidecar, write_sidecar
+
+    record = read_sidecar(model_dir)
+    if record is None:
+        return False
+    record["parity"] = {"max_abs": report.max_abs, "mean_abs": report.mean_abs,
+                        "top1_agreement": report.top1_agreement, "tokens": report.n_tokens,
+                        "dtype": report.dtype, "against": str(reference)}
+    write_sidecar(model_dir, record)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    write_card(model_dir, record, config)
+    return True
+
+
 @torch.no_grad()
 def compare_logits(model_dir: str | Path, reference: str | Path, *, text: str = SAMPLE_TEXT,
                    dtype: str = "float32", device: str | None = None) -> ParityReport:

@@ -54,6 +54,9 @@ def test_inspect_and_verify(tmp_path, pico_llama):
                                  "--tolerance", "1e-4"])
     assert result.exit_code == 0, result.output
     assert "top-1 agreement 100.00%" in result.output
+    parity = describe(out)["built_by"]["parity"]
+    assert parity["max_abs"] <= 1e-4 and parity["top1_agreement"] == 1.0
+    assert "## Step-0 parity" in (out / "README.md").read_text()
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):

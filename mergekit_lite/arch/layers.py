@@ -1,0 +1,93 @@
+"""Per-layer config fields: read them as one value per layer, and rewrite them when layers move.
+
+A graft stacks layers taken from anywhere, so every config field that describes layers by
+index must follow its layer. Each field is first read as an explicit per-layer list through
+transformers' own config class (so defaults such as Gemma3's 5-sliding/1-full pattern or
+Qwen-MoE's `decoder_sparse_step` count), then rebuilt for the output's layer order:
+
+  layer_types         one entry per layer, taken from the layer's source
+  mlp_only_layers     output indices of the layers that were dense in their source;
+  decoder_sparse_step set to 1, since a step pattern does not survive layers moving
+  max_window_layers   transformers 5 only uses it to seed a default `layer_types`; the explicit
+                      `layer_types` written beside it is what the model runs. It is kept as the
+                      number of leading output layers that lay below the source's boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergekit_lite.arch.tables import DENSE, MOE, model_type_of
+
+# Fields that differ between checkpoints of one architecture without changing any tensor's meaning.
+_IGNORED = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",
+            "num_hidden_layers", "layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"}
+
+Origin = tuple[int, int]  # (source model index, source layer index) of one output layer
+
+
+def per_layer_fields(model_type: str) -> tuple[str, ...]:
+    """The config fields of a family that hold one entry per layer or refer to layer indices."""
+    fam = DENSE.get(model_type) or MOE.get(model_type)
+    return fam.per_layer_fields if fam else ()
+
+
+def hf_config(cfg: dict[str, Any]):
+    """transformers' own config for `cfg`, so that defaults computed from other fields are applied."""
+    from transformers import AutoConfig
+
+    body = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    return AutoConfig.for_model(model_type_of(cfg), **body)
+
+
+def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
+    """Each per-layer field of `cfg` as one value per layer.
+
+    Returns `layer_types` -> attention kind, `max_window_layers` -> True below the boundary,
+    `mlp_only_layers` -> True for a dense (non-MoE) layer. Fields the family lacks are absent.
+    """
+    fields = per_layer_fields(model_type_of(cfg))
+    obj = hf_config(cfg)
+    n = cfg["num_hidden_layers"]
+    views: dict[str, list] = {}
+    if "layer_types" in fields and getattr(obj, "layer_types", None) is not None:
+        views["layer_types"] = list(obj.layer_types)
+    if "max_window_layers" in fields and getattr(obj, "max_window_layers", None) is not None:
+        views["max_window_layers"] = [i < obj.max_window_layers for i in range(n)]
+    if "mlp_only_layers" in fields:
+        only, step = set(obj.mlp_only_layers or []), obj.decoder_sparse_step or 1
+        # the same test the Qwen-MoE decoder layer applies to pick a sparse or a dense FFN
+        views["mlp_only_layers"] = [i in only or not (obj.num_experts > 0 and (i + 1) % step == 0) for i in range(n)]
+    return views
+
+
+def remap_layers(configs: list[dict[str, Any]], origin: list[Origin]) -> dict[str, Any]:
+    """The config of a model whose layer o is layer `origin[o][1]` of model `origin[o][0]`.
+
+    Everything but the per-layer fields comes from the first output layer's model.
+    """
+    base = dict(configs[origin[0][0]])
+    views = [layer_views(c) for c in configs]
+    out_n = len(origin)
+    base["num_hidden_layers"] = out_n
+    picked = {name: [views[m][name][i] for m, i in origin] for name in views[origin[0][0]]}
+    if "layer_types" in picked:
+        base["layer_types"] = picked["layer_types"]
+    if "max_window_layers" in picked:
+        below = picked["max_window_layers"]
+        lead = next((o for o, b in enumerate(below) if not b), out_n)
+        base["max_window_layers"] = max(out_n, base.get("max_window_layers", 0)) if lead == out_n else lead
+    if "mlp_only_layers" in picked:
+        base["mlp_only_layers"] = [o for o, dense in enumerate(picked["mlp_only_layers"]) if dense]
+        base["decoder_sparse_step"] = 1
+    return base
+
+
+def config_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Name the first config field two models disagree on (layer-count fields aside), or None."""
+    for key in sorted(set(a) | set(b)):
+        if key in _IGNORED:
+            continue
+        if a.get(key) != b.get(key):
+            return f"config field {key!r}: {a.get(key)!r} vs {b.get(key)!r}"
+    return None

@@ -260,6 +260,12 @@ def test_bad_inputs(tmp_path, llama8, pico_factory):
     fails(tmp_path, llama8, "already exists", "--overwrite", drop=2, output=tmp_path / "taken")
     fails(tmp_path, slices_recipe(tmp_path, [(llama8, [0, 4])]), "recipe file", drop=2)
     fails(tmp_path, tmp_path / "no-such-thing", "neither a model folder nor a graft recipe")
+    quantized = tmp_path / "quantized"
+    shutil.copytree(llama8, quantized)
+    cfg = config(quantized)
+    cfg["quantization_config"] = {"quant_method": "gguf"}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    fails(tmp_path, quantized, "quantized checkpoint", "gguf", expand=1)
 
 
 def test_drop_warns_when_not_deeper_and_overwrite(tmp_path, llama8):

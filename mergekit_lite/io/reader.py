@@ -150,6 +150,15 @@ class CheckpointReader:
                 infos[k] = TensorInfo(tuple(t.shape), t.dtype, name)
         return infos
 
+    def require_plain_weights(self) -> None:
+        """Refuse quantized checkpoints: their tensors are packed codes, not weights we can copy or slice."""
+        q = self.config.get("quantization_config")
+        if q:
+            method = q.get("quant_method", "?") if isinstance(q, dict) else q
+            raise MoemergeError(
+                f"{self.path} is a quantized checkpoint (quantization_config: {method}); load it with transformers, "
+                "save it unquantized (e.g. bf16 safetensors without quantization_config), and use that folder")
+
     # -- access ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -263,6 +263,7 @@ def plan_graft(recipe: GraftRecipe, recipe_text: str | None = None) -> tuple[Pla
         if p.resolve() not in [q.resolve() for q in paths]:
             paths.append(p)
             readers.append(CheckpointReader(p))
+            readers[-1].require_plain_weights()
         return [q.resolve() for q in paths].index(p.resolve())
 
     notes: list[str] = []

@@ -63,6 +63,27 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
         steps = " -> ".join(s.get("step", "?") for s in built.get("lineage", []))
         lines.append(f"  built by       moemerge {built.get('kind')}   lineage: {steps}")
         for k, v in built.items():
-            if k not in ("recipe", "lineage", "kind"):
+            if k == "upcycle" and isinstance(v, dict):
+                lines += upcycle_lines(v)
+            elif k not in ("recipe", "lineage", "kind"):
                 lines.append(f"    {k}: {v}")
+    return lines
+
+
+def upcycle_lines(u: dict[str, Any]) -> list[str]:
+    """How an upcycled model's experts were made (granularity, Drop-Upcycling, shared experts, sources)."""
+    lines = [f"    experts made as: granularity {u.get('granularity')} (expert size {u.get('expert_size')}), "
+             f"drop_ratio {u.get('drop_ratio')}, noise {u.get('noise')}, router {u.get('router_init')}",
+             f"    shared experts: {u.get('shared_experts')} (size {u.get('shared_expert_size')}, "
+             f"split {u.get('shared_split')})   MoE layers: {u.get('moe_layers')}",
+             f"    non-expert weights: {u.get('non_expert')} (base {u.get('base')})"]
+    runs: list[list] = []  # consecutive identical copies shown as one line ("copies 0-7: ...")
+    for c, item in enumerate(u.get("copies", [])):
+        text = f"{item.get('source')}   noise {item.get('noise')}   drop_ratio {item.get('drop_ratio')}"
+        if runs and runs[-1][2] == text:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c, text])
+    for first, last, text in runs:
+        lines.append(f"    copy {first}: {text}" if first == last else f"    copies {first}-{last}: {text}")
     return lines

@@ -47,20 +47,58 @@ class Strict(BaseModel):
 class RouterInit(Strict):
     """How fresh router (gate) weights are initialised."""
 
-    init: Literal["random", "zeros", "uniform"] = "random"
+    init: Literal["random", "zeros", "uniform", "hidden"] = "random"
     std: float | None = Field(None, gt=0, description="normal std for `random`; default: the source's initializer_range")
     bound: float | None = Field(None, gt=0, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
+    prompts: list[list[str]] | None = Field(
+        None, description="`hidden`: one list of prompts per expert copy (num_experts / granularity lists); "
+                          "with `experts:` give them per expert instead")
+    negative_prompts: list[list[str]] | None = Field(
+        None, description="`hidden`: optional, same length as `prompts`; their mean hidden state is subtracted")
+    batch_size: int = Field(8, ge=1, description="`hidden`: prompts run through the base model per batch")
+    max_length: int = Field(512, ge=1, description="`hidden`: prompts are truncated to this many tokens")
+
+
+class ExpertSource(Strict):
+    """One entry of `experts:` (Branch-Train-MiX / mergekit-moe style): a dense model giving one expert copy."""
+
+    source: str = Field(description="dense model whose FFNs become this expert (same architecture and shapes)")
+    revision: str | None = Field(None, description="Hub revision when `source` is a Hub id")
+    noise: float | None = Field(None, ge=0, description="overrides the top-level `noise` for this expert")
+    drop_ratio: float | None = Field(None, ge=0, lt=1, description="overrides the top-level `drop_ratio`")
+    prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts this expert should get")
+    negative_prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts it should not get")
+
+
+class MoEEvery(Strict):
+    """`moe_layers: {every: k}`: layers i with (i + 1) % k == 0 are MoE (transformers' decoder_sparse_step)."""
+
+    every: int = Field(ge=1)
 
 
 class UpcycleRecipe(Strict):
     """`moemerge upcycle`: a dense checkpoint into a native Hugging Face MoE checkpoint."""
 
-    source: str = Field(description="dense model: a local Hugging Face folder, or a Hub id when online")
+    source: str | None = Field(None, description="dense model: a local Hugging Face folder, or a Hub id when online "
+                                                  "(required unless `experts:` is given)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a Hub id")
     architecture: Target = "auto"
-    num_experts: int = Field(ge=1)
+    num_experts: int | None = Field(None, ge=1, description="fine experts per MoE layer; with `experts:` it "
+                                                            "defaults to len(experts) * granularity")
     experts_per_token: int = Field(ge=1)
     router: RouterInit = RouterInit()
+    # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
+    granularity: int = Field(1, ge=1, description="split each FFN into this many fine experts (slices of I/G)")
+    drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
+    noise: float = Field(0.0, ge=0, description="relative gaussian noise per expert (times each matrix's std)")
+    shared_experts: int = Field(0, ge=0, description="Qwen2-MoE: shared expert size in units of one routed expert")
+    shared_split: bool = Field(False, description="split the dense FFN between shared and routed experts (parity)")
+    moe_layers: Literal["all"] | MoEEvery | list[int] = Field("all", description="all | {every: k} | [indices]")
+    experts: list[ExpertSource] | None = Field(None, min_length=1, description="one expert copy per dense model")
+    base: str | None = Field(None, description="with `experts:`: model giving config, tokenizer and non-expert "
+                                               "weights (default: the first expert's source)")
+    non_expert: Literal["base", "average"] = Field("base", description="with `experts:`: attention/norms/embeddings "
+                                                                       "from `base`, or averaged over the experts")
     dtype: DType = "source"
     seed: int = 0
     output: str | None = None
@@ -73,11 +111,128 @@ class UpcycleRecipe(Strict):
 
     @model_validator(mode="after")
     def _topk(self) -> "UpcycleRecipe":
+        _check_advanced(self)
         if self.experts_per_token > self.num_experts:
             raise ValueError(
                 f"experts_per_token={self.experts_per_token} is larger than num_experts={self.num_experts}; "
                 f"set experts_per_token to at most {self.num_experts}"
             )
+        return self
+
+
+def _check_advanced(r: "UpcycleRecipe") -> None:
+    """Cross-field rules of the advanced upcycling options (checks needing the source config are in the planner)."""
+    if r.experts is None:
+        if not r.source:
+            raise ValueError("`source` is missing: give the dense model (or an `experts:` list)")
+        if r.base is not None or r.non_expert != "base":
+            raise ValueError("`base` and `non_expert` only apply with an `experts:` list; remove them")
+        if r.num_experts is None:
+            raise ValueError("`num_experts` is missing: add the number of experts per MoE layer")
+    else:
+        if r.source:
+            raise ValueError("give either `source` or `experts:`, not both; with `experts:` name the model for "
+                             "attention, norms and embeddings with `base:`")
+        copies = len(r.experts)
+        if r.num_experts is None:
+            r.num_experts = copies * r.granularity
+        elif r.num_experts != copies * r.granularity:
+            raise ValueError(f"num_experts={r.num_experts} but {copies} `experts:` x granularity {r.granularity} "
+                             f"give {copies * r.granularity}; set num_experts: {copies * r.granularity} or drop it")
+    G = r.granularity
+    if r.num_experts % G:
+        raise ValueError(f"num_experts={r.num_experts} is not a multiple of granularity={G}: every FFN slice needs "
+                         f"the same number of copies; use a multiple of {G}")
+    if r.experts_per_token % G:
+        raise ValueError(f"experts_per_token={r.experts_per_token} is not a multiple of granularity={G}: step-0 "
+                         f"parity needs whole groups of {G} slices per token; use a multiple of {G}")
+    if G > 1 and r.router.init == "zeros":
+        raise ValueError("router.init=zeros with granularity > 1 ties every expert, so top-k may pick incomplete "
+                         "slice groups; use random, uniform or hidden")
+    if r.shared_split and not r.shared_experts:
+        raise ValueError("shared_split: true needs shared_experts >= 1")
+    if isinstance(r.moe_layers, list) and (not r.moe_layers or min(r.moe_layers) < 0
+                                           or len(set(r.moe_layers)) != len(r.moe_layers)):
+        raise ValueError(f"moe_layers={r.moe_layers} must be distinct layer indices >= 0 (and at least one)")
+    _check_prompts(r)
+
+
+def _check_prompts(r: "UpcycleRecipe") -> None:
+    """`router.init: hidden` needs positive prompts for every expert copy, in exactly one place."""
+    per_expert = r.experts is not None and any(e.prompts or e.negative_prompts for e in r.experts)
+    if per_expert and (r.router.prompts or r.router.negative_prompts):
+        raise ValueError("prompts are given both under `router:` and under `experts:`; keep one place")
+    has_router_prompts = r.router.prompts is not None or r.router.negative_prompts is not None
+    if r.router.init != "hidden":
+        if per_expert or has_router_prompts:
+            raise ValueError(f"prompts are only used with router.init=hidden (got init={r.router.init}); "
+                             "set router.init: hidden or remove them")
+        return
+    copies = r.num_experts // r.granularity
+    if per_expert:
+        missing = [j for j, e in enumerate(r.experts) if not e.prompts]
+        if missing:
+            raise ValueError(f"router.init=hidden: experts {missing} have no `prompts`; give each expert a list")
+        return
+    if not r.router.prompts:
+        raise ValueError("router.init=hidden needs prompts: `router.prompts` (one list per expert copy) or "
+                         "`prompts:` on every `experts:` entry")
+    for name in ("prompts", "negative_prompts"):
+        lists = getattr(r.router, name)
+        if lists is not None and (len(lists) != copies or not all(lists) and name == "prompts"):
+            raise ValueError(f"router.{name} needs {copies} non-empty lists (num_experts / granularity = "
+                             f"{r.num_experts} / {r.granularity}), got {len(lists)}")
+
+
+class GraftSlice(Strict):
+    """A run of consecutive decoder layers taken from one model."""
+
+    model: str = Field(description="model folder (or Hub id) the layers come from")
+    layers: tuple[int, int] = Field(description="half-open range [start, end): layers start .. end-1")
+    identity: bool = Field(False, description="write these copies as identity blocks (o_proj and FFN down zeroed)")
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        start, end = v
+        if start < 0:
+            raise ValueError(f"start {start} is negative; layer indices start at 0")
+        if end <= start:
+            raise ValueError(f"range [{start}, {end}) is empty; ranges are half-open, write [{start}, {start + 1}] "
+                             f"for layer {start} alone")
+        return v
+
+
+class GraftRecipe(Strict):
+    """`moemerge graft`: layer slices of one or more models stacked into a new (usually deeper) model.
+
+    Either `slices`, or `source` with one of `drop` (SOLAR depth up-scaling) or `expand`
+    (LLaMA-Pro identity blocks), which the planner turns into slices once it knows the depth.
+    """
+
+    slices: list[GraftSlice] | None = Field(None, min_length=1)
+    source: str | None = Field(None, description="the model for the `drop` / `expand` shorthands")
+    drop: int | None = Field(None, ge=0, description="SOLAR: layers 0..n-m-1 of the model, then layers m..n-1")
+    expand: int | None = Field(None, ge=1, description="LLaMA-Pro: insert this many identity blocks, spread evenly")
+    embeddings_from: str = Field("first", description="first | last | a model path: where the embeddings come from")
+    head_from: str = Field("last", description="first | last | a model path: final norm and lm_head")
+    dtype: DType = "source"
+    output: str | None = None
+    shard_size: int | str = "5GB"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int:
+        return parse_size(v)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "GraftRecipe":
+        if self.slices is not None:
+            if self.source or self.drop is not None or self.expand is not None:
+                raise ValueError("give either `slices`, or `source` with `drop` or `expand`, not both")
+        elif not self.source or (self.drop is None) == (self.expand is None):
+            raise ValueError("give `slices` (a list of {model, layers}), or `source` with exactly one of "
+                             "`drop: m` or `expand: k`")
         return self
 
 
@@ -111,7 +266,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], where:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "" if err["type"] == "missing" else f" = {value!r}"
+        shown = "" if err["type"] == "missing" or not err["loc"] else f" = {value!r}"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -222,3 +222,11 @@ def test_cli_one_line_error_no_traceback(tmp_path, pico_llama):
     assert proc.returncode == 2
     assert "experts_per_token" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_quantized_source_refused(tmp_path, pico_llama):
+    src = copy_model(pico_llama, tmp_path / "q")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_fails(tmp_path, recipe(tmp_path, source=src), "quantized checkpoint", "bitsandbytes")

@@ -47,3 +47,63 @@ def _normal(xs, shape, dtype, args):
 def _uniform(xs, shape, dtype, args):
     b = args["bound"]
     return (torch.rand(shape, generator=generator(args)) * (2 * b) - b).to(dtype)
+
+
+# --- advanced upcycling (granular experts, Drop-Upcycling, noise, BTX averaging, prompt routers) ---
+
+@transform("ffn_part")
+def _ffn_part(xs, shape, dtype, args):
+    """Channels [start, start+size) (mod I) of one FFN matrix, then drop / scale / noise.
+
+    `axis` is the intermediate axis: 0 for gate/up (I, H), 1 for down (H, I). Drop-Upcycling re-draws
+    `drop.ratio` of the taken channels from N(mean, std) of the *whole* source matrix; the channel choice is
+    seeded per (layer, expert), so gate, up and down re-initialise the same channels.
+    """
+    w = xs[0]
+    axis, n_total = args["axis"], xs[0].shape[args["axis"]]
+    idx = (torch.arange(args["size"]) + args["start"]) % n_total
+    part = w.index_select(axis, idx).float()  # (size, H) or (H, size)
+    drop = args.get("drop")
+    if drop:
+        n_drop = int(round(drop["ratio"] * args["size"]))
+        chosen = torch.randperm(args["size"], generator=generator({"seed": drop["channel_seed"]}))[:n_drop]
+        src = w.float()
+        fresh_shape = (n_drop, part.shape[1]) if axis == 0 else (part.shape[0], n_drop)
+        fresh = torch.randn(fresh_shape, generator=generator({"seed": drop["value_seed"]})) * src.std() + src.mean()
+        part.index_copy_(axis, chosen, fresh)
+    if args.get("scale", 1.0) != 1.0:
+        part = part * args["scale"]
+    if args.get("noise"):
+        sigma = args["noise"]["sigma"] * part.std()
+        part = part + torch.randn(part.shape, generator=generator(args["noise"])) * sigma
+    return part.to(dtype)
+
+
+@transform("router_groups")
+def _router_groups(xs, shape, dtype, args):
+    """Random router whose rows repeat in groups of `groups` (tied scores for the slices of one copy)."""
+    G = args["groups"]
+    rows = (shape[0] // G, shape[1])  # (copies, H)
+    if args["init"] == "normal":
+        r = torch.randn(rows, generator=generator(args)) * args["std"]
+    else:
+        r = torch.rand(rows, generator=generator(args)) * (2 * args["bound"]) - args["bound"]
+    return r.repeat_interleave(G, dim=0).to(dtype)  # (copies * G, H)
+
+
+@transform("router_rows")
+def _router_rows(xs, shape, dtype, args):
+    """Router rows computed before writing (prompt-based init), each repeated `groups` times."""
+    rows = args.get("rows")
+    if rows is None:
+        raise AssertionError("router_rows: the prompt-based rows were not computed before execute()")
+    return rows.float().repeat_interleave(args["groups"], dim=0).to(dtype)  # (copies, H) -> (E, H)
+
+
+@transform("mean")
+def _mean(xs, shape, dtype, args):
+    """Element-wise mean of same-shaped tensors (Branch-Train-MiX averaging of non-expert weights)."""
+    acc = torch.zeros(shape, dtype=torch.float32)
+    for x in xs:
+        acc += x.float()
+    return (acc / len(xs)).to(dtype)

@@ -20,18 +20,12 @@ from mergekit_lite.arch.tables import AUTO_TARGET, DENSE, LOSSY_REASONS, MOE, PR
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
+from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
 from mergekit_lite.plan import Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """Where one expert's weights come from (a source model's FFN, transformed as listed)."""
-
-    model: int = 0  # index into Plan.sources
 
 
 @dataclass
@@ -96,16 +90,51 @@ def check_dense_tensors(reader: CheckpointReader, fam: MoEFamily) -> DenseShapes
 
 
 class UpcyclePlanner:
-    """Builds the tensor plan; each kind of tensor has one small method, so options slot in as data."""
+    """Builds the tensor plan; each kind of tensor has one small method, so options slot in as data.
 
-    def __init__(self, recipe: UpcycleRecipe, readers: list[CheckpointReader], sources: list[Path]):
+    `readers[0]` is the base model (config, tokenizer, non-expert weights); `copy_models[c]` is the index of
+    the reader whose FFNs give expert copy c (all 0 for a single `source`).
+    """
+
+    def __init__(self, recipe: UpcycleRecipe, readers: list[CheckpointReader], sources: list[Path],
+                 copy_models: list[int] | None = None):
         self.r, self.readers, self.sources = recipe, readers, sources
         self.base = readers[0]
         self.cfg = self.base.config
         self.dense_type = model_type_of(self.cfg)
         self.fam = choose_target(recipe.architecture, self.dense_type)
         self.shapes = check_dense_tensors(self.base, self.fam)
-        self.experts = [ExpertSpec(0) for _ in range(recipe.num_experts)]
+        copy_models = copy_models or [0] * (recipe.num_experts // recipe.granularity)
+        self.mean_models = sorted(set(copy_models)) if recipe.non_expert == "average" else [0]
+        for m in sorted(set(copy_models) | set(self.mean_models)):
+            self._check_same_shapes(m)
+        self.layout: Layout = make_layout(recipe, self.fam, self.shapes.intermediate, self.shapes.n_layers,
+                                          copy_models)
+        self.experts = self.layout.experts
+        self.moe = set(self.layout.moe_layers)
+
+    def _check_same_shapes(self, m: int) -> None:
+        """An expert (or averaged) source must match the base: same family, FFN shapes and, to average, tensors."""
+        if m == 0:
+            return
+        rd, where = self.readers[m], self.sources[m]
+        mt = model_type_of(rd.config)
+        if mt != self.dense_type:
+            raise MoemergeError(f"experts: {where} is {mt} but the base {self.sources[0]} is {self.dense_type}; "
+                                "every expert source must share the base's architecture")
+        shapes = check_dense_tensors(rd, self.fam)
+        if shapes != self.shapes:
+            raise MoemergeError(f"experts: {where} has hidden/intermediate/layers {shapes.hidden}/"
+                                f"{shapes.intermediate}/{shapes.n_layers}, the base {self.sources[0]} has "
+                                f"{self.shapes.hidden}/{self.shapes.intermediate}/{self.shapes.n_layers}; "
+                                "experts must have identical shapes")
+        if m in self.mean_models:
+            for key in self.base.keys():
+                got = rd.tensors.get(key)
+                if got is None or got.shape != self.base.info(key).shape:
+                    shown = "missing" if got is None else f"shape {list(got.shape)}"
+                    raise MoemergeError(f"non_expert: average needs the same tensors: {key!r} is {shown} in {where} "
+                                        f"but {list(self.base.info(key).shape)} in the base; use non_expert: base")
 
     def out_dtype(self, src_dtype: torch.dtype) -> torch.dtype:
         return src_dtype if self.r.dtype == "source" else DTYPES[self.r.dtype]
@@ -114,37 +143,71 @@ class UpcyclePlanner:
         info = self.readers[model].info(key)
         return TensorOp(out_key or key, info.shape, self.out_dtype(info.dtype), "copy", (Src(model, key),), role=role)
 
+    def non_expert(self, key: str, role: str, out_key: str | None = None) -> TensorOp:
+        """Attention, norms, embeddings, dense FFNs: from the base, or the mean over the expert sources."""
+        if len(self.mean_models) == 1:
+            return self.copy(key, role, out_key, self.mean_models[0])
+        info = self.base.info(key)
+        return TensorOp(out_key or key, info.shape, self.out_dtype(info.dtype), "mean",
+                        tuple(Src(m, key) for m in self.mean_models), role=role)
+
     def router_op(self, i: int) -> TensorOp:
-        r, h = self.r.router, self.shapes.hidden
+        r, h, G = self.r.router, self.shapes.hidden, self.r.granularity
         ffn_dtype = self.base.info(layer_key(i, DENSE[self.dense_type].mlp["gate"])).dtype
         shape, dtype = (self.r.num_experts, h), self.out_dtype(ffn_dtype)
         key = layer_key(i, self.fam.router)
+        if r.init == "hidden":  # rows are computed from prompts just before writing (router_init.py)
+            return TensorOp(key, shape, dtype, "router_rows", args={"layer": i, "groups": G, "rows": None},
+                            role="router")
         if r.init == "zeros":
             return TensorOp(key, shape, dtype, "zeros", role="router")
         seed = derive_seed(self.r.seed, "router", key)
         if r.init == "uniform":
-            bound = r.bound or 1 / math.sqrt(h)
-            return TensorOp(key, shape, dtype, "uniform", args={"bound": bound, "seed": seed}, role="router")
-        std = r.std or float(self.cfg.get("initializer_range", 0.02))
-        return TensorOp(key, shape, dtype, "normal", args={"std": std, "seed": seed}, role="router")
+            fn, args = "uniform", {"bound": r.bound or 1 / math.sqrt(h), "seed": seed}
+        else:
+            fn, args = "normal", {"std": r.std or float(self.cfg.get("initializer_range", 0.02)), "seed": seed}
+        if G > 1:  # identical rows for the G slices of a copy: their scores tie, top-k takes whole copies
+            fn, args = "router_groups", {**args, "init": fn, "groups": G}
+        return TensorOp(key, shape, dtype, fn, args=args, role="router")
+
+    def ffn_part(self, i: int, proj: str, out_key: str, spec: ExpertSpec, tag: str, role: str) -> TensorOp:
+        """One matrix of an expert: a channel range of a source FFN, with scale, Drop-Upcycling and noise."""
+        key = layer_key(i, DENSE[self.dense_type].mlp[proj])
+        if spec.is_plain_copy(self.shapes.intermediate):
+            return self.copy(key, role, out_key, spec.model)  # zero-copy: shares the source memory
+        info = self.readers[spec.model].info(key)
+        axis = 1 if proj == "down" else 0  # the intermediate axis: gate/up (I, H), down (H, I)
+        shape = list(info.shape)
+        shape[axis] = spec.size
+        args = {"axis": axis, "start": spec.start, "size": spec.size, "scale": spec.scale if proj == "down" else 1.0}
+        if spec.drop_ratio:  # same channels in gate/up/down: the channel seed does not depend on proj
+            args["drop"] = {"ratio": spec.drop_ratio, "channel_seed": derive_seed(self.r.seed, "drop", tag),
+                            "value_seed": derive_seed(self.r.seed, "drop-values", out_key)}
+        if spec.noise:
+            args["noise"] = {"sigma": spec.noise, "seed": derive_seed(self.r.seed, "noise", out_key)}
+        return TensorOp(out_key, tuple(shape), self.out_dtype(info.dtype), "ffn_part", (Src(spec.model, key),),
+                        args, role)
 
     def expert_ops(self, i: int, e: int, spec: ExpertSpec) -> list[TensorOp]:
-        mlp = DENSE[self.dense_type].mlp
-        return [self.copy(layer_key(i, mlp[p]), "expert", layer_key(i, self.fam.expert[p].format(e=e)), spec.model)
+        return [self.ffn_part(i, p, layer_key(i, self.fam.expert[p].format(e=e)), spec, f"{i}/{e}", "expert")
                 for p in PROJS]
 
     def shared_ops(self, i: int, dtype: torch.dtype) -> list[TensorOp]:
-        """Qwen2-MoE always has a shared expert; size 0 makes it contribute exactly nothing."""
+        """Qwen2-MoE always has a shared expert; size 0 (no `shared_experts`) makes it contribute nothing."""
         if not self.fam.shared_expert:
             return []
         h, se = self.shapes.hidden, self.fam.shared_expert
-        shapes = {"gate": (0, h), "up": (0, h), "down": (h, 0)}
-        ops = [TensorOp(layer_key(i, se[p]), shapes[p], dtype, "zeros", role="shared") for p in PROJS]
-        return ops + [TensorOp(layer_key(i, self.fam.shared_expert_gate), (1, h), dtype, "zeros", role="shared")]
+        gate = TensorOp(layer_key(i, self.fam.shared_expert_gate), (1, h), dtype, "zeros", role="shared")
+        spec = self.layout.shared
+        if spec is None:
+            shapes = {"gate": (0, h), "up": (0, h), "down": (h, 0)}
+            return [TensorOp(layer_key(i, se[p]), shapes[p], dtype, "zeros", role="shared") for p in PROJS] + [gate]
+        return [self.ffn_part(i, p, layer_key(i, se[p]), spec, f"{i}/shared", "shared") for p in PROJS] + [gate]
 
     def layer_ops(self, i: int) -> list[TensorOp]:
-        mlp_rel = set(DENSE[self.dense_type].mlp.values())
-        ops = [self.copy(k, "norm" if "norm" in k else "attn") for k in self.base.keys()
+        mlp = DENSE[self.dense_type].mlp
+        mlp_rel = set(mlp.values())
+        ops = [self.non_expert(k, "norm" if "norm" in k else "attn") for k in self.base.keys()
                if (p := split_layer_key(k)) and p[0] == i and p[1] not in mlp_rel]
         qdtype = self.base.info(layer_key(i, "self_attn.q_proj.weight")).dtype
         for rel in sorted(self.fam.zero_fill):
@@ -152,6 +215,9 @@ class UpcyclePlanner:
             if key not in self.base:  # e.g. Llama -> Qwen2-MoE: zero q/k/v biases are exact
                 proj = self.base.info(layer_key(i, rel.replace(".bias", ".weight")))
                 ops.append(TensorOp(key, (proj.shape[0],), self.out_dtype(qdtype), "zeros", role="attn"))
+        if i not in self.moe:  # partial MoE: a dense layer keeps its FFN (mlp_only_layers)
+            return ops + [self.non_expert(layer_key(i, mlp[p]), "dense_ffn", layer_key(i, self.fam.dense_mlp[p]))
+                          for p in PROJS]
         router = self.router_op(i)
         ops.append(router)
         for e, spec in enumerate(self.experts):
@@ -161,16 +227,22 @@ class UpcyclePlanner:
     def build(self) -> Plan:
         glob = [k for k in self.base.keys() if split_layer_key(k) is None]
         head = [k for k in glob if not k.startswith("model.embed")]
-        ops = [self.copy(k, "embed") for k in glob if k.startswith("model.embed")]
+        ops = [self.non_expert(k, "embed") for k in glob if k.startswith("model.embed")]
         for i in range(self.shapes.n_layers):
             ops += self.layer_ops(i)
-        ops += [self.copy(k, "head") for k in head]
+        ops += [self.non_expert(k, "head") for k in head]
         self._check_head()
-        E, k, I, H = self.r.num_experts, self.r.experts_per_token, self.shapes.intermediate, self.shapes.hidden
-        config, dropped = moe_config(self.cfg, self.fam, num_experts=E, top_k=k, expert_size=I,
-                                     dtype=self._dtype_name(ops))
+        E, k, u, H = self.r.num_experts, self.r.experts_per_token, self.layout.expert_size, self.shapes.hidden
+        overrides: dict = {}
+        if self.fam.supports_dense_layers:
+            overrides["mlp_only_layers"] = sorted(set(range(self.shapes.n_layers)) - self.moe)
+        if self.fam.shared_expert:
+            overrides["shared_expert_intermediate_size"] = self.layout.shared_size
+        config, dropped = moe_config(self.cfg, self.fam, num_experts=E, top_k=k, expert_size=u,
+                                     dtype=self._dtype_name(ops), overrides=overrides)
         plan = Plan("upcycle", self.sources, ops, config, self.sources[0])
-        plan.active_params = plan.total_params - self.shapes.n_layers * (E - k) * 3 * H * I
+        # per token, each MoE layer runs k of its E routed experts (router and shared expert always run)
+        plan.active_params = plan.total_params - len(self.moe) * (E - k) * 3 * H * u
         plan.notes += self._notes(dropped)
         return plan
 
@@ -193,8 +265,34 @@ class UpcyclePlanner:
             notes.append(f"num_experts={E} is not a power of two: llama.cpp's converter and kernels may refuse it")
         if dropped:
             notes.append(f"config fields not used by {self.fam.model_type}: {', '.join(dropped)}")
-        notes.append("identical experts: step-0 logits equal the dense model's (check with `moemerge verify`)")
-        return notes
+        return notes + parity_notes(self.r, self.layout, self.shapes.n_layers)
+
+    def record(self) -> dict:
+        """How the experts were built, for the sidecar (`moemerge inspect` prints it)."""
+        r, lay = self.r, self.layout
+        copies = [{"source": str(self.sources[x.model]), "noise": x.noise, "drop_ratio": x.drop_ratio}
+                  for x in lay.experts if x.slice == 0]
+        return {"granularity": r.granularity, "expert_size": lay.expert_size, "drop_ratio": r.drop_ratio,
+                "noise": r.noise, "shared_experts": r.shared_experts, "shared_split": r.shared_split,
+                "shared_expert_size": lay.shared_size, "moe_layers": lay.moe_layers, "router_init": r.router.init,
+                "base": str(self.sources[0]), "non_expert": r.non_expert, "copies": copies}
+
+
+def open_sources(recipe: UpcycleRecipe) -> tuple[list[Path], list[int] | None]:
+    """Resolve the base and expert sources: (distinct model folders, base first; copy -> folder index)."""
+    if not recipe.experts:
+        return [resolve_model_path(recipe.source, recipe.revision)], None
+    first = recipe.experts[0]
+    base = resolve_model_path(recipe.base or first.source, recipe.revision if recipe.base else first.revision)
+    paths, copy_models = [base], []
+    for item in recipe.experts:
+        p = resolve_model_path(item.source, item.revision)
+        known = [q.resolve() for q in paths]
+        if p.resolve() not in known:
+            paths.append(p)
+            known.append(p.resolve())
+        copy_models.append(known.index(p.resolve()))
+    return paths, copy_models
 
 
 def plan_upcycle(recipe: UpcycleRecipe, recipe_text: str | None = None) -> tuple[Plan, list[CheckpointReader]]:
@@ -202,26 +300,51 @@ def plan_upcycle(recipe: UpcycleRecipe, recipe_text: str | None = None) -> tuple
 
     `recipe_text` is the recipe file as the user wrote it (kept verbatim in the output's provenance).
     """
-    src = resolve_model_path(recipe.source, recipe.revision)
-    readers = [CheckpointReader(src)]
-    plan = UpcyclePlanner(recipe, readers, [src]).build()
+    paths, copy_models = open_sources(recipe)
+    readers = [CheckpointReader(p) for p in paths]
+    for reader in readers:
+        reader.require_plain_weights()
+    planner = UpcyclePlanner(recipe, readers, paths, copy_models)
+    plan = planner.build()
     recipe_yaml = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-    plan.record = recipe_record("upcycle", recipe_yaml, [src], {
+    plan.record = recipe_record("upcycle", recipe_yaml, paths, {
         "target": plan.config["model_type"], "num_experts": recipe.num_experts,
         "experts_per_token": recipe.experts_per_token, "router_init": recipe.router.init, "seed": recipe.seed,
-        "total_params": plan.total_params, "active_params": plan.active_params})
+        "total_params": plan.total_params, "active_params": plan.active_params, "upcycle": planner.record()})
     return plan, readers
 
 
+def fill_prompt_router(plan: Plan, recipe: UpcycleRecipe, device: str | None, echo=print) -> None:
+    """`router.init: hidden`: run the base model over each copy's prompts and put the rows into the plan."""
+    from mergekit_lite.ops.router_init import prompt_router_rows
+
+    ops = [op for op in plan.ops if op.fn == "router_rows"]
+    if not ops:
+        return
+    if recipe.experts:
+        pos = [e.prompts or [] for e in recipe.experts]
+        neg = [e.negative_prompts or [] for e in recipe.experts]
+    else:
+        pos, neg = recipe.router.prompts, recipe.router.negative_prompts or [[] for _ in recipe.router.prompts]
+    echo(f"  router: mean hidden states of {sum(map(len, pos))} prompts ({sum(map(len, neg))} negative)")
+    rows = prompt_router_rows(plan.sources[0], pos, neg, [op.args["layer"] for op in ops], device=device,
+                              batch_size=recipe.router.batch_size, max_length=recipe.router.max_length)
+    for op in ops:
+        op.args["rows"] = rows[op.args["layer"]]
+
+
 def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dry_run: bool = False,
-                overwrite: bool = False, verbose: bool = False, echo=print) -> Plan:
-    """`moemerge upcycle`: validate, preflight, print the plan, then write (unless `dry_run`)."""
+                overwrite: bool = False, verbose: bool = False, device: str | None = None, echo=print) -> Plan:
+    """`moemerge upcycle`: validate, preflight, print the plan, then write (unless `dry_run`).
+
+    `device` runs the base model for `router.init: hidden` (default: accelerate's choice).
+    """
     from mergekit_lite.io.writer import check_output
     from mergekit_lite.ops.execute import execute
     from mergekit_lite.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, UpcycleRecipe)
-    recipe = recipe.model_copy(update={"source": resolve_relative(recipe.source, recipe_path)})
+    recipe = resolve_recipe_paths(recipe, recipe_path)
     out = Path(output or recipe.output or "") if (output or recipe.output) else None
     if out is None and not dry_run:
         raise MoemergeError("no output folder: pass -o/--output or set `output:` in the recipe")
@@ -233,10 +356,20 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     if dry_run:
         return plan
     preflight_disk(out, plan.nbytes)
+    fill_prompt_router(plan, recipe, device, echo)
     execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite,
             progress=lambda n, total: echo(f"  wrote shard {n}/{total}"))
     echo(f"wrote {out}")
     return plan
+
+
+def resolve_recipe_paths(recipe: UpcycleRecipe, recipe_path: str | Path) -> UpcycleRecipe:
+    """`source`, `base` and every `experts[].source`, made relative to the recipe where needed."""
+    fix = {k: resolve_relative(getattr(recipe, k), recipe_path) for k in ("source", "base") if getattr(recipe, k)}
+    if recipe.experts:
+        fix["experts"] = [e.model_copy(update={"source": resolve_relative(e.source, recipe_path)})
+                          for e in recipe.experts]
+    return recipe.model_copy(update=fix)
 
 
 def resolve_relative(source: str, recipe_path: str | Path) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_lite.errors import MoemergeError
 
@@ -36,6 +36,10 @@ def parse_size(value: int | str) -> int:
     if n <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return n
+
+
+# A size in bytes written as `5GB`, `500MB`, `2GiB` or an integer; validated into an int.
+ByteSize = Annotated[Union[int, str], AfterValidator(parse_size)]
 
 
 class Strict(BaseModel):
@@ -102,12 +106,7 @@ class UpcycleRecipe(Strict):
     dtype: DType = "source"
     seed: int = 0
     output: str | None = None
-    shard_size: int | str = "5GB"
-
-    @field_validator("shard_size")
-    @classmethod
-    def _size(cls, v: int | str) -> int:
-        return parse_size(v)
+    shard_size: ByteSize = "5GB"
 
     @model_validator(mode="after")
     def _topk(self) -> "UpcycleRecipe":
@@ -218,12 +217,7 @@ class GraftRecipe(Strict):
     head_from: str = Field("last", description="first | last | a model path: final norm and lm_head")
     dtype: DType = "source"
     output: str | None = None
-    shard_size: int | str = "5GB"
-
-    @field_validator("shard_size")
-    @classmethod
-    def _size(cls, v: int | str) -> int:
-        return parse_size(v)
+    shard_size: ByteSize = "5GB"
 
     @model_validator(mode="after")
     def _one_form(self) -> "GraftRecipe":

@@ -16,6 +16,10 @@ from typing import Any
 import torch
 
 
+# recipe `dtype` names -> torch dtypes (`source` keeps each tensor's stored dtype)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class Src:
     """A tensor of one input model: `model` indexes `Plan.sources`."""

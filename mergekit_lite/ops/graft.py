@@ -27,11 +27,10 @@ from mergekit_lite.arch.layers import config_mismatch, hf_config, layer_views, r
 from mergekit_lite.arch.tables import DENSE, MOE, layer_key, model_type_of, split_layer_key
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
-from mergekit_lite.plan import Plan, Src, TensorOp
+from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import GraftRecipe, GraftSlice
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Layer = tuple[int, int, bool]  # (model index, source layer, identity copy) of one output layer
 
 

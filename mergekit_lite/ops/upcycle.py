@@ -21,11 +21,10 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
-from mergekit_lite.plan import Plan, Src, TensorOp, derive_seed
+from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

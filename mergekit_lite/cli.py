@@ -57,6 +57,21 @@ def graft(source: Path = typer.Argument(..., help="a model folder (with --drop o
 
 
 @app.command()
+def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUTPUT"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="delete an earlier run in OUTPUT and start again")
+          ) -> None:
+    """Continued pretraining with accelerate (CPU, one GPU, or `accelerate launch` for many)."""
+    from mergekit_lite.recipe import TrainRecipe, load_recipe
+    from mergekit_lite.train.loop import train as run_train
+
+    spec = load_recipe(recipe, TrainRecipe)
+    summary = run_train(spec, recipe.read_text(), resume=resume, overwrite=overwrite, echo=echo)
+    echo(f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps, "
+         f"{summary['tokens']} tokens, {summary['tokens_per_s']:.0f} tokens/s; model in {Path(spec.output) / 'final'}")
+
+
+@app.command()
 def verify(model: Path = typer.Argument(..., help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
@@ -125,7 +140,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own output says what is happening; keep logs readable
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()  # our own output says what is happening; keep logs readable
     try:
         app()
     except MoemergeError as e:

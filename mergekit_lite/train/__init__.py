@@ -1,0 +1,1 @@
+"""Continued pretraining: data (tokenise + pack), the accelerate loop, MoE router losses, saving."""

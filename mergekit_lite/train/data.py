@@ -1,0 +1,163 @@
+"""Training data: text files through `datasets`, tokenised, joined with EOS and packed into blocks.
+
+Map-style (default): the packed blocks are saved once under `OUTPUT/cache/packed-<hash>` (the
+hash covers the files' names, sizes and mtimes, the tokenizer and `seq_len`), so a resumed run
+does not tokenise again. Streaming (`data.streaming: true`): blocks are packed on the fly from an
+`IterableDataset`, one document at a time, for corpora larger than memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.recipe import TrainData
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_files(specs: list[str], field: str) -> tuple[str, list[str]] | None:
+    """Expand files, folders and globs; returns (datasets builder, files), or None for a Hub dataset name."""
+    files: list[str] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix in BUILDERS and f.is_file())
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).suffix in BUILDERS)
+        elif p.is_file():
+            found = [str(p)]
+        elif len(specs) == 1 and spec.count("/") == 1 and not p.suffix:
+            return None  # looks like a Hub dataset id ("org/name")
+        else:
+            raise MoemergeError(f"data.{field}: {spec!r} is not a file, folder or matching glob; check the path")
+        if not found:
+            raise MoemergeError(f"data.{field}: {spec!r} holds no .txt, .jsonl, .json or .parquet files")
+        files += found
+    kinds = {BUILDERS[Path(f).suffix] for f in files}
+    if len(kinds) > 1:
+        raise MoemergeError(f"data.{field}: mixes file kinds {sorted(kinds)}; use one kind per list")
+    return kinds.pop(), files
+
+
+def load_texts(specs: list[str], field: str, cfg: TrainData, streaming: bool):
+    """A `datasets` dataset with one text column named `text`."""
+    import datasets
+
+    resolved = resolve_files(specs, field)
+    try:
+        if resolved is None:
+            ds = datasets.load_dataset(specs[0], split="train", streaming=streaming)
+        else:
+            builder, files = resolved
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - any loading failure is a data problem the user must fix
+        raise MoemergeError(f"data.{field}: cannot load {specs}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    columns = ds.column_names or []
+    if cfg.text_field not in columns:
+        raise MoemergeError(f"data.{field}: no column {cfg.text_field!r} (columns: {columns}); set data.text_field")
+    return ds
+
+
+def pack_ids(docs: list[list[int]], eos: int, seq_len: int, carry: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Join documents with EOS and cut into `seq_len` blocks; returns (blocks, leftover tokens)."""
+    buf = list(carry)
+    for ids in docs:
+        buf += ids + [eos]
+    n = len(buf) // seq_len
+    return [buf[i * seq_len:(i + 1) * seq_len] for i in range(n)], buf[n * seq_len:]
+
+
+def _fingerprint(specs: list[str], tokenizer_dir: Path, seq_len: int, field: str) -> str:
+    h = hashlib.sha256(f"{seq_len}:{field}".encode())
+    resolved = resolve_files(specs, "train")
+    for f in resolved[1] if resolved else specs:
+        st = Path(f).stat() if Path(f).exists() else None
+        h.update(f"{Path(f).resolve()}:{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}".encode())
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (tokenizer_dir / name).is_file():
+            h.update(hashlib.sha256((tokenizer_dir / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, tokenizer_dir: Path, seq_len: int,
+                   cache_dir: Path, is_main: bool, wait) -> Any:
+    """Tokenised and packed blocks ({"input_ids": [seq_len]}), cached on disk; the main process builds it."""
+    import datasets
+
+    path = cache_dir / f"packed-{field}-{_fingerprint(specs, tokenizer_dir, seq_len, cfg.text_field)}"
+    if is_main and not (path / "dataset_info.json").exists():
+        ds = load_texts(specs, field, cfg, streaming=False)
+        eos = tokenizer.eos_token_id
+        text_field = cfg.text_field
+
+        def pack(batch: dict[str, list]) -> dict[str, list]:
+            docs = tokenizer([t for t in batch[text_field] if t], add_special_tokens=False)["input_ids"]
+            blocks, _ = pack_ids(docs, eos, seq_len, [])  # a batch's tail is dropped: < seq_len per 1000 docs
+            return {"input_ids": blocks}
+
+        packed = ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                        desc=f"tokenising {field}")
+        tmp = path.with_name(path.name + ".tmp")
+        packed.save_to_disk(str(tmp))
+        tmp.rename(path)  # a half-written cache never looks complete
+    wait()
+    ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0:
+        raise MoemergeError(f"data.{field}: fewer than seq_len={seq_len} tokens after tokenisation; "
+                            "add text or lower seq_len")
+    return ds.with_format("torch")
+
+
+def stream_blocks(specs: list[str], field: str, cfg: TrainData, tokenizer, seq_len: int) -> Iterator[dict]:
+    """Blocks packed on the fly from a streamed dataset (one document at a time)."""
+    ds = load_texts(specs, field, cfg, streaming=True)
+    carry: list[int] = []
+    for row in ds:
+        text = row[cfg.text_field]
+        if not text:
+            continue
+        blocks, carry = pack_ids([tokenizer(text, add_special_tokens=False)["input_ids"]],
+                                 tokenizer.eos_token_id, seq_len, carry)
+        for b in blocks:
+            yield {"input_ids": torch.tensor(b)}
+
+
+class StreamedBlocks(torch.utils.data.IterableDataset):
+    """An endless (re-iterated) stream of packed blocks, optionally skipping the first `skip` blocks."""
+
+    def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None):
+        self.args = (specs, field, cfg, tokenizer, seq_len)
+        self.skip, self.limit = skip, limit
+
+    def __iter__(self):
+        n = 0
+        while True:
+            for i, block in enumerate(stream_blocks(*self.args)):
+                if n < self.skip:
+                    n += 1
+                    continue
+                if self.limit is not None and i >= self.limit:
+                    return
+                yield block
+            if self.limit is not None:
+                return
+
+
+def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of block indices for one epoch, shuffled by (seed, epoch) only: resumable exactly."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n_blocks, generator=g).tolist()
+    return [perm[i:i + batch] for i in range(0, n_blocks - batch + 1, batch)]
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,220 @@
+"""`moemerge train`: continued pretraining with accelerate, top to bottom.
+
+The model code stays single-device; accelerate wraps it for CPU, one GPU, DDP, FSDP or DeepSpeed
+(chosen by `accelerate launch --config_file ...`). The loss we back-propagate is ours:
+next-token cross-entropy + balance_coef * load-balancing loss + z_coef * router z-loss, so the
+router losses are trained on whatever the HF config says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io import resolve_model_path
+from mergekit_lite.io.sidefiles import read_sidecar
+from mergekit_lite.recipe import TrainRecipe
+from mergekit_lite.train.moe import RouterTap
+from mergekit_lite.train.save import save_checkpoint, save_final
+from mergekit_lite.train.setup import (
+    build_loaders, latest_checkpoint, lr_at, param_groups, preflight, steps_for, trainable_parameters)
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
+
+
+def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V), ids (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class Metrics:
+    """metrics.jsonl on the main process (always), plus accelerate's trackers when configured."""
+
+    def __init__(self, accelerator, path: Path, keep_until: int | None):
+        self.acc, self.path = accelerator, path
+        if accelerator.is_main_process and keep_until is not None and path.exists():
+            rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= keep_until]
+            path.write_text("".join(r + "\n" for r in rows))  # a resumed run rewrites what came after
+
+    def log(self, kind: str, step: int, **values) -> None:
+        if self.acc.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"type": kind, "step": step, **values}) + "\n")
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        if scalars:
+            self.acc.log(scalars, step=step)
+
+
+@torch.no_grad()
+def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> float:
+    """Mean validation cross-entropy over at most `max_batches` batches per process."""
+    model.eval()
+    tap.active = False
+    total = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    for n, batch in enumerate(loader):
+        if n >= max_batches:
+            break
+        total += causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+        count += 1
+    tap.active = True
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp_min(1)).item()
+
+
+def active_params(model) -> int:
+    """Parameters one token runs through: routed experts count k/E of their size."""
+    cfg = model.config.get_text_config()
+    n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    k = getattr(cfg, "num_experts_per_tok", None)
+    total = expert = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name:
+            expert += p.numel()
+    return total - expert + (expert * k // n_exp if n_exp and k else expert)
+
+
+def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool = False, overwrite: bool = False,
+          echo=print) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = recipe
+    out = Path(r.output)
+    model_dir = resolve_model_path(r.model, r.revision)
+    config = preflight(r, model_dir, resume, overwrite)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=r.gradient_accumulation_steps, mixed_precision=r.mixed_precision,
+        log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
+        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(r.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- model, what to train, optimizer ------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.eos_token_id is None:
+        raise MoemergeError(f"the tokenizer in {model_dir} has no eos token; documents cannot be joined")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)  # fp32 master weights
+    if r.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    tap = RouterTap(model, jitter=r.moe.jitter, bias_update_rate=r.moe.bias_update_rate)
+    if r.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
+                                                 target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
+    new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
+    trainable_parameters(model, r.trainable, tap.routers, new_layers)
+    optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)
+
+    # --- data -----------------------------------------------------------------------------------
+    max_steps = steps_for(r, accelerator.num_processes)
+    train_dl, val_dl = build_loaders(r, tokenizer, model_dir, accelerator, max_steps)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    tap.bias = tap.bias.to(accelerator.device)
+    accelerator.register_for_checkpointing(tap)
+    if r.tracker != "none":
+        accelerator.init_trackers("moemerge", config=json.loads(r.model_dump_json()))
+
+    # --- resume ---------------------------------------------------------------------------------
+    step, tokens = 0, 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        step, tokens = state["step"], state["tokens"]
+        train_dl = accelerator.skip_first_batches(train_dl, step * r.gradient_accumulation_steps)
+        echo(f"resumed from {ckpt} at step {step}")
+    metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
+    if step == 0:
+        metrics.log("val", 0, val_loss=evaluate(model, val_dl, tap, accelerator, r.eval_batches))
+
+    # --- the loop -------------------------------------------------------------------------------
+    tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
+    sums = torch.zeros(3, device=accelerator.device)  # ce, balance, z since the last log line
+    micro = 0
+    bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    t_log, t_start, tokens_start = time.perf_counter(), time.perf_counter(), tokens
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(r, step, max_steps)
+    for batch in train_dl:
+        ids = batch["input_ids"]
+        with accelerator.accumulate(model):
+            logits = model(input_ids=ids).logits
+            ce = causal_lm_loss(logits, ids)
+            balance, z = tap.losses()
+            loss = ce + r.moe.balance_coef * balance + r.moe.z_coef * z
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and r.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), r.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        tokens += tokens_per_step
+        tap.update_bias(reduce=lambda t: accelerator.reduce(t, "sum"))
+        lr = lr_at(r, step, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        bar.update(1)
+        if step % r.log_every == 0 or step == max_steps:
+            ce_m, bal_m, z_m = (accelerator.reduce(sums, "sum") / (micro * accelerator.num_processes)).tolist()
+            now = time.perf_counter()
+            tps = r.log_every * tokens_per_step / max(now - t_log, 1e-9)
+            metrics.log("train", step, tokens=tokens, loss=ce_m + r.moe.balance_coef * bal_m + r.moe.z_coef * z_m,
+                        ce=ce_m, balance=bal_m, z=z_m, lr=lr, tokens_per_s=tps,
+                        grad_norm=float(grad_norm) if grad_norm is not None else None)
+            if tap.is_moe:
+                metrics.log("router", step, **tap.read_stats())
+            bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            sums.zero_()
+            micro, t_log = 0, now
+        if r.eval_every and step % r.eval_every == 0 and step != max_steps:
+            metrics.log("val", step, val_loss=evaluate(model, val_dl, tap, accelerator, r.eval_batches))
+        if r.checkpoint_every and step % r.checkpoint_every == 0:
+            save_checkpoint(accelerator, out, step, {"step": step, "tokens": tokens}, r.keep_checkpoints)
+        if step >= max_steps:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    # --- the end: validation, final model, summary ------------------------------------------------
+    val_loss = evaluate(model, val_dl, tap, accelerator, r.eval_batches)
+    metrics.log("val", step, val_loss=val_loss)
+    tps = (tokens - tokens_start) / max(elapsed, 1e-9)
+    flops = 6 * active_params(accelerator.unwrap_model(model)) * tps
+    summary = {"steps": step, "tokens": tokens, "final_val_loss": val_loss, "tokens_per_s": tps,
+               "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, accelerator),
+               "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len}
+    text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
+    save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
+               shard_size=r.shard_size, recipe_text=text, training=summary)
+    metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
+    accelerator.end_training()
+    return summary
+
+
+def _mfu(flops_per_s: float, accelerator) -> float | None:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak, where the GPU is known."""
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return flops_per_s / (peak * 1e12 * accelerator.num_processes) if peak else None

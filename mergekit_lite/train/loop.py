@@ -9,6 +9,7 @@ router losses are trained on whatever the HF config says.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     model_dir = resolve_model_path(r.model, r.revision)
     config = preflight(r, model_dir, resume, overwrite)
     accelerator = Accelerator(
+        # under torchrun on a machine without GPUs, processes talk over gloo (accelerate needs cpu=True for that)
+        cpu=("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"),
         gradient_accumulation_steps=r.gradient_accumulation_steps, mixed_precision=r.mixed_precision,
         log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
         # experts that get no token in a micro-batch have no gradient: DDP must not wait for them

@@ -50,12 +50,13 @@ def hub_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], out: Path, *, lora: bool,
                save_dtype: str, shard_size: int, recipe_text: str, training: dict) -> Path | None:
-    """Write OUTPUT/final: a plain HF folder (LoRA merged), model card recording the training."""
+    """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card."""
     state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards onto the main process
     if not accelerator.is_main_process:
         return None
     base = accelerator.unwrap_model(model)
     if lora:
+        base.save_pretrained(str(out / "adapter"))  # the LoRA adapter alone, before it is merged
         base = base.merge_and_unload()
         state = base.state_dict()
     state = hub_state_dict(base, state)

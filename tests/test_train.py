@@ -1,0 +1,237 @@
+"""`moemerge train`: losses drop, router losses act, frozen means frozen, LoRA merges, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.ops.graft import run_graft
+from mergekit_lite.ops.upcycle import run_upcycle
+from mergekit_lite.pico import build_pico_model
+from mergekit_lite.recipe import TrainRecipe, validate_recipe
+from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
+from mergekit_lite.train.loop import train
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A corpus of real English, a dense pico Llama with a tokenizer trained on it, and its 4-expert Mixtral."""
+    root = tmp_path_factory.mktemp("train")
+    train_txt, val_txt = write_corpus(root / "corpus")
+    dense = build_pico_model("llama", root / "dense", texts=stdlib_docstrings(), **SMALL)
+    (root / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4, "experts_per_token": 2,
+                                                  "dtype": "float32", "seed": 3}))
+    run_upcycle(root / "up.yaml", root / "moe", echo=lambda s: None)
+    return {"root": root, "dense": dense, "moe": root / "moe", "train": str(train_txt), "val": str(val_txt)}
+
+
+def recipe(world, out: Path, model: Path | None = None, **kw) -> TrainRecipe:
+    body = {"model": str(model or world["moe"]), "data": {"train": [world["train"]], "validation": [world["val"]]},
+            "seq_len": 32, "micro_batch_size": 8, "max_steps": 12, "learning_rate": 3e-3, "warmup_steps": 2,
+            "eval_batches": 4, "output": str(out), **kw}
+    return validate_recipe(body, TrainRecipe)
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def quiet(*_):
+    pass
+
+
+def test_val_loss_drops_and_final_model_is_the_trained_one(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    summary = train(recipe(world, out, max_steps=25, eval_every=10), echo=quiet)
+    vals = records(out, "val")
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 25
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.3
+    router = records(out, "router")[-1]
+    assert len(router["load"]) == 2 and abs(sum(router["load"][0]) - 1) < 1e-5
+    # the saved folder (per-expert Hub layout) holds exactly the trained weights: same validation loss
+    final = out / "final"
+    keys = load_file(str(final / "model.safetensors"))
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    from mergekit_lite.train.loop import causal_lm_loss
+    from mergekit_lite.train.setup import build_loaders
+
+    class One:  # the loader helper only needs these from an Accelerator
+        num_processes, is_main_process = 1, True
+
+        @staticmethod
+        def wait_for_everyone():
+            pass
+
+    from transformers import AutoTokenizer
+
+    r = recipe(world, out)
+    _, val_dl = build_loaders(r, AutoTokenizer.from_pretrained(str(final)), world["moe"], One, 1)
+    with torch.no_grad():
+        losses = [causal_lm_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"]) for _, b in
+                  zip(range(4), val_dl)]
+    assert abs(torch.stack(losses).mean().item() - summary["final_val_loss"]) < 1e-4
+    card = (final / "README.md").read_text()
+    assert "## Training" in card and "trained" in card
+    lineage = [s["step"] for s in json.loads((final / "moemerge.json").read_text())["lineage"]]
+    assert lineage == ["source", "upcycle", "train"]
+
+
+def test_balance_loss_evens_expert_load(world, tmp_path):
+    def imbalance(coef: float) -> float:
+        out = tmp_path / f"bal{coef}"
+        train(recipe(world, out, max_steps=20, learning_rate=1e-2, moe={"balance_coef": coef, "z_coef": 0.0}),
+              echo=quiet)
+        return sum(sum(r["max_over_mean"]) for r in records(out, "router")[-5:])
+
+    assert imbalance(1.0) < 0.9 * imbalance(0.0)
+
+
+def test_z_loss_lowers_router_logits(world, tmp_path):
+    def z_of(coef: float) -> float:
+        out = tmp_path / f"z{coef}"
+        train(recipe(world, out, max_steps=15, moe={"z_coef": coef, "balance_coef": 0.0}), echo=quiet)
+        return sum(r["z"] for r in records(out, "train")[-3:])
+
+    assert z_of(1.0) < 0.9 * z_of(0.0)
+
+
+def test_aux_free_bias_is_checkpointed_and_evens_load(world, tmp_path):
+    out = tmp_path / "bias"
+    train(recipe(world, out, max_steps=10, checkpoint_every=10, moe={"balance_coef": 0.0, "bias_update_rate": 0.05}),
+          echo=quiet)
+    bias = torch.load(next((out / "checkpoints" / "step-0000010").glob("custom_checkpoint_0.pkl")), weights_only=True)
+    assert bias["bias"].abs().sum() > 0
+
+
+def test_routers_only_keeps_everything_else_bit_identical(world, tmp_path):
+    out = tmp_path / "routers"
+    train(recipe(world, out, trainable="routers", max_steps=5), echo=quiet)
+    before = load_file(str(world["moe"] / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k, t in before.items():
+        if k.endswith("block_sparse_moe.gate.weight"):
+            assert not torch.equal(t, after[k]), k
+        else:
+            assert torch.equal(t, after[k]), k
+
+
+def test_new_layers_only(world, tmp_path):
+    pro = tmp_path / "pro"
+    run_graft(world["dense"], pro, expand=1, echo=quiet)
+    new = json.loads((pro / "moemerge.json").read_text())["new_layers"]
+    out = tmp_path / "newl"
+    train(recipe(world, out, model=pro, trainable="new_layers", max_steps=4), echo=quiet)
+    before, after = load_file(str(pro / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    prefixes = tuple(f"model.layers.{i}." for i in new)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(prefixes) for k in changed)
+
+
+def test_lora_merge_equals_base_plus_adapter(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    train(recipe(world, out, trainable="lora", max_steps=6, lora={"r": 4, "alpha": 8}), echo=quiet)
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(world["moe"]), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter"))
+    ids = torch.arange(5, 37).unsqueeze(0)
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(world["moe"]), dtype=torch.float32)(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-4
+    assert (a - plain).abs().max() > 1e-3  # the adapter did change the model
+
+
+def test_stop_and_resume_reproduces_losses(world, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(recipe(world, full, max_steps=12, checkpoint_every=6), echo=quiet)
+    import mergekit_lite.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def crash_after_first(acc, out, step, state, keep):
+        path = real(acc, out, step, state, keep)
+        raise KeyboardInterrupt  # the run dies right after its step-6 checkpoint
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(world, cut, max_steps=12, checkpoint_every=6), echo=quiet)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    with pytest.raises(MoemergeError, match="--resume"):
+        train(recipe(world, cut, max_steps=12, checkpoint_every=6), echo=quiet)
+    train(recipe(world, cut, max_steps=12, checkpoint_every=6), resume=True, echo=quiet)
+    a = [(r["step"], r["loss"]) for r in records(full, "train")]
+    b = [(r["step"], r["loss"]) for r in records(cut, "train")]
+    assert a == b  # bit-exact on CPU, and no duplicated steps in metrics.jsonl
+
+
+def test_dense_model_trains_without_router_records(world, tmp_path):
+    out = tmp_path / "dense"
+    train(recipe(world, out, model=world["dense"], max_steps=4), echo=quiet)
+    assert not records(out, "router") and records(out, "train")[-1]["balance"] == 0.0
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda b: b["data"].update(train=["/no/such/file.txt"]), "not a file, folder or matching glob"),
+    (lambda b: b.update(seq_len=4096), "max_position_embeddings"),
+    (lambda b: b.update(tracker="neptune"), "tracker"),
+    (lambda b: b.update(trainable="new_layers"), "records no new layers"),
+])
+def test_bad_recipes_fail_before_training(world, tmp_path, edit, needle):
+    body = recipe(world, tmp_path / "bad").model_dump(mode="json")
+    edit(body)
+    with pytest.raises(MoemergeError, match=needle):
+        train(validate_recipe(body, TrainRecipe), echo=quiet)
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_issue_recipe_shape_and_cli(world, tmp_path):
+    r = tmp_path / "cpt.yaml"
+    r.write_text(yaml.safe_dump({"model": str(world["moe"]), "data": {"train": [world["train"]],
+                 "validation": [world["val"]]}, "seq_len": 32, "micro_batch_size": 8,
+                 "gradient_accumulation_steps": 1, "max_steps": 4, "learning_rate": 1.0e-3, "warmup_steps": 1,
+                 "checkpoint_every": 2, "output": str(tmp_path / "runs")}))
+    proc = subprocess.run([sys.executable, "-m", "mergekit_lite", "train", str(r)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final val loss" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_double_accumulation(world, tmp_path):
+    def run(name: str, launch: list[str], accum: int) -> list[float]:
+        r = tmp_path / f"{name}.yaml"
+        body = recipe(world, tmp_path / name, max_steps=6, micro_batch_size=4,
+                      gradient_accumulation_steps=accum).model_dump(mode="json")
+        r.write_text(yaml.safe_dump(body))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*launch, "-m", "mergekit_lite", "train", str(r)], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [x["loss"] for x in records(tmp_path / name, "train")]
+
+    one = run("one", [sys.executable], 2)
+    # accelerate launch --cpu starts one process on a single machine; torchrun starts two (gloo)
+    two = run("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--master_port", "29561"], 1)
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4

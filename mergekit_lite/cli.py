@@ -72,6 +72,15 @@ def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"),
 
 
 @app.command()
+def corpus(folder: Path = typer.Argument(Path("corpus"), help="where to write train.txt and val.txt")) -> None:
+    """Write a small English corpus (the Python standard library's docstrings) for offline training."""
+    from mergekit_lite.train.corpus import write_corpus
+
+    for path in write_corpus(folder):
+        echo(f"wrote {path} ({path.stat().st_size / 1e3:.0f} KB)")
+
+
+@app.command()
 def verify(model: Path = typer.Argument(..., help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),

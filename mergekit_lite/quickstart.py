@@ -1,14 +1,20 @@
-"""`moemerge quickstart`: the whole upcycling story offline, on a model built on the spot."""
+"""`moemerge quickstart`: the whole story offline, on a model built on the spot.
+
+dense model (briefly pretrained on English text) -> upcycle (parity shown) -> continued training of
+the MoE and of the dense model for the same steps -> a table of validation losses, files, plots.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import yaml
+
 from mergekit_lite.errors import MoemergeError
 
 QUICKSTART_RECIPE = """\
-# Quickstart recipe: the pico dense Llama beside this file, upcycled into an 8-expert, top-2 Mixtral.
+# Quickstart recipe: the small dense Llama beside this file, upcycled into an 8-expert, top-2 Mixtral.
 source: dense
 architecture: mixtral
 num_experts: 8
@@ -18,12 +24,37 @@ dtype: float32
 seed: 0
 """
 
+DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2)
 
-def run_quickstart(workdir: Path, *, overwrite: bool = False, echo=print) -> None:
-    from mergekit_lite.inspect_model import describe, describe_lines
+
+def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, echo) -> dict:
+    """One `moemerge train` run on the quickstart corpus; returns its summary plus the step-0 val loss."""
+    import json
+
+    from mergekit_lite.recipe import TrainRecipe, validate_recipe
+    from mergekit_lite.train.loop import train
+
+    body = {"model": str(model), "data": {"train": [str(workdir / "corpus" / "train.txt")],
+                                          "validation": [str(workdir / "corpus" / "val.txt")]},
+            "seq_len": 128, "micro_batch_size": 8, "max_steps": steps, "learning_rate": 2e-3,
+            "warmup_steps": max(1, steps // 10), "eval_batches": 8, "log_every": max(1, steps // 20),
+            "output": str(workdir / "runs" / name)}
+    (workdir / f"train-{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    summary = train(validate_recipe(body, TrainRecipe), echo=echo)
+    rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    summary["initial_val_loss"] = next(r["val_loss"] for r in rows if r["type"] == "val" and r["step"] == 0)
+    return summary
+
+
+def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: int = 150, steps: int = 100,
+                   echo=print) -> dict:
+    """Build, upcycle, verify, train both models; returns the figures it printed."""
+    from mergekit_lite.inspect_model import describe
     from mergekit_lite.ops.upcycle import run_upcycle
     from mergekit_lite.pico import build_pico_model
-    from mergekit_lite.verify import compare_logits
+    from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
+    from mergekit_lite.verify import compare_logits, record_parity
 
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
@@ -31,18 +62,47 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, echo=print) -> Non
             raise MoemergeError(f"{workdir} already exists; pass --overwrite or choose --workdir")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    echo(f"1. building a small dense Llama in {workdir / 'dense'}")
-    build_pico_model("llama", workdir / "dense", hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    quiet = lambda s: None  # noqa: E731 - the sub-steps' own chatter is summarised below
+
+    echo(f"1. corpus: the Python standard library's docstrings -> {workdir / 'corpus'}")
+    write_corpus(workdir / "corpus")
+    echo(f"2. a small dense Llama, pretrained for {pretrain_steps} steps -> {workdir / 'dense'}")
+    build_pico_model("llama", workdir / "dense-init", texts=stdlib_docstrings(), **DENSE_SHAPE)
+    _train(workdir, workdir / "dense-init", "pretrain", pretrain_steps, 3e-3, quiet)
+    (workdir / "runs" / "pretrain" / "final").rename(workdir / "dense")
+
     recipe = workdir / "upcycle.yaml"
     recipe.write_text(QUICKSTART_RECIPE)
-    echo(f"2. moemerge upcycle {recipe} -o {workdir / 'moe'}")
-    run_upcycle(recipe, workdir / "moe", echo=lambda s: echo("   " + s))
-    echo(f"3. moemerge verify {workdir / 'moe'} --against {workdir / 'dense'}")
+    echo(f"3. moemerge upcycle {recipe} -o {workdir / 'moe'}")
+    run_upcycle(recipe, workdir / "moe", echo=quiet)
     report = compare_logits(workdir / "moe", workdir / "dense")
-    for line in report.lines():
-        echo("   " + line)
-    echo(f"4. moemerge inspect {workdir / 'moe'}")
-    for line in describe_lines(describe(workdir / "moe")):
-        echo("   " + line)
+    record_parity(workdir / "moe", workdir / "dense", report)
     verdict = "PASS" if report.max_abs <= 1e-4 else "FAIL"
-    echo(f"step-0 parity {verdict}: max |Δlogits| = {report.max_abs:.2e} (fp32 target <= 1e-4)")
+    echo(f"   step-0 parity {verdict}: max |Δlogits| {report.max_abs:.2e}, top-1 agreement "
+         f"{100 * report.top1_agreement:.1f}% (fp32 target <= 1e-4)")
+
+    echo(f"4. continued training, {steps} steps each, same data and learning rate")
+    runs = {"dense": _train(workdir, workdir / "dense", "dense", steps, 2e-3, quiet),
+            "moe": _train(workdir, workdir / "moe", "moe", steps, 2e-3, quiet)}
+    echo("")
+    echo(f"   {'model':<22} {'params':>8} {'active':>8} {'val loss start':>15} {'val loss end':>13} {'tok/s':>7}")
+    for name, label in (("dense", "dense Llama"), ("moe", "Mixtral 8 experts top-2")):
+        d, s = describe(workdir / "runs" / name / "final"), runs[name]
+        echo(f"   {label:<22} {d['total_params'] / 1e6:7.2f}M {d['active_params'] / 1e6:7.2f}M "
+             f"{s['initial_val_loss']:15.4f} {s['final_val_loss']:13.4f} {s['tokens_per_s']:7.0f}")
+    plots = _plots(workdir, echo)
+    echo("")
+    echo(f"files: {workdir / 'dense'} (dense), {workdir / 'moe'} (upcycled), "
+         f"{workdir / 'runs'}/{{dense,moe}}/final (trained), metrics.jsonl and checkpoints beside them")
+    return {"parity_max_abs": report.max_abs, "runs": runs, "plots": plots}
+
+
+def _plots(workdir: Path, echo) -> list[Path]:
+    """Loss/lr/expert-load PNGs of both runs (`moemerge plot`)."""
+    from mergekit_lite.train.plot import plot_run
+
+    paths: list[Path] = []
+    for name in ("dense", "moe"):
+        paths += plot_run(workdir / "runs" / name)
+    echo(f"plots: {', '.join(str(p) for p in paths)}")
+    return paths

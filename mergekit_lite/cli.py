@@ -81,6 +81,17 @@ def corpus(folder: Path = typer.Argument(Path("corpus"), help="where to write tr
 
 
 @app.command()
+def plot(run: Path = typer.Argument(..., help="a `moemerge train` output folder"),
+         output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the PNGs (default: RUN)")
+         ) -> None:
+    """PNG plots of a training run: loss (train/val), learning rate, expert load per layer."""
+    from mergekit_lite.train.plot import plot_run
+
+    for path in plot_run(run, output):
+        echo(f"wrote {path}")
+
+
+@app.command()
 def verify(model: Path = typer.Argument(..., help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),

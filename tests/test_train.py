@@ -235,3 +235,20 @@ def test_two_processes_match_one_with_double_accumulation(world, tmp_path):
                       "--master_port", "29561"], 1)
     assert len(one) == len(two) == 6
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+
+
+def test_lineage_upcycle_graft_train_in_card(world, tmp_path):
+    from mergekit_lite.card import parse_front_matter
+
+    pro = tmp_path / "moe-pro"
+    run_graft(world["moe"], pro, expand=1, echo=quiet)
+    out = tmp_path / "run"
+    train(recipe(world, out, model=pro, max_steps=3), echo=quiet)
+    final = out / "final"
+    lineage = [s["step"] for s in json.loads((final / "moemerge.json").read_text())["lineage"]]
+    assert lineage == ["source", "upcycle", "graft", "train"]
+    card = (final / "README.md").read_text()
+    front = parse_front_matter(card)
+    assert {"mergekit-lite", "moe", "upcycled", "depth-up-scaled", "trained"} <= set(front["tags"])
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert card.count("recipe `") >= 3  # each step names its recipe hash

@@ -1,0 +1,150 @@
+"""Benchmark `moemerge train`: loop overhead, MoE cost, and where an MoE layer spends its time.
+
+Measured side by side in one run (the machine is noisy; compare within a run), printing ratios:
+
+  (a) loop overhead  tokens/s of `moemerge train` (data, router losses, router statistics, logging every
+                     step, no checkpoints) / a bare loop of forward + cross-entropy + backward + AdamW on the
+                     same model and batch shape.                                   target >= 0.9
+  (b) MoE cost       tokens/s of an upcycled 8-expert top-2 model / a dense model with the same *active*
+                     parameters (FFN intermediate size x 2), both in bare loops.    target >= 0.8
+  (c) MoE layer time split: router, experts (dispatch + expert matmuls + combine, inside transformers'
+                     experts module), and the rest of the block, from timers on one MoE block.
+
+    python scripts/bench_train.py                  # CPU (or the GPU accelerate picks)
+    python scripts/bench_train.py --steps 10 --hidden 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+
+def build_models(root: Path, hidden: int, inter: int, layers: int) -> tuple[Path, Path, Path]:
+    """(dense, upcycled 8x top-2 MoE, dense with the MoE's active FFN size) model folders."""
+    from mergekit_lite.ops.upcycle import run_upcycle
+    from mergekit_lite.pico import build_pico_model
+    from mergekit_lite.train.corpus import stdlib_docstrings
+
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64 or 1,
+                 num_key_value_heads=hidden // 64 or 1, max_position_embeddings=1024)
+    texts = stdlib_docstrings()
+    dense = build_pico_model("llama", root / "dense", texts=texts, intermediate_size=inter, **shape)
+    wide = build_pico_model("llama", root / "dense-2x", texts=texts, intermediate_size=2 * inter, **shape)
+    (root / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 8, "experts_per_token": 2,
+                                                  "dtype": "float32"}))
+    run_upcycle(root / "up.yaml", root / "moe", echo=lambda s: None)
+    return dense, root / "moe", wide
+
+
+def bare_loop(model_dir: Path, batch: int, seq: int, steps: int, device: torch.device) -> float:
+    """tokens/s of forward + CE + backward + AdamW, nothing else (first 2 steps are warm-up)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
+    t0 = None
+    for s in range(steps + 2):
+        if s == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    _sync(device)
+    return batch * seq * steps / (time.perf_counter() - t0)
+
+
+def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int) -> float:
+    """tokens/s that `moemerge train` reports for the same model and batch shape."""
+    from mergekit_lite.recipe import TrainRecipe, validate_recipe
+    from mergekit_lite.train.corpus import write_corpus
+    from mergekit_lite.train.loop import train
+
+    train_txt, val_txt = write_corpus(root / "corpus")
+    r = validate_recipe({"model": str(model_dir), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
+                         "seq_len": seq, "micro_batch_size": batch, "max_steps": steps, "learning_rate": 1e-4,
+                         "eval_batches": 1, "output": str(root / "run"), "log_every": 1}, TrainRecipe)
+    return train(r, echo=lambda s: None)["tokens_per_s"]
+
+
+def layer_split(model_dir: Path, batch: int, seq: int, device: torch.device, reps: int = 5) -> dict[str, float]:
+    """Seconds per forward+backward spent in one MoE block's router, experts module, and whole block."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).train()
+    block = next(m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts"))
+    spent = {"router": 0.0, "experts": 0.0, "block": 0.0}
+    starts: dict[str, float] = {}
+
+    def timer(name):
+        def pre(*_):
+            _sync(device)
+            starts[name] = time.perf_counter()
+
+        def post(*_):
+            _sync(device)
+            spent[name] += time.perf_counter() - starts[name]
+        return pre, post
+
+    for name, mod in (("router", block.gate), ("experts", block.experts), ("block", block)):
+        pre, post = timer(name)
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+        mod.register_full_backward_pre_hook(pre) if name != "router" else None
+        mod.register_full_backward_hook(post) if name != "router" else None
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq)).to(device)
+    for _ in range(reps):
+        logits = model(input_ids=ids).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    impl = getattr(model.config, "_experts_implementation", None) or "default (grouped_mm)"
+    return {**{k: v / reps for k, v in spent.items()}, "impl": impl}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    from mergekit_lite.verify import default_device
+
+    device = default_device()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _, moe, wide = build_models(root, args.hidden, args.intermediate, args.layers)
+        tokens = args.batch * args.seq
+        bare_moe = bare_loop(moe, args.batch, args.seq, args.steps, device)
+        ours = moemerge_loop(root, moe, args.batch, args.seq, args.steps)
+        bare_dense = bare_loop(wide, args.batch, args.seq, args.steps, device)
+        split = layer_split(moe, args.batch, args.seq, device)
+    print(f"device {device}; {tokens} tokens per step; experts implementation: {split['impl']}")
+    print(f"(a) loop overhead: moemerge train {ours:9.0f} tok/s  bare loop {bare_moe:9.0f} tok/s  "
+          f"ratio {ours / bare_moe:.2f} (target >= 0.9)")
+    print(f"(b) MoE cost:      MoE 8x top-2 {bare_moe:9.0f} tok/s  dense, same active {bare_dense:9.0f} tok/s  "
+          f"ratio {bare_moe / bare_dense:.2f} (target >= 0.8)")
+    rest = split["block"] - split["router"] - split["experts"]
+    print(f"(c) one MoE block, forward+backward: router {1e3 * split['router']:.2f} ms (forward), "
+          f"experts {1e3 * split['experts']:.2f} ms, rest {1e3 * rest:.2f} ms, block {1e3 * split['block']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

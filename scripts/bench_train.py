@@ -3,7 +3,7 @@
 Measured side by side in one run (the machine is noisy; compare within a run), printing ratios:
 
   (a) loop overhead  tokens/s of `moemerge train` (data, router losses, router statistics, logging every
-                     step, no checkpoints) / a bare loop of forward + cross-entropy + backward + AdamW on the
+                     step, no checkpoints; from its per-step metrics after 2 warm-up steps) / a bare loop of forward + cross-entropy + backward + AdamW on the
                      same model and batch shape.                                   target >= 0.9
   (b) MoE cost       tokens/s of an upcycled 8-expert top-2 model / a dense model with the same *active*
                      parameters (FFN intermediate size x 2), both in bare loops.    target >= 0.8
@@ -17,6 +17,7 @@ Measured side by side in one run (the machine is noisy; compare within a run), p
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +76,12 @@ def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int)
     r = validate_recipe({"model": str(model_dir), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
                          "seq_len": seq, "micro_batch_size": batch, "max_steps": steps, "learning_rate": 1e-4,
                          "eval_batches": 1, "output": str(root / "run"), "log_every": 1}, TrainRecipe)
-    return train(r, echo=lambda s: None)["tokens_per_s"]
+    train(r, echo=lambda s: None)
+    # per-step throughput after the same 2 warm-up steps the bare loop skips (first steps allocate state)
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps_tps = [row["tokens_per_s"] for row in rows if row["type"] == "train" and row["step"] > 2]
+    per_step = batch * seq
+    return per_step * len(steps_tps) / sum(per_step / t for t in steps_tps)
 
 
 def layer_split(model_dir: Path, batch: int, seq: int, device: torch.device, reps: int = 5) -> dict[str, float]:

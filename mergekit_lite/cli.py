@@ -14,7 +14,9 @@ from mergekit_lite.errors import MoemergeError
 
 app = typer.Typer(
     help="Grow dense Hugging Face checkpoints into Mixture-of-Experts or deeper models, then keep training them.\n\n"
-         "Start with `moemerge quickstart` (offline, a minute on a laptop CPU).",
+         "Start with `moemerge quickstart` (offline, about a minute on a laptop CPU). Typical flow: "
+         "`moemerge upcycle RECIPE -o OUT` (examples in recipes/upcycle/), `moemerge verify OUT --against DENSE`, "
+         "`moemerge train RECIPE`, `moemerge check OUT`, `moemerge push OUT --repo ORG/NAME`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
@@ -125,7 +127,7 @@ def inspect(model: Path = typer.Argument(..., help="model folder")) -> None:
 @app.command()
 def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="where to build everything"),
                overwrite: bool = OVERWRITE) -> None:
-    """Offline demo: build a small dense Llama, upcycle it to 8 experts, print the parity report."""
+    """Offline demo: small dense Llama -> 8-expert MoE (parity) -> train both -> val-loss table and plots."""
     from mergekit_lite.quickstart import run_quickstart
 
     run_quickstart(workdir, overwrite=overwrite, echo=echo)

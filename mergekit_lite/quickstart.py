@@ -41,7 +41,7 @@ def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, echo) -
             "warmup_steps": max(1, steps // 10), "eval_batches": 8, "log_every": max(1, steps // 20),
             "output": str(workdir / "runs" / name)}
     (workdir / f"train-{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
-    summary = train(validate_recipe(body, TrainRecipe), echo=echo)
+    summary = train(validate_recipe(body, TrainRecipe), progress=False, echo=echo)
     rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     summary["initial_val_loss"] = next(r["val_loss"] for r in rows if r["type"] == "val" and r["step"] == 0)
     return summary

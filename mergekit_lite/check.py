@@ -86,7 +86,7 @@ def _check_files(path: Path, reader: CheckpointReader, report: CheckReport) -> N
         raise MoemergeError(f"check: {path / stray[0]} is not named by {INDEX_FILE} ({len(stray)} stray shard(s)); "
                             "delete it or regenerate the index")
     report.shards, report.tensors, report.nbytes = shards, len(reader.tensors), reader.total_bytes()
-    report.params = sum(_numel(i.shape) for i in reader.tensors.values())
+    report.params = sum(i.numel for i in reader.tensors.values())
     index = path / INDEX_FILE
     if index.is_file():
         total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
@@ -178,13 +178,6 @@ def _check_values(reader: CheckpointReader, progress: Callable[[str], None] | No
                                         f"flat index {start + first}); the checkpoint is corrupt or diverged")
         if progress and (n + 1) % 200 == 0:
             progress(f"  scanned {n + 1}/{len(reader.tensors)} tensors")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _first_line(e: BaseException) -> str:

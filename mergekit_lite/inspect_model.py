@@ -19,21 +19,14 @@ def describe(path: str | Path) -> dict[str, Any]:
     cfg = reader.config
     total = expert = 0
     dtypes: dict[str, int] = {}
-    for info in reader.tensors.values():
-        n = 1
-        for s in info.shape:
-            n *= s
-        total += n
+    for key, info in reader.tensors.items():
+        total += info.numel
         name = str(info.dtype).removeprefix("torch.")
-        dtypes[name] = dtypes.get(name, 0) + n
+        dtypes[name] = dtypes.get(name, 0) + info.numel
+        if _EXPERT.search(key):
+            expert += info.numel
     n_experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     top_k = cfg.get("num_experts_per_tok")
-    for key, info in reader.tensors.items():
-        if _EXPERT.search(key):
-            n = 1
-            for s in info.shape:
-                n *= s
-            expert += n
     active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
     files = sorted({i.file for i in reader.tensors.values()})
     return {

@@ -8,6 +8,7 @@ read from disk only when the writer touches them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,14 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 def resolve_model_path(source: str, revision: str | None = None) -> Path:
@@ -182,7 +191,7 @@ class CheckpointReader:
             raise MoemergeError(f"cannot read {key!r} from {self.path / info.file}: {e}") from None
 
     def total_bytes(self) -> int:
-        return sum(_numel(i.shape) * i.dtype.itemsize for i in self.tensors.values())
+        return sum(i.nbytes for i in self.tensors.values())
 
     def close(self) -> None:
         self._handles.clear()
@@ -193,13 +202,6 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def dir_size(path: str | Path) -> int:

@@ -252,3 +252,32 @@ def test_lineage_upcycle_graft_train_in_card(world, tmp_path):
     assert {"mergekit-lite", "moe", "upcycled", "depth-up-scaled", "trained"} <= set(front["tags"])
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
     assert card.count("recipe `") >= 3  # each step names its recipe hash
+
+
+def test_jsonl_parquet_held_out_split_and_streaming(world, tmp_path):
+    import datasets
+
+    docs = stdlib_docstrings()
+    (tmp_path / "corpus").mkdir()
+    with (tmp_path / "corpus" / "a.jsonl").open("w") as f:
+        for d in docs[:300]:
+            f.write(json.dumps({"body": d}) + "\n")
+    datasets.Dataset.from_dict({"body": docs[300:]}).to_parquet(str(tmp_path / "b.parquet"))
+    base = {"model": str(world["moe"]), "seq_len": 32, "micro_batch_size": 4, "max_steps": 4,
+            "learning_rate": 1e-3, "eval_batches": 2}
+    # a folder of .jsonl, no validation files: a held-out fraction of the packed blocks
+    r = validate_recipe({**base, "data": {"train": [str(tmp_path / "corpus")], "text_field": "body"},
+                         "output": str(tmp_path / "jsonl")}, TrainRecipe)
+    assert train(r, echo=quiet)["steps"] == 4
+    cached = list((tmp_path / "jsonl" / "cache").glob("packed-train-*"))
+    assert len(cached) == 1  # tokenised once, reused by a resumed run
+    # parquet, streamed (validation = the first blocks of the stream)
+    r = validate_recipe({**base, "data": {"train": [str(tmp_path / "b.parquet")], "text_field": "body",
+                                          "streaming": True, "validation_blocks": 4},
+                         "output": str(tmp_path / "stream")}, TrainRecipe)
+    summary = train(r, echo=quiet)
+    assert summary["steps"] == 4 and summary["final_val_loss"] < 10
+    assert not list((tmp_path / "stream" / "cache").glob("packed-*"))  # streaming caches nothing
+    with pytest.raises(MoemergeError, match="no column 'text'"):
+        train(validate_recipe({**base, "data": {"train": [str(tmp_path / "b.parquet")]},
+                               "output": str(tmp_path / "nocol")}, TrainRecipe), echo=quiet)

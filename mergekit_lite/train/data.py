@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -130,24 +129,30 @@ def stream_blocks(specs: list[str], field: str, cfg: TrainData, tokenizer, seq_l
 
 
 class StreamedBlocks(torch.utils.data.IterableDataset):
-    """An endless (re-iterated) stream of packed blocks, optionally skipping the first `skip` blocks."""
+    """Packed blocks from a stream, re-read from the start when exhausted (epochs).
+
+    Blocks `[0, skip)` of every pass are left out (they are the held-out validation blocks), and
+    `limit` stops after block `limit` (the validation stream itself).
+    """
 
     def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None):
         self.args = (specs, field, cfg, tokenizer, seq_len)
         self.skip, self.limit = skip, limit
 
     def __iter__(self):
-        n = 0
         while True:
+            yielded = False
             for i, block in enumerate(stream_blocks(*self.args)):
-                if n < self.skip:
-                    n += 1
-                    continue
                 if self.limit is not None and i >= self.limit:
                     return
-                yield block
+                if i >= self.skip:
+                    yielded = True
+                    yield block
             if self.limit is not None:
                 return
+            if not yielded:
+                raise MoemergeError(f"data.{self.args[1]}: the stream holds no block of {self.args[4]} tokens "
+                                    "beyond the validation blocks; add text or lower seq_len")
 
 
 def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -155,9 +160,3 @@ def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(n_blocks, generator=g).tolist()
     return [perm[i:i + batch] for i in range(0, n_blocks - batch + 1, batch)]
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

@@ -3,8 +3,9 @@
 Measured side by side in one run (the machine is noisy; compare within a run), printing ratios:
 
   (a) loop overhead  tokens/s of `moemerge train` (data, router losses, router statistics, logging every
-                     step, no checkpoints; from its per-step metrics after 2 warm-up steps) / a bare loop of forward + cross-entropy + backward + AdamW on the
-                     same model and batch shape.                                   target >= 0.9
+                     step, no checkpoints; from its per-step metrics after 2 warm-up steps) / a bare
+                     loop of forward + cross-entropy + backward + AdamW on the same model and batch
+                     shape.                                                        target >= 0.9
   (b) MoE cost       tokens/s of an upcycled 8-expert top-2 model / a dense model with the same *active*
                      parameters (FFN intermediate size x 2), both in bare loops.    target >= 0.8
   (c) MoE layer time split: router, experts (dispatch + expert matmuls + combine, inside transformers'

@@ -167,7 +167,7 @@ def test_stop_and_resume_reproduces_losses(world, tmp_path, monkeypatch):
     real = loop.save_checkpoint
 
     def crash_after_first(acc, out, step, state, keep):
-        path = real(acc, out, step, state, keep)
+        real(acc, out, step, state, keep)
         raise KeyboardInterrupt  # the run dies right after its step-6 checkpoint
 
     cut = tmp_path / "cut"

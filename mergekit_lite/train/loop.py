@@ -150,7 +150,8 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
     sums = torch.zeros(3, device=accelerator.device)  # ce, balance, z since the last log line
     micro = 0
-    bar = tqdm(total=max_steps, initial=step, disable=not (progress and accelerator.is_local_main_process), desc="train")
+    show = progress and accelerator.is_local_main_process
+    bar = tqdm(total=max_steps, initial=step, disable=not show, desc="train")
     t_log, t_start, tokens_start = time.perf_counter(), time.perf_counter(), tokens
     for group in optimizer.param_groups:
         group["lr"] = lr_at(r, step, max_steps)

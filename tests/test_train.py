@@ -281,3 +281,12 @@ def test_jsonl_parquet_held_out_split_and_streaming(world, tmp_path):
     with pytest.raises(MoemergeError, match="no column 'text'"):
         train(validate_recipe({**base, "data": {"train": [str(tmp_path / "b.parquet")]},
                                "output": str(tmp_path / "nocol")}, TrainRecipe), echo=quiet)
+
+
+def test_lr_schedule_logged_is_warmup_then_cosine_to_floor(world, tmp_path):
+    out = tmp_path / "lr"
+    train(recipe(world, out, max_steps=10, warmup_steps=2, learning_rate=1e-3, min_lr_ratio=0.1), echo=quiet)
+    lrs = [r["lr"] for r in records(out, "train")]
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])  # linear warmup, step 1 and 2
+    assert lrs[2] == pytest.approx(1e-3)  # cosine starts at the peak
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 1e-4  # decays toward the 1e-4 floor

@@ -175,9 +175,9 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         step += 1
         tokens += tokens_per_step
         tap.update_bias(reduce=lambda t: accelerator.reduce(t, "sum"))
-        lr = lr_at(r, step, max_steps)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), then the next step's
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(r, step, max_steps)
         bar.update(1)
         if step % r.log_every == 0 or step == max_steps:
             ce_m, bal_m, z_m = (accelerator.reduce(sums, "sum") / (micro * accelerator.num_processes)).tolist()

@@ -89,7 +89,7 @@ def plot(run: Path = typer.Argument(..., help="a `moemerge train` output folder"
     """PNG plots of a training run: loss (train/val), learning rate, expert load per layer."""
     from mergekit_lite.train.plot import plot_run
 
-    for path in plot_run(run, output):
+    for path in plot_run(run, output, echo=echo):
         echo(f"wrote {path}")
 
 

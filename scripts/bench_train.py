@@ -8,8 +8,10 @@ Measured side by side in one run (the machine is noisy; compare within a run), p
                      shape.                                                        target >= 0.9
   (b) MoE cost       tokens/s of an upcycled 8-expert top-2 model / a dense model with the same *active*
                      parameters (FFN intermediate size x 2), both in bare loops.    target >= 0.8
-  (c) MoE layer time split: router, experts (dispatch + expert matmuls + combine, inside transformers'
-                     experts module), and the rest of the block, from timers on one MoE block.
+  (c) MoE layer time split: router (gate matmul, softmax, top-k), dispatch + combine (sort tokens by
+                     expert, gathers, un-permute), expert matmuls (grouped_mm), elementwise (activation,
+                     routing weights), from torch.profiler self times over forward+backward of one MoE
+                     block (aten ops and autograd backward nodes, charged to their outermost stage).
 
     python scripts/bench_train.py                  # CPU (or the GPU accelerate picks)
     python scripts/bench_train.py --steps 10 --hidden 128
@@ -85,37 +87,64 @@ def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int)
     return per_step * len(steps_tps) / sum(per_step / t for t in steps_tps)
 
 
-def layer_split(model_dir: Path, batch: int, seq: int, device: torch.device, reps: int = 5) -> dict[str, float]:
-    """Seconds per forward+backward spent in one MoE block's router, experts module, and whole block."""
+# Stage of an MoE block by op name (aten ops and autograd backward nodes); an op is charged to the stage of
+# its OUTERMOST matching ancestor, so the per-group aten::mm calls that grouped_mm makes on CPU count as expert
+# matmuls, while the router's linear is the block's only other matmul. Dispatch (sort tokens by expert, gather)
+# and combine (un-permute gather, sum over top-k) use the same aten::index ops, so they share one bucket.
+STAGES = (("loss (not the block)", ("mse_loss",)),
+          ("expert matmuls", ("grouped_mm", "groupedmm")),
+          ("router", ("linear", "addmm", "mmbackward", "softmax", "topk")),
+          ("dispatch + combine", ("sort", "histc", "cumsum", "aten::index", "indexbackward", "indexputbackward")))
+OTHER = "elementwise (activation, weighting)"
+
+
+def stage_of(chain: list[str]) -> str:
+    """Stage for an op, given the names from its outermost ancestor down to itself."""
+    for name in chain:
+        low = name.lower()
+        for stage, keys in STAGES:
+            if any(k in low for k in keys):
+                return stage
+    return OTHER
+
+
+def layer_split(model_dir: Path, batch: int, seq: int, device: torch.device, reps: int = 5) -> dict:
+    """Milliseconds per forward+backward of one MoE block, by stage, from torch.profiler's self times.
+
+    The block runs alone on (batch*seq, hidden) inputs with an MSE loss (a real loss: grouped_mm's CPU backward
+    rejects the stride-0 gradient of `.sum()`).
+    """
+    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).train()
     block = next(m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts"))
-    spent = {"router": 0.0, "experts": 0.0, "block": 0.0}
-    starts: dict[str, float] = {}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, model.config.hidden_size, generator=g).to(device).requires_grad_()
+    target = torch.randn(x.shape, generator=g).to(device)
 
-    def timer(name):
-        def pre(*_):
-            _sync(device)
-            starts[name] = time.perf_counter()
+    def step():
+        F.mse_loss(block(x), target).backward()
 
-        def post(*_):
-            _sync(device)
-            spent[name] += time.perf_counter() - starts[name]
-        return pre, post
-
-    for name, mod in (("router", block.gate), ("experts", block.experts), ("block", block)):
-        pre, post = timer(name)
-        mod.register_forward_pre_hook(pre)
-        mod.register_forward_hook(post)
-        mod.register_full_backward_pre_hook(pre) if name != "router" else None
-        mod.register_full_backward_hook(post) if name != "router" else None
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq)).to(device)
-    for _ in range(reps):
-        logits = model(input_ids=ids).logits
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    impl = getattr(model.config, "_experts_implementation", None) or "default (grouped_mm)"
-    return {**{k: v / reps for k, v in spent.items()}, "impl": impl}
+    step()  # warm-up: first call allocates
+    on_gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            step()
+        _sync(device)
+    spent: dict[str, float] = {}
+    for ev in prof.events():
+        chain, up = [], ev
+        while up is not None:
+            chain.insert(0, up.name)
+            up = up.cpu_parent
+        stage = stage_of(chain)
+        us = ev.self_device_time_total if on_gpu else ev.self_cpu_time_total
+        spent[stage] = spent.get(stage, 0.0) + us / 1e3 / reps
+    spent.pop("loss (not the block)", None)
+    impl = getattr(model.config, "_experts_implementation", None) or "grouped_mm (transformers default)"
+    return {"ms": spent, "impl": impl}
 
 
 def _sync(device: torch.device) -> None:
@@ -148,10 +177,10 @@ def main() -> None:
           f"ratio {ours / bare_moe:.2f} (target >= 0.9)")
     print(f"(b) MoE cost:      MoE 8x top-2 {bare_moe:9.0f} tok/s  dense, same active {bare_dense:9.0f} tok/s  "
           f"ratio {bare_moe / bare_dense:.2f} (target >= 0.8)")
-    rest = split["block"] - split["router"] - split["experts"]
-    print(f"(c) one MoE block, forward+backward: router {1e3 * split['router']:.2f} ms (forward), "
-          f"experts {1e3 * split['experts']:.2f} ms, rest {1e3 * rest:.2f} ms, block {1e3 * split['block']:.2f} ms")
-
+    total = sum(split["ms"].values())
+    parts = "  ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(split["ms"].items(),
+                                                                                  key=lambda kv: -kv[1]))
+    print(f"(c) one MoE block, forward+backward on {tokens} tokens ({total:.2f} ms, profiler self time): {parts}")
 
 if __name__ == "__main__":
     main()

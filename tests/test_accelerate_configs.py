@@ -1,38 +1,150 @@
-"""The shipped accelerate configs load with accelerate's own config reader."""
+"""The shipped accelerate configs, read the way `accelerate launch` reads them (accelerate 1.15's own code)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
+from accelerate.utils.dataclasses import get_module_class_from_name
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
-EXPECTED = {"ddp.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
-            "deepspeed-zero3.yaml": DistributedType.DEEPSPEED}
+EXPECTED = {"cpu-2proc.yaml": DistributedType.MULTI_GPU, "ddp.yaml": DistributedType.MULTI_GPU,
+            "fsdp.yaml": DistributedType.FSDP, "deepspeed-zero3.yaml": DistributedType.DEEPSPEED}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_config_loads(name):
-    cfg = load_config_from_file(str(ROOT / name))
-    assert cfg.distributed_type == EXPECTED[name]
-    assert (ROOT / name).read_text().startswith("#")
+def launch_env(name: str) -> tuple[object, dict[str, str]]:
+    """(parsed launch args, worker environment) exactly as `accelerate launch --config_file NAME x.py` builds them."""
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / name), "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
 
 
-def test_fsdp_wraps_decoder_layers_and_deepspeed_registers_moe_leaves():
-    fsdp = load_config_from_file(str(ROOT / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    ds = load_config_from_file(str(ROOT / "deepspeed-zero3.yaml")).deepspeed_config
-    assert ds["zero_stage"] == 3
-    assert "MixtralSparseMoeBlock" in ds["deepspeed_moe_layer_cls_names"]
-
-
-def test_moe_model_names_its_decoder_layer(tmp_path):
-    """What FSDP's wrap policy uses when the config names no class: the model's own `_no_split_modules`."""
+def meta_model(family: str):
+    """A pico model of `family` on the meta device (class structure only, no weights allocated)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from mergekit_lite.pico import pico_config
 
-    model = AutoModelForCausalLM.from_config(pico_config("mixtral", 64, num_local_experts=2))
-    assert "MixtralDecoderLayer" in model._no_split_modules
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(pico_config(family, 64))
+
+
+def test_every_shipped_config_is_listed():
+    assert sorted(p.name for p in ROOT.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_and_says_how_to_launch(name):
+    cfg = load_config_from_file(str(ROOT / name))
+    assert cfg.distributed_type == EXPECTED[name]
+    text = (ROOT / name).read_text()
+    assert text.startswith("#")
+    assert f"accelerate launch --config_file recipes/accelerate/{name} -m mergekit_lite train" in text
+
+
+def test_cpu_2proc_goes_through_torchrun_with_two_workers():
+    """MULTI_CPU would go to accelerate's simple launcher: one process unless mpirun is configured."""
+    args, env = launch_env("cpu-2proc.yaml")
+    assert args.multi_gpu and args.use_cpu and args.nproc_per_node == "2"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+
+
+def test_fsdp_wraps_each_family_decoder_layer():
+    """No class list in the file: accelerate's TRANSFORMER_BASED_WRAP then wraps the model's `_no_split_modules`
+    (a listed class the model lacks would raise), so one file serves Mixtral, Qwen-MoE and dense families."""
+    _, env = launch_env("fsdp.yaml")
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env
+    for family, layer in [("mixtral", "MixtralDecoderLayer"), ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+                          ("qwen3_moe", "Qwen3MoeDecoderLayer"), ("llama", "LlamaDecoderLayer")]:
+        model = meta_model(family)
+        assert set(model._no_split_modules) == {layer}
+        assert get_module_class_from_name(model, layer) is type(model.model.layers[0])
+
+
+def test_deepspeed_moe_leaves_exist_in_the_model():
+    """accelerate's set_moe_leaf_modules raises for a listed class the model lacks: every name must be found."""
+    _, env = launch_env("deepspeed-zero3.yaml")
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    # left out so that accelerate takes the recipe's gradient_accumulation_steps ("auto")
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
+    mixtral = meta_model("mixtral")
+    for name in env["ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES"].split(","):
+        assert get_module_class_from_name(mixtral, name) is type(mixtral.model.layers[0].mlp)
+    # the per-family overrides named in the header
+    header = (ROOT / "deepspeed-zero3.yaml").read_text()
+    for family, block in [("qwen2_moe", "Qwen2MoeSparseMoeBlock"), ("qwen3_moe", "Qwen3MoeSparseMoeBlock")]:
+        assert block in header
+        model = meta_model(family)
+        assert get_module_class_from_name(model, block) is type(model.model.layers[0].mlp)
+        assert get_module_class_from_name(model, "MixtralSparseMoeBlock") is None
+
+
+PROBE = """
+import json, os, sys, torch
+from accelerate import Accelerator
+# the train loop's rule: under torchrun without CUDA, ask accelerate for CPU processes (gloo)
+acc = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+total = acc.reduce(torch.tensor([acc.process_index + 1.0]), "sum").item()
+with open(os.path.join(sys.argv[1], f"rank{acc.process_index}.json"), "w") as f:
+    json.dump({"world": acc.num_processes, "type": str(acc.distributed_type), "sum": total}, f)
+"""
+
+
+def test_cpu_2proc_really_starts_two_communicating_processes(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "cpu-2proc.yaml"), str(tmp_path / "probe.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r == {"world": 2, "type": "DistributedType.MULTI_CPU", "sum": 3.0} for r in ranks)
+
+
+@pytest.mark.slow
+def test_cpu_2proc_train_matches_one_process_with_double_accumulation(tmp_path):
+    """`moemerge train` under this config = 1 process with 2x accumulation (and differs from 1x accumulation)."""
+    from mergekit_lite.ops.upcycle import run_upcycle
+    from mergekit_lite.pico import build_pico_model
+    from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
+
+    train_txt, val_txt = write_corpus(tmp_path / "corpus")
+    dense = build_pico_model("llama", tmp_path / "dense", texts=stdlib_docstrings(), hidden_size=32,
+                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4,
+                                                      "experts_per_token": 2, "dtype": "float32", "seed": 3}))
+    run_upcycle(tmp_path / "up.yaml", tmp_path / "moe", echo=lambda s: None)
+
+    def run(name: str, launch: list[str], accum: int) -> list[float]:
+        body = {"model": str(tmp_path / "moe"), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
+                "seq_len": 32, "micro_batch_size": 4, "gradient_accumulation_steps": accum, "max_steps": 6,
+                "learning_rate": 3e-3, "warmup_steps": 2, "checkpoint_every": 0, "output": str(tmp_path / name)}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(body))
+        proc = subprocess.run([*launch, "-m", "mergekit_lite", "train", str(tmp_path / f"{name}.yaml")],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in rows if r["type"] == "train"]
+
+    two = run("two", [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ROOT / "cpu-2proc.yaml")], 1)
+    one = run("one", [sys.executable], 2)
+    single = run("single", [sys.executable], 1)
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(single, two)) > 1e-3

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -66,6 +66,40 @@ def resolve_model_path(source: str, revision: str | None = None) -> Path:
             "check the path, or your network and token") from None
 
 
+def hub_cache_repo(folder: str | Path) -> Path | None:
+    """The Hub cache repo folder (`models--ORG--NAME`) when `folder` lies in one of its snapshots, else None.
+
+    A snapshot's files are links into that repo's `blobs/` (`snapshots/REV/f -> ../../blobs/HASH`),
+    so the repo folder is the one place outside the model folder that its links may lead.
+    """
+    real = Path(folder).resolve()
+    for p in (real, *real.parents):
+        if p.parent.name == "snapshots" and (p.parent.parent / "blobs").is_dir():
+            return p.parent.parent
+    return None
+
+
+def file_in_folder(folder: str | Path, name: str, where: str) -> Path:
+    """`folder / name`, refused unless `name` is a plain relative path and the file stays in the folder.
+
+    The name itself may not be absolute or hold `..`; the file it names may be a link, but its target
+    must lie inside the folder or inside the Hub cache repo the folder is a snapshot of (see
+    `hub_cache_repo`). `where` names the entry in the one-line error (e.g. an index and its key).
+    """
+    folder = Path(folder)
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or pure == PurePosixPath("."):
+        raise MoemergeError(f"{where} names {name!r}, which is not a plain relative path inside {folder}; "
+                            "fix the entry to a file name inside the model folder")
+    real = (folder / pure).resolve()
+    roots = [folder.resolve()] + [r for r in [hub_cache_repo(folder)] if r is not None]
+    if not any(real.is_relative_to(r) for r in roots):
+        raise MoemergeError(f"{where} names {name!r}, which resolves to {real}, outside {folder}"
+                            f"{' and its Hub cache' if len(roots) > 1 else ''}; copy the file into the folder "
+                            "(e.g. `cp -L`) instead of linking to it")
+    return folder / pure
+
+
 class CheckpointReader:
     """Index of a model folder's tensors, opened lazily one shard file at a time."""
 
@@ -90,6 +124,7 @@ class CheckpointReader:
             weight_map = self._read_index(index)
             files = sorted(set(weight_map.values()))
         elif single.is_file():
+            file_in_folder(self.path, single.name, str(self.path))
             weight_map, files = None, ["model.safetensors"]
         else:
             return self._scan_bin()
@@ -111,10 +146,16 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise MoemergeError(f"{index} is not a valid safetensors index ({e})") from None
+        self._refuse_outside(index, weight_map)
         for f in set(weight_map.values()):
             if not (self.path / f).is_file():
                 raise MoemergeError(f"{index.name} names shard {f}, which is missing from {self.path}")
         return weight_map
+
+    def _refuse_outside(self, index: Path, weight_map: dict[str, str]) -> None:
+        """Every shard an index names stays in the folder, checked before any shard is opened."""
+        for key, f in weight_map.items():
+            file_in_folder(self.path, f, f"{index.name} entry {key!r}")
 
     def _header(self, name: str) -> dict[str, TensorInfo]:
         f = self._open(name)
@@ -141,8 +182,11 @@ class CheckpointReader:
         """Legacy PyTorch pickles, loaded only with `weights_only=True` (no arbitrary code)."""
         index = self.path / "pytorch_model.bin.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._refuse_outside(index, weight_map)
+            files = sorted(set(weight_map.values()))
         elif (self.path / "pytorch_model.bin").is_file():
+            file_in_folder(self.path, "pytorch_model.bin", str(self.path))
             files = ["pytorch_model.bin"]
         else:
             raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or pytorch_model.bin)")

@@ -1,0 +1,122 @@
+"""The lazy reader reads only what belongs to the model folder (index entries, links, Hub cache snapshots)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mergekit_lite.io.reader as reader_mod
+from mergekit_lite.check import check_folder
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io import CheckpointReader
+from mergekit_lite.ops.upcycle import run_upcycle
+
+INDEX = "model.safetensors.index.json"
+
+
+def hub_cache_snapshot(model: Path, where: Path, repo: str = "models--org--name", rev: str = "abc") -> Path:
+    """`model` laid out as the Hub cache stores it: files in blobs/, the snapshot made of relative links."""
+    blobs, snap = where / repo / "blobs", where / repo / "snapshots" / rev
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (where / repo / "refs").mkdir()
+    (where / repo / "refs" / "main").write_text(rev)
+    for n, f in enumerate(sorted(p for p in model.rglob("*") if p.is_file())):
+        blob = blobs / f"{n:04d}deadbeef"
+        shutil.copyfile(f, blob)
+        link = snap / f.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def escaping_index(model: Path, where: Path) -> tuple[Path, Path]:
+    """A copy of `model` whose index names `../outside.safetensors`, a real shard one level up."""
+    d = where / "escape"
+    shutil.copytree(model, d)
+    outside = where / "outside.safetensors"
+    (d / "model.safetensors").rename(outside)
+    from safetensors import safe_open
+
+    with safe_open(str(outside), framework="pt") as f:
+        keys = list(f.keys())
+    (d / INDEX).write_text(json.dumps({"metadata": {"total_size": 0},
+                                       "weight_map": {k: "../outside.safetensors" for k in keys}}))
+    return d, outside
+
+
+def _spy_safe_open(monkeypatch) -> list[str]:
+    opened: list[str] = []
+    real = reader_mod.safe_open
+
+    def spy(path, *a, **k):
+        opened.append(os.path.realpath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(reader_mod, "safe_open", spy)
+    return opened
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/abs/model.safetensors", "sub/../../x.safetensors"])
+def test_index_names_outside_the_folder_are_refused_before_any_read(pico_llama, tmp_path, monkeypatch, name):
+    d, outside = escaping_index(pico_llama, tmp_path)
+    if name != "../outside.safetensors":
+        body = json.loads((d / INDEX).read_text())
+        body["weight_map"] = {k: name for k in body["weight_map"]}
+        (d / INDEX).write_text(json.dumps(body))
+    opened = _spy_safe_open(monkeypatch)
+    with pytest.raises(MoemergeError) as e:
+        CheckpointReader(d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{INDEX} entry '") and repr(name) in msg and "fix the entry" in msg
+    assert opened == []  # refused before the first shard header was read
+
+
+def test_check_and_upcycle_refuse_an_escaping_index(pico_llama, tmp_path, monkeypatch):
+    d, outside = escaping_index(pico_llama, tmp_path)
+    opened = _spy_safe_open(monkeypatch)
+    with pytest.raises(MoemergeError, match=r"'\.\./outside\.safetensors', which is not a plain relative path"):
+        check_folder(d)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {d}\narchitecture: mixtral\nnum_experts: 2\nexperts_per_token: 1\n")
+    with pytest.raises(MoemergeError, match=r"\.\./outside\.safetensors"):
+        run_upcycle(recipe, tmp_path / "out", echo=lambda s: None)
+    assert str(outside) not in opened and opened == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_link_leaving_the_folder_is_refused(pico_llama, tmp_path):
+    d = tmp_path / "linked"
+    shutil.copytree(pico_llama, d)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (d / "model.safetensors").rename(elsewhere)
+    (d / "model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(MoemergeError, match=r"resolves to .*elsewhere\.safetensors, outside .*cp -L"):
+        CheckpointReader(d)
+
+
+def test_hub_cache_snapshot_links_are_readable(pico_factory, tmp_path):
+    model = pico_factory("llama", max_shard_size="40KB")
+    snap = hub_cache_snapshot(model, tmp_path / "hub")
+    assert all(p.is_symlink() for p in snap.iterdir())
+    with CheckpointReader(snap) as r, CheckpointReader(model) as plain:
+        assert r.keys() == plain.keys() and r.total_bytes() == plain.total_bytes()
+        k = r.keys()[0]
+        assert r.get(k).equal(plain.get(k))
+    assert check_folder(snap).tensors == 39
+
+
+def test_link_from_a_snapshot_out_of_the_cache_is_refused(pico_factory, tmp_path):
+    snap = hub_cache_snapshot(pico_factory("llama", max_shard_size="40KB"), tmp_path / "hub")
+    index = json.loads((snap / INDEX).read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    stolen = tmp_path / "stolen.safetensors"
+    shutil.copyfile(snap / shard, stolen)
+    (snap / shard).unlink()
+    (snap / shard).symlink_to(stolen)
+    with pytest.raises(MoemergeError, match=r"outside .* and its Hub cache"):
+        CheckpointReader(snap)

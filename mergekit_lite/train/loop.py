@@ -9,7 +9,6 @@ router losses are trained on whatever the HF config says.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,10 +20,11 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
+from mergekit_lite.train.engine import describe_engine, make_accelerator
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_checkpoint, save_final
 from mergekit_lite.train.setup import (
-    build_loaders, latest_checkpoint, lr_at, param_groups, preflight, steps_for, trainable_parameters)
+    build_loaders, latest_checkpoint, lora_targets, param_groups, preflight, steps_for, trainable_parameters)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -53,21 +53,38 @@ class Metrics:
 
 
 @torch.no_grad()
-def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> float:
-    """Mean validation cross-entropy over at most `max_batches` batches per process."""
+def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int, *, selection_bias: bool = False) -> float:
+    """Mean validation cross-entropy over at most `max_batches` batches per process.
+
+    Routing follows the saved model (no selection bias) unless `selection_bias`; the model's
+    train/eval mode and the tap's settings are restored on the way out.
+    """
+    was_training, was_active, had_bias = model.training, tap.active, tap.use_bias
     model.eval()
-    tap.active = False
+    tap.active, tap.use_bias = False, had_bias and selection_bias
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    for n, batch in enumerate(loader):
-        if n >= max_batches:
-            break
-        total += causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
-        count += 1
-    tap.active = True
-    model.train()
+    try:
+        for n, batch in enumerate(loader):
+            if n >= max_batches:
+                break
+            total += causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+            count += 1
+    finally:
+        model.train(was_training)
+        tap.active, tap.use_bias = was_active, had_bias
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return (total / count.clamp_min(1)).item()
+
+
+def validate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> dict[str, float]:
+    """`val_loss`: the model as saved (the HF classes cannot hold the selection bias, so none is applied);
+    with aux-loss-free balancing on, also `val_loss_with_selection_bias`, the routing used in training."""
+    vals = {"val_loss": evaluate(model, loader, tap, accelerator, max_batches)}
+    if tap.use_bias:
+        vals["val_loss_with_selection_bias"] = evaluate(model, loader, tap, accelerator, max_batches,
+                                                        selection_bias=True)
+    return vals
 
 
 def active_params(model) -> int:
@@ -86,21 +103,21 @@ def active_params(model) -> int:
 def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, echo=print) -> dict:
     """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     r = recipe
     out = Path(r.output)
     model_dir = resolve_model_path(r.model, r.revision)
     config = preflight(r, model_dir, resume, overwrite)
-    accelerator = Accelerator(
-        # under torchrun on a machine without GPUs, processes talk over gloo (accelerate needs cpu=True for that)
-        cpu=("LOCAL_RANK" in os.environ and not torch.cuda.is_available())
-        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"),
+    accelerator = make_accelerator(  # CPU processes over gloo under torchrun without GPUs; FSDP2 there too
         gradient_accumulation_steps=r.gradient_accumulation_steps, mixed_precision=r.mixed_precision,
         log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
+        # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
+        # num_processes times per call, which fits a schedule counted in per-process batches, not ours
+        step_scheduler_with_optimizer=False,
         # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(r.seed)
@@ -118,8 +135,9 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     if r.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_targets(model, r.lora)  # refuses names that reach nothing (or only empty modules)
         model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
-                                                 target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
+                                                 task_type="CAUSAL_LM", **targets))
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
     trainable_parameters(model, r.trainable, tap.routers, new_layers)
     optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)
@@ -127,36 +145,49 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     # --- data -----------------------------------------------------------------------------------
     max_steps = steps_for(r, accelerator.num_processes)
     train_dl, val_dl = build_loaders(r, tokenizer, model_dir, accelerator, max_steps)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
+    # prepared, so save_state/load_state checkpoint it with the optimizer
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
+                                                            min_lr_rate=r.min_lr_ratio)
+    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded
     tap.bias = tap.bias.to(accelerator.device)
     accelerator.register_for_checkpointing(tap)
     if r.tracker != "none":
         accelerator.init_trackers("moemerge", config=json.loads(r.model_dump_json()))
 
     # --- resume ---------------------------------------------------------------------------------
-    step, tokens = 0, 0
+    step, tokens, state = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(out)
-        accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         step, tokens = state["step"], state["tokens"]
         train_dl = accelerator.skip_first_batches(train_dl, step * r.gradient_accumulation_steps)
         echo(f"resumed from {ckpt} at step {step}")
     metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
     if step == 0:
-        metrics.log("val", 0, val_loss=evaluate(model, val_dl, tap, accelerator, r.eval_batches))
+        metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
 
     # --- the loop -------------------------------------------------------------------------------
     tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
-    sums = torch.zeros(3, device=accelerator.device)  # ce, balance, z since the last log line
-    micro = 0
+    # ce, balance, z summed over processes since the last log line (a checkpoint between log lines keeps them)
+    sums = torch.zeros(3, device=accelerator.device)
+    if accelerator.is_main_process and "log_sums" in state:
+        sums += torch.tensor(state["log_sums"], device=accelerator.device)
+    micro = state.get("log_micro", 0)  # micro-steps per process since the last log line
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc="train")
-    t_log, t_start, tokens_start = time.perf_counter(), time.perf_counter(), tokens
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(r, step, max_steps)
-    for batch in train_dl:
+    t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
+    batches = iter(train_dl)
+    if resume:
+        # last thing before the first step: the RNG states (jitter, dropout) are the checkpoint's, whatever
+        # starting the data loader drew
+        accelerator.load_state(str(ckpt))
+    model.train()  # from_pretrained returns eval mode; evaluate() restores the mode it found
+    for batch in batches:
         ids = batch["input_ids"]
+        if not model.training:
+            raise AssertionError("the model is in eval mode inside the training loop")
         with accelerator.accumulate(model):
             logits = model(input_ids=ids).logits
             ce = causal_lm_loss(logits, ids)
@@ -173,16 +204,16 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         if not accelerator.sync_gradients:
             continue
         step += 1
+        steps_timed += 1
         tokens += tokens_per_step
         tap.update_bias(reduce=lambda t: accelerator.reduce(t, "sum"))
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), then the next step's
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(r, step, max_steps)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (logged), then the next step's
+        scheduler.step()
         bar.update(1)
         if step % r.log_every == 0 or step == max_steps:
             ce_m, bal_m, z_m = (accelerator.reduce(sums, "sum") / (micro * accelerator.num_processes)).tolist()
             now = time.perf_counter()
-            tps = r.log_every * tokens_per_step / max(now - t_log, 1e-9)
+            tps = steps_timed * tokens_per_step / max(now - t_log, 1e-9)  # the steps this process timed
             metrics.log("train", step, tokens=tokens, loss=ce_m + r.moe.balance_coef * bal_m + r.moe.z_coef * z_m,
                         ce=ce_m, balance=bal_m, z=z_m, lr=lr, tokens_per_s=tps,
                         grad_norm=float(grad_norm) if grad_norm is not None else None)
@@ -190,24 +221,26 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
                 metrics.log("router", step, **tap.read_stats())
             bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             sums.zero_()
-            micro, t_log = 0, now
+            micro, t_log, steps_timed = 0, now, 0
         if r.eval_every and step % r.eval_every == 0 and step != max_steps:
-            metrics.log("val", step, val_loss=evaluate(model, val_dl, tap, accelerator, r.eval_batches))
+            metrics.log("val", step, **validate(model, val_dl, tap, accelerator, r.eval_batches))
         if r.checkpoint_every and step % r.checkpoint_every == 0:
-            save_checkpoint(accelerator, out, step, {"step": step, "tokens": tokens}, r.keep_checkpoints)
+            state = {"step": step, "tokens": tokens,
+                     "log_sums": accelerator.reduce(sums, "sum").tolist(), "log_micro": micro}
+            save_checkpoint(accelerator, out, step, state, r.keep_checkpoints)
         if step >= max_steps:
             break
     bar.close()
     elapsed = time.perf_counter() - t_start
 
     # --- the end: validation, final model, summary ------------------------------------------------
-    val_loss = evaluate(model, val_dl, tap, accelerator, r.eval_batches)
-    metrics.log("val", step, val_loss=val_loss)
+    vals = validate(model, val_dl, tap, accelerator, r.eval_batches)
+    metrics.log("val", step, **vals)
     tps = (tokens - tokens_start) / max(elapsed, 1e-9)
     flops = 6 * active_params(accelerator.unwrap_model(model)) * tps
-    summary = {"steps": step, "tokens": tokens, "final_val_loss": val_loss, "tokens_per_s": tps,
+    summary = {"steps": step, "tokens": tokens, "final_val_loss": vals["val_loss"], "tokens_per_s": tps,
                "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, accelerator),
-               "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len}
+               "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len, **engine}
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
                shard_size=r.shard_size, recipe_text=text, training=summary)

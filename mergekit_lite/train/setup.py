@@ -1,10 +1,10 @@
-"""Everything `train` decides before the first step: preflight checks, trainable set, data loaders, LR."""
+"""Everything `train` decides before the first step: preflight checks, trainable set, data loaders."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
@@ -20,8 +21,25 @@ _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflo
                   "wandb": "is_wandb_available"}
 
 
+# What `train` writes into its output folder: all that `--overwrite` may remove. "moemerge" is the
+# tracker folder accelerate makes under project_dir (tensorboard); the PNGs are `moemerge plot`'s.
+TRAIN_PRODUCTS = ("checkpoints", "metrics.jsonl", "final", "cache", "adapter", "moemerge",
+                  "loss.png", "lr.png", "expert_load.png", f".final.{TMP_TAG}-*", f".final.{OLD_TAG}-*")
+
+
+def train_inputs(r: TrainRecipe, model_dir: Path) -> list[tuple[str, str | Path]]:
+    """The model folder and every data file/folder (glob matches included), for `refuse_overlap`."""
+    inputs: list[tuple[str, str | Path]] = [("the model", model_dir)]
+    for field, specs in (("train", r.data.train), ("validation", r.data.validation)):
+        for spec in specs or []:
+            matches = glob.glob(spec, recursive=True) if any(ch in spec for ch in "*?[") else [spec]
+            inputs += [(f"data.{field}", m) for m in matches]
+    return inputs
+
+
 def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Fail before any training on what the user can fix; returns the model's config.json."""
+    refuse_overlap(r.output, train_inputs(r, model_dir))  # before anything below can delete
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise MoemergeError(f"model: {model_dir} has no config.json; is this a Hugging Face model folder?")
@@ -48,14 +66,14 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
         if not overwrite:
             raise MoemergeError(f"output {out} already holds a run; pass --resume to continue it "
                                 "or --overwrite to start again")
-        shutil.rmtree(out)
+        remove_own_entries(out, TRAIN_PRODUCTS, "moemerge train")
     if resume and not latest_checkpoint(out):
         raise MoemergeError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume first")
     return cfg
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    ckpts = sorted((out / "checkpoints").glob("step-???????")) if (out / "checkpoints").is_dir() else []
     return ckpts[-1] if ckpts else None
 
 
@@ -81,20 +99,60 @@ def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], 
     return keep
 
 
+# transformers 5 fuses routed experts into 3-D parameters; the per-expert FFN names users know reach them
+EXPERT_ALIASES = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "w1": "gate_up_proj", "w3": "gate_up_proj",
+                  "down_proj": "down_proj", "w2": "down_proj"}
+_FUSED_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))  # one tensor in memory: adapting half of it is impossible
+
+
+def _matches(key: str, name: str) -> bool:
+    return key == name or key.endswith("." + name)  # peft's own rule for target_modules / target_parameters
+
+
+def lora_targets(model: nn.Module, lora) -> dict[str, Any]:
+    """Check `lora.target_modules` against the loaded model; returns peft `LoraConfig` target arguments.
+
+    A name may match Linear modules (peft `target_modules`) or fused 3-D expert parameters such as
+    `experts.gate_up_proj` (peft `target_parameters`); on an MoE model `gate_proj`/`up_proj`/`w1`/`w3` and
+    `down_proj`/`w2` also reach the routed experts. A name that matches nothing, or only zero-sized
+    modules (an upcycled Qwen2-MoE's empty shared expert), is refused naming the valid names.
+    """
+    linear = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    fused = {n for n, p in model.named_parameters() if p.dim() == 3}  # (E, out, in) expert stacks
+    valid = sorted({n.rsplit(".", 1)[-1] for n, size in linear.items() if size})
+    fused_names = sorted({".".join(n.split(".")[-2:]) for n in fused})
+    hint = (f"valid names: Linear modules {valid}; fused expert parameters {fused_names}"
+            + (" (gate_proj/up_proj/w1/w3 and down_proj/w2 reach them)" if fused_names else ""))
+    modules, params = [], set()
+    for name in dict.fromkeys(lora.target_modules):
+        hits = [n for n in linear if _matches(n, name)]
+        param = (next((p for p in fused_names if p.endswith("." + EXPERT_ALIASES.get(name, "-"))), None)
+                 or next((name for n in fused if _matches(n, name)), None))
+        if any(linear[n] for n in hits):
+            modules.append(name)
+        if param:
+            params.add(param)
+        elif not hits:
+            raise MoemergeError(f"lora.target_modules: {name!r} matches nothing in this model; {hint}")
+        elif not any(linear[n] for n in hits):
+            raise MoemergeError(f"lora.target_modules: {name!r} matches only zero-sized modules ({hits[0]}: "
+                                f"{tuple(model.get_submodule(hits[0]).weight.shape)}), nothing to train; {hint}")
+    names = set(lora.target_modules)
+    for a, b in _FUSED_PAIRS:
+        if fused_names and (a in names) != (b in names) and any(p.endswith(".gate_up_proj") for p in params):
+            raise MoemergeError(f"lora.target_modules: {a!r} and {b!r} are one fused tensor in this model's routed "
+                                f"experts (experts.gate_up_proj); list both or neither")
+    if params and lora.dropout:
+        raise MoemergeError(f"lora.dropout = {lora.dropout}: peft cannot apply dropout to fused expert parameters "
+                            f"{sorted(params)}; set lora.dropout: 0, or leave the expert names out of target_modules")
+    return {"target_modules": modules, "target_parameters": sorted(params) or None}
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and other 1-D parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(r: TrainRecipe, step: int, max_steps: int) -> float:
-    """Linear warmup to `learning_rate`, then cosine decay to `learning_rate * min_lr_ratio` at max_steps."""
-    if step < r.warmup_steps:
-        return r.learning_rate * (step + 1) / r.warmup_steps
-    progress = (step - r.warmup_steps) / max(1, max_steps - r.warmup_steps)
-    floor = r.min_lr_ratio
-    return r.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_steps: int):
@@ -108,8 +166,10 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
                                skip=0 if r.data.validation else r.data.validation_blocks)
         val = (StreamedBlocks(r.data.validation, "validation", r.data, tokenizer, r.seq_len) if r.data.validation
                else StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len, limit=r.data.validation_blocks))
-        train_dl = torch.utils.data.DataLoader(train, batch_size=r.micro_batch_size, collate_fn=collate)
-        val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, collate_fn=collate)
+        train_dl = torch.utils.data.DataLoader(train, batch_size=r.micro_batch_size, collate_fn=collate,
+                                               generator=_own_rng(r.seed))
+        val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, collate_fn=collate,
+                                             generator=_own_rng(r.seed))
         return train_dl, val_dl
 
     def packed(specs, field):
@@ -130,9 +190,17 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
     while len(batches) < micro_batches:  # the whole run's batch order, fixed by the seed: exact resume
         batches += batch_order(len(train), r.micro_batch_size, r.seed, epoch)
         epoch += 1
-    train_dl = torch.utils.data.DataLoader(train, batch_sampler=batches[:micro_batches], collate_fn=collate)
-    val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, shuffle=False, collate_fn=collate)
+    train_dl = torch.utils.data.DataLoader(train, batch_sampler=batches[:micro_batches], collate_fn=collate,
+                                           generator=_own_rng(r.seed))
+    val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, shuffle=False, collate_fn=collate,
+                                         generator=_own_rng(r.seed))
     return train_dl, val_dl
+
+
+def _own_rng(seed: int) -> torch.Generator:
+    """A loader's own generator: starting a DataLoader draws a seed, which would otherwise come from the
+    global RNG that jitter and dropout use, and shift them on a resumed run (which starts one more loader)."""
+    return torch.Generator().manual_seed(seed)
 
 
 def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io import CheckpointReader
+from mergekit_lite.io import CheckpointReader, find_debris
 from mergekit_lite.io.writer import INDEX_FILE
 from mergekit_lite.plan import format_bytes, format_count
 
@@ -50,9 +50,12 @@ class CheckReport:
 def check_folder(path: str | Path, progress: Callable[[str], None] | None = None) -> CheckReport:
     """Run every check on a model folder; raises MoemergeError on the first hard failure."""
     path = Path(path)
+    debris = [f"temporary folder beside it: {d.describe()}; " + ("a write of this folder is in progress" if d.alive
+              else "left by an interrupted write, delete it (the next write of this folder does)")
+              for d in find_debris(path)]
     if not path.is_dir():
-        raise MoemergeError(f"check: {path} is not a folder")
-    report = CheckReport(path)
+        raise MoemergeError(f"check: {path} is not a folder" + (f" ({debris[0]})" if debris else ""))
+    report = CheckReport(path, notes=debris)
     config = _load_config(path, report)
     reader = CheckpointReader(path)  # headers of every shard; index <-> shard consistency
     try:

@@ -24,7 +24,8 @@ out = Console(highlight=False, soft_wrap=True)
 
 OUTPUT = typer.Option(None, "-o", "--output", help="output folder (wins over `output:` in the recipe)")
 DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (tensors, bytes, parameters) and write nothing")
-OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output folder")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output folder (never one that is, holds or "
+                                                    "lies inside an input: refused before anything is written)")
 
 
 def echo(line: str) -> None:
@@ -61,7 +62,9 @@ def graft(source: Path = typer.Argument(..., help="a model folder (with --drop o
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUTPUT"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="delete an earlier run in OUTPUT and start again")
+          overwrite: bool = typer.Option(False, "--overwrite", help="start again: remove only what an earlier run "
+                                         "wrote in OUTPUT (checkpoints/, metrics.jsonl, final/, cache/, adapter/, "
+                                         "plots); refused if OUTPUT holds anything else")
           ) -> None:
     """Continued pretraining with accelerate (CPU, one GPU, or `accelerate launch` for many)."""
     from mergekit_lite.recipe import TrainRecipe, load_recipe
@@ -126,7 +129,8 @@ def inspect(model: Path = typer.Argument(..., help="model folder")) -> None:
 
 @app.command()
 def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="where to build everything"),
-               overwrite: bool = OVERWRITE) -> None:
+               overwrite: bool = typer.Option(False, "--overwrite", help="remove what an earlier quickstart wrote "
+                                              "in WORKDIR; refused if WORKDIR holds anything else")) -> None:
     """Offline demo: small dense Llama -> 8-expert MoE (parity) -> train both -> val-loss table and plots."""
     from mergekit_lite.quickstart import run_quickstart
 

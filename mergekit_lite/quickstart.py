@@ -6,12 +6,12 @@ the MoE and of the dense model for the same steps -> a table of validation losse
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, remove_own_entries
 
 QUICKSTART_RECIPE = """\
 # Quickstart recipe: the small dense Llama beside this file, upcycled into an 8-expert, top-2 Mixtral.
@@ -23,6 +23,10 @@ router: {init: random}
 dtype: float32
 seed: 0
 """
+
+# Everything run_quickstart writes into its workdir (plots go under runs/): all --overwrite may remove.
+QUICKSTART_PRODUCTS = ("corpus", "dense-init", "dense", "moe", "runs", "upcycle.yaml", "train-pretrain.yaml",
+                       "train-dense.yaml", "train-moe.yaml", f".*.{TMP_TAG}-*", f".*.{OLD_TAG}-*")
 
 DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2)
@@ -60,7 +64,7 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
     if workdir.exists() and any(workdir.iterdir()):
         if not overwrite:
             raise MoemergeError(f"{workdir} already exists; pass --overwrite or choose --workdir")
-        shutil.rmtree(workdir)
+        remove_own_entries(workdir, QUICKSTART_PRODUCTS, "moemerge quickstart")
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = lambda s: None  # noqa: E731 - the sub-steps' own chatter is summarised below
 

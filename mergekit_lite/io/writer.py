@@ -13,11 +13,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import TensorSpec, serialize_file
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
 from mergekit_lite.plan import format_bytes
 
 SINGLE_FILE = "model.safetensors"
@@ -27,14 +29,16 @@ INDEX_FILE = "model.safetensors.index.json"
 class AtomicDir:
     """Context manager yielding a temporary folder that is renamed to `target` on success only."""
 
-    def __init__(self, target: str | Path, overwrite: bool = False):
+    def __init__(self, target: str | Path, overwrite: bool = False, echo: Callable[[str], None] | None = None):
         self.target = Path(target).resolve()
         self.overwrite = overwrite
+        self.echo = echo  # told about temporary folders of killed runs removed on entry
         check_output(self.target, overwrite)
-        self.tmp = self.target.parent / f".{self.target.name}.moemerge-tmp-{os.getpid()}"
+        self.tmp = temp_path(self.target, TMP_TAG)
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_temps(self.target, self.echo)  # a kill -9 leaves them; their PID tells they are dead
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
@@ -46,7 +50,7 @@ class AtomicDir:
             return
         _fsync_dir(self.tmp)
         if self.target.exists():  # overwrite was allowed by check_output
-            old = self.target.parent / f".{self.target.name}.moemerge-old-{os.getpid()}"
+            old = temp_path(self.target, OLD_TAG)
             self.target.rename(old)
             self.tmp.rename(self.target)
             shutil.rmtree(old, ignore_errors=True)

@@ -36,15 +36,17 @@ def materialize(op: TensorOp, readers: list[CheckpointReader], cache: dict) -> t
 
 def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, shard_size: int,
             overwrite: bool = False, finalize: Callable[[Path], None] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Path:
+            progress: Callable[[int, int], None] | None = None,
+            echo: Callable[[str], None] | None = None) -> Path:
     """Write the plan's model folder atomically; returns the final path.
 
-    `finalize(tmp_dir)` runs last, inside the temporary folder (model card, extra files).
+    `finalize(tmp_dir)` runs last, inside the temporary folder (model card, extra files). `echo` hears
+    about temporary folders of killed runs that are cleaned up.
     """
     by_key = {op.key: op for op in plan.ops}
     shards = assign_shards([(op.key, op.nbytes) for op in plan.ops], shard_size)
     names = shard_names(len(shards))
-    with AtomicDir(output, overwrite) as tmp:
+    with AtomicDir(output, overwrite, echo=echo) as tmp:
         weight_map: dict[str, str] = {}
         for n, (name, keys) in enumerate(zip(names, shards)):
             cache: dict[tuple[Src, torch.dtype], torch.Tensor] = {}

@@ -314,10 +314,19 @@ def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) 
     return recipe.model_copy(update=fix), target.read_text()
 
 
+def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tuple[str, str | None]]:
+    """Everything graft reads, as (what, path) for `refuse_overlap`; Hub ids are skipped there."""
+    inputs = [("the recipe file", recipe_path and str(recipe_path)), ("the graft source", recipe.source)]
+    inputs += [(f"slices[{i}].model", sl.model) for i, sl in enumerate(recipe.slices or [])]
+    return inputs + [(name, getattr(recipe, name)) for name in ("embeddings_from", "head_from")
+                     if getattr(recipe, name) not in ("first", "last")]
+
+
 def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int | None = None,
               expand: int | None = None, dry_run: bool = False, overwrite: bool = False,
               shard_size: str | None = None, verbose: bool = False, echo=print) -> Plan:
     """`moemerge graft`: validate, preflight, print the plan, then write (unless `dry_run`)."""
+    from mergekit_lite.io import refuse_overlap
     from mergekit_lite.io.writer import check_output, preflight_disk
     from mergekit_lite.ops.execute import execute
     from mergekit_lite.recipe import parse_size
@@ -331,6 +340,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     except ValueError as e:
         raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
     if out is not None:
+        refuse_overlap(out, graft_inputs(recipe, None if text is None else target))
         check_output(out, overwrite)
     plan, readers = plan_graft(recipe, text)
     for line in plan.summary_lines(max_tensors=len(plan.ops) if verbose else 0):
@@ -339,6 +349,6 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
         return plan
     preflight_disk(out, plan.nbytes)
     execute(plan, readers, out, shard_size=size, overwrite=overwrite,
-            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"))
+            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"), echo=echo)
     echo(f"wrote {out}")
     return plan

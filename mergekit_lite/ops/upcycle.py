@@ -338,6 +338,7 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
 
     `device` runs the base model for `router.init: hidden` (default: accelerate's choice).
     """
+    from mergekit_lite.io import refuse_overlap
     from mergekit_lite.io.writer import check_output
     from mergekit_lite.ops.execute import execute
     from mergekit_lite.recipe import load_recipe
@@ -348,6 +349,7 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     if out is None and not dry_run:
         raise MoemergeError("no output folder: pass -o/--output or set `output:` in the recipe")
     if out is not None:
+        refuse_overlap(out, recipe_inputs(recipe, recipe_path))
         check_output(out, overwrite)
     plan, readers = plan_upcycle(recipe, Path(recipe_path).read_text())
     for line in plan.summary_lines(max_tensors=len(plan.ops) if verbose else 0):
@@ -357,9 +359,16 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     preflight_disk(out, plan.nbytes)
     fill_prompt_router(plan, recipe, device, echo)
     execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite,
-            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"))
+            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"), echo=echo)
     echo(f"wrote {out}")
     return plan
+
+
+def recipe_inputs(recipe: UpcycleRecipe, recipe_path: str | Path) -> list[tuple[str, str | None]]:
+    """Everything upcycle reads, as (what, path) for `refuse_overlap`; Hub ids are skipped there."""
+    inputs = [("the recipe file", str(recipe_path)), ("the recipe's source", recipe.source),
+              ("the recipe's base", recipe.base)]
+    return inputs + [(f"the recipe's experts[{i}].source", e.source) for i, e in enumerate(recipe.experts or [])]
 
 
 def resolve_recipe_paths(recipe: UpcycleRecipe, recipe_path: str | Path) -> UpcycleRecipe:

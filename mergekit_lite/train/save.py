@@ -25,8 +25,9 @@ def save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -
     """`accelerator.save_state` into a temporary folder, renamed when complete; keeps the last `keep`."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # this step's, and any a killed run left (a .tmp is never resumed from)
+        for stale in (out / "checkpoints").glob("step-???????.tmp"):
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()

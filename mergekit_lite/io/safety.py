@@ -1,0 +1,184 @@
+"""Data-safety rules shared by every command that writes a folder.
+
+Three rules, each checked before a byte is written:
+
+* an output never resolves to, contains, or lies inside an input the command reads
+  (`refuse_overlap`), so `--overwrite` can never replace a source model or a data file;
+* `--overwrite` removes only what the command itself writes into a folder and refuses when the
+  folder holds anything else (`remove_own_entries`);
+* the temporary folders `AtomicDir` builds beside a target (`.NAME.moemerge-tmp-PID`, and
+  `.NAME.moemerge-old-PID` while a finished folder replaces an older one) are removed on the next
+  run for that target once their process has ended (`clear_stale_temps`); `check` reports them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Callable, Iterable
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.plan import format_bytes
+
+TMP_TAG = "moemerge-tmp"
+OLD_TAG = "moemerge-old"
+
+
+# ---- outputs never overlap inputs -------------------------------------------------------------
+def _real(path: str | Path) -> Path:
+    """Absolute path with every existing symlink resolved (a missing tail is kept as written)."""
+    return Path(path).expanduser().resolve()
+
+
+def refuse_overlap(output: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that is, contains, or lies inside one of `inputs`, symlinks resolved on both sides.
+
+    Args:
+        output: the folder the command is about to write (it need not exist yet).
+        inputs: (what it is, path) pairs, e.g. ("the recipe's source", "models/dense"). Entries whose path
+            is None or does not exist locally (Hub ids) are skipped: nothing local can be destroyed.
+
+    Raises:
+        MoemergeError: one line naming both paths, what the input is, and the fix.
+    """
+    out = _real(output)
+    for what, given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        src = _real(given)
+        if out == src:
+            relation, fix = "is", "choose another output folder"
+        elif src.is_relative_to(out):
+            relation, fix = "contains", "choose an output outside it"
+        elif out.is_relative_to(src):
+            relation, fix = "lies inside", "choose an output outside it"
+        else:
+            continue
+        shown = [f"{p} -> {r}" for p, r in ((output, out), (given, src)) if _absolute(p) != r]
+        via = f" (links resolved: {'; '.join(shown)})" if shown else ""
+        raise MoemergeError(f"output {output} {relation} {what} {given}{via}; {fix}")
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+# ---- --overwrite removes only the command's own products --------------------------------------
+def remove_own_entries(folder: str | Path, own: Iterable[str], command: str) -> list[Path]:
+    """Delete the entries of `folder` that `command` writes; refuse, deleting nothing, if it holds others.
+
+    Args:
+        folder: the output folder (a missing folder is fine: nothing to remove).
+        own: `fnmatch` patterns of the top-level names the command writes there.
+        command: for the message, e.g. "moemerge train".
+
+    Returns:
+        The entries removed. A symlink among them is unlinked, never followed.
+    """
+    folder, own = Path(folder), list(own)
+    if not folder.is_dir():
+        return []
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    others = [p for p in entries if not any(fnmatch(p.name, pat) for pat in own)]
+    if others:
+        raise MoemergeError(f"--overwrite: {folder} holds {others[0]} ({len(others)} entries in all) that "
+                            f"`{command}` did not write; it removes only {', '.join(own)}; move those away "
+                            "or choose another output")
+    for p in entries:
+        _remove(p)
+    return entries
+
+
+def _remove(p: Path) -> None:
+    """Unlink a file or link, delete a folder; already gone is fine (several ranks may clear at once)."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+        return
+
+    for _ in range(10):  # another rank deleting the same tree makes rmtree trip on a vanished entry: go again
+        try:
+            shutil.rmtree(p)
+            return
+        except FileNotFoundError:
+            if not p.exists():
+                return
+    shutil.rmtree(p)
+
+
+# ---- temporary folders of killed runs ---------------------------------------------------------
+@dataclass(frozen=True)
+class Debris:
+    """A temporary folder `AtomicDir` left beside a target."""
+
+    path: Path
+    pid: int
+    alive: bool
+    nbytes: int
+
+    def describe(self) -> str:
+        state = "its process is still running" if self.alive else f"process {self.pid} has ended"
+        return f"{self.path} ({format_bytes(self.nbytes)}, {state})"
+
+
+def temp_path(target: Path, tag: str, pid: int | None = None) -> Path:
+    """`.NAME.<tag>-PID` beside `target` (this process by default)."""
+    return target.parent / f".{target.name}.{tag}-{os.getpid() if pid is None else pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the regular files under `path` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def find_debris(target: str | Path) -> list[Debris]:
+    """Temporary folders of `target` left beside it by any process, with their owner's liveness and size."""
+    target = _real(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:{TMP_TAG}|{OLD_TAG})-(\d+)")
+    found = []
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            pid = int(m.group(1))
+            found.append(Debris(p, pid, pid_alive(pid), folder_bytes(p)))
+    return found
+
+
+def clear_stale_temps(target: str | Path, echo: Callable[[str], None] | None = None) -> list[Debris]:
+    """Remove `target`'s temporary folders whose process has ended (a live process's are left alone).
+
+    Our own process's folders count as live: `AtomicDir` manages those itself.
+    """
+    removed = []
+    for d in find_debris(target):
+        if d.alive:
+            continue
+        shutil.rmtree(d.path, ignore_errors=True)
+        removed.append(d)
+        if echo:
+            echo(f"  removed {d.path} ({format_bytes(d.nbytes)}), left by an interrupted run "
+                 f"(process {d.pid} has ended)")
+    return removed

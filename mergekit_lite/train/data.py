@@ -1,9 +1,12 @@
 """Training data: text files through `datasets`, tokenised, joined with EOS and packed into blocks.
 
-Map-style (default): the packed blocks are saved once under `OUTPUT/cache/packed-<hash>` (the
-hash covers the files' names, sizes and mtimes, the tokenizer and `seq_len`), so a resumed run
-does not tokenise again. Streaming (`data.streaming: true`): blocks are packed on the fly from an
-`IterableDataset`, one document at a time, for corpora larger than memory.
+Map-style (default): the packed blocks are saved once under `OUTPUT/cache/packed-<part>-<hash>` (the
+hash covers the files' names, sizes and mtimes, the tokenizer, `seq_len` and the held-out split), so a
+resumed run does not tokenise again. Streaming (`data.streaming: true`): blocks are packed on the fly
+from an `IterableDataset`, one document at a time, for corpora larger than memory.
+
+Without `data.validation`, the held-out text is split off by *document* before packing (a block
+joins several documents, so a split of blocks would put one document on both sides).
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ def pack_ids(docs: list[list[int]], eos: int, seq_len: int, carry: list[int]) ->
     return [buf[i * seq_len:(i + 1) * seq_len] for i in range(n)], buf[n * seq_len:]
 
 
-def _fingerprint(specs: list[str], tokenizer_dir: Path, seq_len: int, field: str) -> str:
-    h = hashlib.sha256(f"{seq_len}:{field}".encode())
+def _fingerprint(specs: list[str], tokenizer_dir: Path, seq_len: int, field: str, split: str = "") -> str:
+    h = hashlib.sha256(f"{seq_len}:{field}:{split}".encode())
     resolved = resolve_files(specs, "train")
     for f in resolved[1] if resolved else specs:
         st = Path(f).stat() if Path(f).exists() else None
@@ -85,14 +88,31 @@ def _fingerprint(specs: list[str], tokenizer_dir: Path, seq_len: int, field: str
     return h.hexdigest()[:16]
 
 
+def split_documents(ds, part: str, fraction: float, seed: int):
+    """One side of a seeded split of the rows (documents): `validation` holds `fraction` of them, `train` the rest."""
+    try:
+        split = ds.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    except ValueError as e:  # too few documents for either side to hold one
+        raise MoemergeError(f"data.validation_fraction = {fraction}: cannot hold out documents of data.train "
+                            f"({len(ds)} documents: {e}); add documents or give data.validation files") from None
+    return split["test" if part == "validation" else "train"]
+
+
 def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, tokenizer_dir: Path, seq_len: int,
-                   cache_dir: Path, is_main: bool, wait) -> Any:
-    """Tokenised and packed blocks ({"input_ids": [seq_len]}), cached on disk; the main process builds it."""
+                   cache_dir: Path, is_main: bool, wait, *, part: str | None = None, seed: int = 0) -> Any:
+    """Tokenised and packed blocks ({"input_ids": [seq_len]}), cached on disk; the main process builds it.
+
+    `part` ("train" or "validation") keeps one side of `split_documents` (by `cfg.validation_fraction`
+    and `seed`) before packing; each side is cached under its own name and hash.
+    """
     import datasets
 
-    path = cache_dir / f"packed-{field}-{_fingerprint(specs, tokenizer_dir, seq_len, cfg.text_field)}"
+    split = f"{part}:{cfg.validation_fraction}:{seed}" if part else ""
+    path = cache_dir / f"packed-{part or field}-{_fingerprint(specs, tokenizer_dir, seq_len, cfg.text_field, split)}"
     if is_main and not (path / "dataset_info.json").exists():
         ds = load_texts(specs, field, cfg, streaming=False)
+        if part:
+            ds = split_documents(ds, part, cfg.validation_fraction, seed)
         eos = tokenizer.eos_token_id
         text_field = cfg.text_field
 
@@ -108,31 +128,38 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
         tmp.rename(path)  # a half-written cache never looks complete
     wait()
     ds = datasets.load_from_disk(str(path))
+    if len(ds) == 0 and part == "validation":
+        raise MoemergeError(f"data.validation_fraction = {cfg.validation_fraction}: the held-out documents of "
+                            f"data.train hold fewer than seq_len={seq_len} tokens; raise it, lower seq_len, "
+                            "or give data.validation files")
     if len(ds) == 0:
         raise MoemergeError(f"data.{field}: fewer than seq_len={seq_len} tokens after tokenisation; "
                             "add text or lower seq_len")
     return ds.with_format("torch")
 
 
-def stream_blocks(specs: list[str], field: str, cfg: TrainData, tokenizer, seq_len: int) -> Iterator[dict]:
-    """Blocks packed on the fly from a streamed dataset (one document at a time)."""
-    ds = load_texts(specs, field, cfg, streaming=True)
+def stream_docs(specs: list[str], field: str, cfg: TrainData, tokenizer) -> Iterator[list[int]]:
+    """Token ids of each non-empty document of a streamed dataset, in order."""
+    for row in load_texts(specs, field, cfg, streaming=True):
+        if row[cfg.text_field]:
+            yield tokenizer(row[cfg.text_field], add_special_tokens=False)["input_ids"]
+
+
+def pack_stream(docs: Iterator[list[int]], eos: int, seq_len: int) -> Iterator[list[int]]:
+    """Blocks from documents pulled one at a time: a caller that stops after a block has taken from `docs`
+    exactly the documents up to the one that block ends in."""
     carry: list[int] = []
-    for row in ds:
-        text = row[cfg.text_field]
-        if not text:
-            continue
-        blocks, carry = pack_ids([tokenizer(text, add_special_tokens=False)["input_ids"]],
-                                 tokenizer.eos_token_id, seq_len, carry)
-        for b in blocks:
-            yield {"input_ids": torch.tensor(b)}
+    for ids in docs:
+        blocks, carry = pack_ids([ids], eos, seq_len, carry)
+        yield from blocks
 
 
 class StreamedBlocks(torch.utils.data.IterableDataset):
     """Packed blocks from a stream, re-read from the start when exhausted (epochs).
 
-    Blocks `[0, skip)` of every pass are left out (they are the held-out validation blocks), and
-    `limit` stops after block `limit` (the validation stream itself).
+    `limit` stops after block `limit` (the held-out validation stream). `skip` leaves out, on every
+    pass, the documents the first `skip` blocks come from (whole documents, the one the last of them
+    ends in included), so the training stream shares no document with that validation stream.
     """
 
     def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None):
@@ -140,14 +167,17 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
         self.skip, self.limit = skip, limit
 
     def __iter__(self):
+        specs, field, cfg, tokenizer, seq_len = self.args
         while True:
             yielded = False
-            for i, block in enumerate(stream_blocks(*self.args)):
+            docs = stream_docs(specs, field, cfg, tokenizer)
+            for _ in zip(range(self.skip), pack_stream(docs, tokenizer.eos_token_id, seq_len)):
+                pass  # the held-out documents are read and dropped; `docs` now starts after them
+            for i, block in enumerate(pack_stream(docs, tokenizer.eos_token_id, seq_len)):
                 if self.limit is not None and i >= self.limit:
                     return
-                if i >= self.skip:
-                    yielded = True
-                    yield block
+                yielded = True
+                yield {"input_ids": torch.tensor(block)}
             if self.limit is not None:
                 return
             if not yielded:

@@ -172,16 +172,14 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
                                              generator=_own_rng(r.seed))
         return train_dl, val_dl
 
-    def packed(specs, field):
+    def packed(specs, field, part=None):
         return packed_dataset(specs, field, r.data, tokenizer, model_dir, r.seq_len, cache,
-                              accelerator.is_main_process, accelerator.wait_for_everyone)
+                              accelerator.is_main_process, accelerator.wait_for_everyone, part=part, seed=r.seed)
 
-    train = packed(r.data.train, "train")
     if r.data.validation:
-        val = packed(r.data.validation, "validation")
-    else:
-        split = train.train_test_split(test_size=r.data.validation_fraction, seed=r.seed, shuffle=True)
-        train, val = split["train"], split["test"]
+        train, val = packed(r.data.train, "train"), packed(r.data.validation, "validation")
+    else:  # held-out documents, split before packing: no document on both sides
+        train, val = packed(r.data.train, "train", "train"), packed(r.data.train, "train", "validation")
     if len(train) < r.micro_batch_size:
         raise MoemergeError(f"data.train packs into {len(train)} blocks of {r.seq_len} tokens, fewer than "
                             f"micro_batch_size={r.micro_batch_size}; add text or lower seq_len/micro_batch_size")

@@ -1,0 +1,88 @@
+"""Training data: the held-out split shares no document with training, packed (cached) and streamed."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from mergekit_lite.recipe import TrainRecipe, validate_recipe
+from mergekit_lite.train.setup import build_loaders
+
+N_DOCS = 400
+
+
+class One:  # what build_loaders needs from an Accelerator, for one process
+    num_processes, is_main_process = 1, True
+
+    @staticmethod
+    def wait_for_everyone():
+        pass
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Document i is the word `d<i>` repeated 3..60 times; a word-level tokenizer makes each word one token,
+    so every token of a block names the document it came from."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    (root / "train.txt").write_text("".join(" ".join([f"d{i}"] * rng.randint(3, 60)) + "\n" for i in range(N_DOCS)))
+    vocab = {"<unk>": 0, "</s>": 1, **{f"d{i}": i + 2 for i in range(N_DOCS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    tokenizer.save_pretrained(str(root / "tok"))
+    return root, tokenizer
+
+
+def docs_in(blocks) -> set[int]:
+    """Documents whose tokens appear in the blocks (token id i + 2 is document i; 1 is EOS)."""
+    return {t - 2 for b in blocks for t in b["input_ids"].reshape(-1).tolist() if t >= 2}
+
+
+def loaders(corpus, out: Path, seed: int = 0, **data):
+    root, tokenizer = corpus
+    r = validate_recipe({"model": str(root / "tok"), "data": {"train": [str(root / "train.txt")], **data},
+                         "seq_len": 16, "micro_batch_size": 4, "max_steps": 300, "learning_rate": 1e-3,
+                         "seed": seed, "output": str(out)}, TrainRecipe)
+    return build_loaders(r, tokenizer, root / "tok", One, r.max_steps)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2])
+def test_held_out_documents_are_never_trained_on(corpus, tmp_path, fraction):
+    train_dl, val_dl = loaders(corpus, tmp_path / "run", validation_fraction=fraction)
+    train, val = docs_in(train_dl.dataset), docs_in(val_dl.dataset)
+    assert not train & val  # the old split of packed blocks shared ~all held-out documents
+    assert len(val) == pytest.approx(fraction * N_DOCS, abs=2)  # by document: the split's own count
+    assert len(train | val) >= N_DOCS - 3  # each 1000-document batch drops at most a partial block
+    cached = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "run" / "cache").iterdir())
+    assert cached == ["packed-train", "packed-validation"]
+
+
+def test_cache_key_covers_the_split(corpus, tmp_path):
+    out = tmp_path / "run"  # one output folder, so one cache, for every run below
+
+    def held_out(fraction: float, seed: int) -> set[int]:
+        return docs_in(loaders(corpus, out, seed, validation_fraction=fraction)[1].dataset)
+
+    first = held_out(0.1, 0)
+    assert len(held_out(0.2, 0)) > 1.5 * len(first)  # not the 0.1 split read back from the cache
+    assert held_out(0.1, 1) != first  # the seed picks the documents
+    assert held_out(0.1, 0) == first  # the same split comes back from its cache
+    assert len(list((out / "cache").iterdir())) == 6  # (train, validation) x 3 splits
+
+
+def test_streamed_held_out_documents_are_never_trained_on(corpus, tmp_path):
+    train_dl, val_dl = loaders(corpus, tmp_path / "stream", streaming=True, validation_blocks=20)
+    val_blocks = list(val_dl.dataset)
+    assert len(val_blocks) == 20
+    train_blocks = list(itertools.islice(iter(train_dl.dataset), 1500))  # more than one pass: every pass skips
+    train, val = docs_in(train_blocks), docs_in(val_blocks)
+    assert not train & val
+    assert val == set(range(len(val)))  # the first documents of the stream
+    assert train == set(range(len(val), N_DOCS))  # whole documents only are left out

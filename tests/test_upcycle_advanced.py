@@ -130,6 +130,28 @@ def test_drop_upcycling_exact_channel_counts(tmp_path, pico_factory, G, ratio):
     assert any("Drop-Upcycling" in n and "differ" in n for n in plan.notes)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_drop_upcycling_redraws_with_the_source_mean_and_std(axis):
+    """On a (2048, 1024) matrix with a non-zero mean, the 1M re-drawn values match the source's mean and std
+    within 5 standard errors (mean: 5 std/sqrt(n) = 0.0025; std: 5/sqrt(2n) = 0.35 %)."""
+    from mergekit_lite.ops.transforms import TRANSFORMS
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 1024, generator=g) * 0.5 + 0.3  # intermediate axis first (gate/up) ...
+    w = w if axis == 0 else w.T.contiguous()  # ... or second (down)
+    args = {"axis": axis, "start": 0, "size": 2048, "drop": {"ratio": 0.5, "channel_seed": 1, "value_seed": 2}}
+    out = TRANSFORMS["ffn_part"]([w], tuple(w.shape), torch.float32, args)
+    changed = (out != w).any(dim=1 - axis)
+    assert changed.sum().item() == 1024  # exactly ratio * size channels re-drawn, the rest kept as they were
+    fresh = out.index_select(axis, changed.nonzero().flatten())
+    n = fresh.numel()
+    assert n == 1024 * 1024
+    assert abs(fresh.mean().item() - w.mean().item()) < 5 * w.std().item() / math.sqrt(n)
+    assert abs(fresh.std().item() / w.std().item() - 1) < 5 / math.sqrt(2 * n)
+    kept = (~changed).nonzero().flatten()
+    assert torch.equal(out.index_select(axis, kept), w.index_select(axis, kept))
+
+
 def test_noise_is_relative_seeded_and_breaks_identity(tmp_path, pico_factory):
     dense_dir = pico_factory("qwen2", **DIMS)
     a, plan = upcycle(tmp_path, "a", source=dense_dir, noise=0.1)

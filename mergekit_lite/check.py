@@ -65,7 +65,20 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
         _check_values(reader, progress)
     finally:
         reader.close()
+    report.notes.extend(_link_notes(path))
     return report
+
+
+def _link_notes(path: Path) -> list[str]:
+    """A Hub cache snapshot is made of links: say what `push` would send (refuses links leaving the cache)."""
+    from mergekit_lite.hub import upload_files
+
+    files = upload_files(path)
+    links = [n for rel, n in files if (path / rel).is_symlink()]
+    if not links:
+        return []
+    return [f"{len(links)} of {len(files)} files are links (e.g. into the Hub cache); push uploads what they point "
+            f"to: {format_bytes(sum(n for _, n in files))} in all"]
 
 
 def _load_config(path: Path, report: CheckReport) -> Any:

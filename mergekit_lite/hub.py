@@ -6,6 +6,10 @@ huggingface_hub) an interrupted upload resumes when re-run: data already sent is
 chunk by chunk. `upload_large_folder` would also resume, but it spreads the upload over many
 commits with generic messages and writes a cache folder into the model folder.
 
+We pass the files as explicit `CommitOperationAdd`s (`create_commit`, which `upload_folder` calls
+too), so the commit holds exactly the files listed and checked here. A link (a Hub cache snapshot
+is made of links into `blobs/`) is uploaded as the bytes it points to, under the link's name.
+
 The token is never read into our messages: huggingface_hub finds it (HF_TOKEN or `hf auth login`)
 and every error we print is reduced to its first line with any token-looking text masked.
 """
@@ -13,15 +17,14 @@ and every error we print is reduced to its first line with any token-looking tex
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
-import socket
-import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
-from urllib.parse import urlparse
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.reader import file_in_folder
 from mergekit_lite.plan import format_bytes
 
 # Never uploaded: half-built folders from an interrupted command, VCS and tool caches.
@@ -31,22 +34,61 @@ CHECKPOINT_EXCLUDED = ("checkpoints", "checkpoint-*", "optimizer*.pt", "optimize
                        "scheduler*.pt", "rng_state*.pth", "rng_state*.pt", "accelerator_state*", "training_state*")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
-NETWORK_TIMEOUT_S = 10.0
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def upload_files(folder: str | Path, include_checkpoints: bool = False) -> list[tuple[str, int]]:
-    """(path relative to `folder`, bytes) of every file `push` would upload, sorted."""
+    """(path relative to `folder`, bytes) of every file `push` would upload, sorted.
+
+    A link counts as the file it points to (its size is the target's), and is refused unless that
+    target lies inside the folder or the Hub cache repo the folder is a snapshot of; a link to a
+    folder or a broken link is refused too, so no file is ever left out silently.
+    """
     folder = Path(folder)
     skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
     files = []
     for root, dirs, names in os.walk(folder):
         # Prune excluded folders in place so a large checkpoints/ tree is never even listed.
         dirs[:] = sorted(d for d in dirs if not _excluded(d, skip))
+        for name in dirs:
+            if (Path(root) / name).is_symlink():
+                rel = (Path(root) / name).relative_to(folder).as_posix()
+                raise MoemergeError(f"push: {folder / rel} is a link to a folder, which push does not follow; "
+                                    "copy that folder in (e.g. `cp -rL`) or remove the link")
         for name in names:
             p = Path(root) / name
-            if not _excluded(name, skip) and p.is_file() and not p.is_symlink():
-                files.append((p.relative_to(folder).as_posix(), p.stat().st_size))
+            rel = p.relative_to(folder).as_posix()
+            if _excluded(name, skip):
+                continue
+            if p.is_symlink():
+                file_in_folder(folder, rel, f"push: the link {folder / rel}")
+                if not p.is_file():
+                    raise MoemergeError(f"push: {folder / rel} is a broken link; restore its target or delete it")
+            if p.is_file():  # sockets, FIFOs and the like are not model files
+                files.append((rel, p.stat().st_size))
     return sorted(files)
+
+
+def _refuse_missing_index_entries(folder: Path, files: list[tuple[str, int]], include_checkpoints: bool) -> None:
+    """An uploaded index must not name a file the upload leaves out: the Hub repo would not load."""
+    listed = {rel for rel, _ in files}
+    skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
+    for index in INDEX_FILES:
+        if index not in listed:
+            continue
+        try:
+            names = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise MoemergeError(f"push: {folder / index} is not a valid index ({e!r}); regenerate it") from None
+        left_out = sorted(n for n in names if PurePosixPath(n).as_posix() not in listed)
+        if left_out:
+            name = left_out[0]
+            rule = next((p for part in PurePosixPath(name).parts for p in skip if fnmatch.fnmatchcase(part, p)), None)
+            why = f"push skips paths matching {rule!r}" if rule else "it is not in the folder"
+            fix = " (or pass --include-checkpoints)" if rule in CHECKPOINT_EXCLUDED else ""
+            raise MoemergeError(f"push: {index} names {name!r}, which push would not upload ({why}; "
+                                f"{len(left_out)} such file(s)); move the shard to the folder's top level under a "
+                                f"plain name and regenerate the index{fix}")
 
 
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -67,11 +109,13 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     for line in check_folder(folder).lines():
         echo(line)
     files = upload_files(folder, include_checkpoints)
+    _refuse_missing_index_entries(folder, files, include_checkpoints)
     total = sum(n for _, n in files)
     echo(f"{'would upload' if dry_run else 'uploading'} {len(files)} files, {format_bytes(total)} "
          f"to {repo}@{revision}{' (private)' if private else ''}:")
     for rel, n in files:
-        echo(f"  {rel:<48} {format_bytes(n):>10}")
+        link = "  (link: its target's bytes)" if (folder / rel).is_symlink() else ""
+        echo(f"  {rel:<48} {format_bytes(n):>10}{link}")
     if dry_run:
         echo("dry run: nothing was sent")
         return ""
@@ -81,28 +125,39 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
 
 
 def _upload(folder: Path, repo: str, files: list[tuple[str, int]], *, private: bool, revision: str) -> str:
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
-    if constants.HF_HUB_OFFLINE:
-        raise MoemergeError("push needs the network, but HF_HUB_OFFLINE is set; unset it and run push again")
     if get_token() is None:
         raise MoemergeError("push: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN")
-    _probe(constants.ENDPOINT)
     _bound_waits()
     api = HfApi()
     try:
-        user = api.whoami().get("name", "?")  # fails fast on a bad token, before anything is created
+        # whoami is the first request: it fails fast on a bad token or an unreachable Hub, before anything is created.
+        user = api.whoami().get("name", "?")
         api.create_repo(repo, private=private, exist_ok=True)
         if revision != "main":
             api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
-                                 allow_patterns=[rel for rel, _ in files],
-                                 commit_message=_commit_message(folder),
+        # A link is sent as the file it points to (upload_files has checked where it leads).
+        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str((folder / rel).resolve())) for rel, _ in files]
+        info = api.create_commit(repo, operations=ops, revision=revision, commit_message=_commit_message(folder),
                                  commit_description=f"Uploaded by {user} with `moemerge push` after `moemerge check`.")
     except Exception as e:  # noqa: BLE001 - HTTP, network and Hub errors all become one clear line
-        raise MoemergeError(f"push to {repo} failed: {_clean(e)}; nothing was committed") from None
+        raise MoemergeError(_failure(repo, e, constants.ENDPOINT)) from None
     url = str(getattr(info, "repo_url", "") or f"{constants.ENDPOINT}/{repo}")
     return url + (f"/tree/{revision}" if revision != "main" else "")
+
+
+def _failure(repo: str, e: BaseException, endpoint: str) -> str:
+    """One line for a failed push; offline mode and an unreachable Hub say what to do about them."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return "push needs the network, but HF_HUB_OFFLINE is set; unset it and run push again; nothing was sent"
+    # Transport errors by class name: huggingface_hub has used requests, httpx and httpx2 across versions.
+    if any(c.__name__ in ("TransportError", "ConnectionError", "Timeout") for c in type(e).__mro__):
+        return (f"push: cannot reach {endpoint} ({_clean(e)}); check your network (or HF_ENDPOINT) and run push "
+                "again; nothing was sent")
+    return f"push to {repo} failed: {_clean(e)}; nothing was committed"
 
 
 def _commit_message(folder: Path) -> str:
@@ -114,34 +169,20 @@ def _commit_message(folder: Path) -> str:
     return f"Upload {final_name(folder)}" + (f" (moemerge {record.get('kind')}: {steps})" if record else "")
 
 
-def _probe(endpoint: str) -> None:
-    """A TCP connect with a short timeout, so an offline machine fails in seconds, not after long retries.
-
-    Behind a proxy (HTTPS_PROXY & co, honoured by huggingface_hub) the proxy is what must answer.
-    """
-    url = urlparse(endpoint)
-    proxy = None if urllib.request.proxy_bypass(url.hostname or "") else (
-        urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all"))
-    target = urlparse(proxy) if proxy else url
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((target.hostname, port), timeout=NETWORK_TIMEOUT_S).close()
-    except OSError as e:
-        via = f" via proxy {target.hostname}:{port}" if proxy else ""
-        raise MoemergeError(f"push: cannot reach {url.scheme}://{url.netloc}{via} ({e.strerror or type(e).__name__}); "
-                            "check your network (or HF_ENDPOINT) and run push again; nothing was sent") from None
-
-
 def _bound_waits() -> None:
-    """huggingface_hub's HTTP client waits forever by default; a stalled Hub should fail, not hang.
+    """Give huggingface_hub's shared client the library's own time limits, so a dead Hub fails in seconds.
 
-    The limits apply to each connect / read / write, not to the whole upload (large files stream
-    through hf_xet, which has its own retries).
+    huggingface_hub applies HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT (10 s each by default) to
+    downloads only; its shared client waits forever on every other call (whoami, create_commit). We
+    connect within HF_HUB_ETAG_TIMEOUT and allow each read or write 12 x HF_HUB_DOWNLOAD_TIMEOUT
+    (2 min by default: the commit call can keep the Hub busy that long). Large files stream through
+    hf_xet, which has its own retries and limits.
     """
-    from huggingface_hub import get_session
+    from huggingface_hub import constants, get_session
 
     session = get_session()
-    session.timeout = type(session.timeout)(120.0, connect=NETWORK_TIMEOUT_S)
+    session.timeout = type(session.timeout)(12.0 * constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                                            connect=float(constants.HF_HUB_ETAG_TIMEOUT))
 
 
 def _clean(e: BaseException) -> str:

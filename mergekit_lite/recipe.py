@@ -8,31 +8,29 @@ not a silently ignored setting. `load_recipe` turns YAML and validation problems
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ByteSize as PydanticByteSize
+from pydantic import field_validator, model_validator
 
 from mergekit_lite.errors import MoemergeError
 
 DType = Literal["float32", "float16", "bfloat16", "source"]
 Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "auto"]
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# pydantic's ByteSize reads sizes in Hugging Face's units: GB = 10^9 bytes, GiB = 2^30 (KB/KiB, MB/MiB, TB/TiB...).
+_BYTES = TypeAdapter(PydanticByteSize)
 
 
 def parse_size(value: int | str) -> int:
-    """Parse a byte size such as `5GB`, `500MB`, `2GiB` or a plain integer (Hugging Face units: GB = 10^9)."""
-    if isinstance(value, int):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(value).upper())
-        if not m or m.group(2) not in _SIZE_UNITS:
-            raise ValueError(f"cannot read size {value!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    """Parse a byte size such as `5GB`, `500MB`, `2GiB` or a plain integer (pydantic `ByteSize`: GB = 10^9)."""
+    try:
+        n = int(_BYTES.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"cannot read size {value!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes") from None
     if n <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return n

@@ -89,6 +89,7 @@ def _derived(parent: Path, where: Path, kind: str, extra: dict) -> Path:
     config = json.loads((parent / "config.json").read_text())
     record = recipe_record(kind, f"# {kind} recipe\nsource: {parent}\n", [parent], extra)
     finish_folder(tmp, config, parent, record)
+    write_card(tmp, record, config, parent)
     final = where / f"{kind}ed"
     tmp.rename(final)
     return final
@@ -268,18 +269,27 @@ def test_push_refuses_a_failing_folder(upcycled, tmp_path):
         push_folder(d, "not a repo", dry_run=True, echo=lambda s: None)
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the with block ends: nothing listens there
+
+
 def test_push_without_network_fails_fast_in_one_line(upcycled):
     """The real CLI and upload path, with the Hub endpoint pointed at a closed local port."""
     token = "hf_NotARealTokenButLooksLikeOne1234"
+    port = _closed_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=token)
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN=token)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mergekit_lite", "push", str(upcycled[0]), "--repo", "my-org/x"],
                           capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: push: cannot reach http://127.0.0.1:9"), proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: push: cannot reach http://127.0.0.1:{port} ("), proc.stderr
+    assert errors[0].endswith("nothing was sent"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and token not in proc.stderr + proc.stdout
     assert "pushed" not in proc.stdout
     assert elapsed < 30, f"took {elapsed:.1f}s (interpreter and transformers import included)"
@@ -354,3 +364,151 @@ def test_lineage_end_to_end_upcycle_then_graft(upcycled, tmp_path):
     assert all(s["recipe_sha256"] in text for s in lineage[1:]) and "# mixtral-4x-pro\n" in text
     assert "| layers | 6 |" in text and "New layers (not in the source)" in text
     assert check_folder(out).tensors == 79 + 2 * 19  # two more Mixtral layers: 4 attn, 2 norms, router, 4x3 experts
+
+
+# ---- push: only what belongs to the model, all of it ---------------------------------------------
+def _snapshot(model: Path, where: Path) -> Path:
+    from test_reader import hub_cache_snapshot  # tests/ is on sys.path (pytest's rootdir-less prepend mode)
+
+    return hub_cache_snapshot(model, where)
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch):
+    """HfApi with no network: records the commit's operations as {path_in_repo: bytes sent}."""
+    from huggingface_hub import HfApi
+
+    sent: dict[str, bytes] = {}
+
+    def commit(self, repo_id, operations, **kw):
+        for op in operations:
+            sent[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
+        return type("Info", (), {"repo_url": f"https://hub.example/{repo_id}"})()
+
+    monkeypatch.setenv("HF_TOKEN", "hf_FakeTokenForTheFakeHub123")
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "tester"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(HfApi, "create_commit", commit)
+    return sent
+
+
+def test_push_of_a_hub_cache_snapshot_uploads_the_link_targets(upcycled, tmp_path, fake_hub):
+    snap = _snapshot(upcycled[0], tmp_path / "hub")
+    assert all(p.is_symlink() for p in snap.iterdir())
+    plain = dict(upload_files(upcycled[0]))
+    assert dict(upload_files(snap)) == plain and sum(plain.values()) > 1_000_000  # names and target sizes
+    note = [ln for ln in check_folder(snap).lines() if "links" in ln]
+    assert note and f"{len(plain)} of {len(plain)} files are links" in note[0]
+    lines: list[str] = []
+    push_folder(snap, "my-org/pico-moe", dry_run=True, echo=lines.append)
+    assert any(ln.startswith(f"would upload {len(plain)} files, ") for ln in lines)
+    assert push_folder(snap, "my-org/pico-moe", echo=lines.append) == "https://hub.example/my-org/pico-moe"
+    assert {rel: len(b) for rel, b in fake_hub.items()} == plain
+    assert all(fake_hub[rel] == (upcycled[0] / rel).read_bytes() for rel in plain)
+
+
+def test_push_refuses_a_link_leaving_the_folder_and_the_cache(upcycled, tmp_path, fake_hub):
+    snap = _snapshot(upcycled[0], tmp_path / "hub")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    (snap / "notes.txt").symlink_to(secret)
+    for run in (lambda: check_folder(snap), lambda: push_folder(snap, "my-org/x", echo=lambda s: None)):
+        with pytest.raises(MoemergeError, match=r"the link .*notes\.txt names 'notes\.txt', which resolves to "
+                                                r".*secret\.txt, outside .* and its Hub cache"):
+            run()
+    assert fake_hub == {}
+
+
+def test_push_refuses_an_index_entry_it_would_not_upload(upcycled, tmp_path, fake_hub):
+    d = tmp_path / "pub"
+    shutil.copytree(upcycled[0], d)
+    shard = _first_shard(d).name
+    (d / "checkpoints").mkdir()
+    (d / shard).rename(d / "checkpoints" / shard)
+    _edit_json(d / "model.safetensors.index.json", lambda b: b["weight_map"].update(
+        {k: f"checkpoints/{shard}" for k, v in b["weight_map"].items() if v == shard}))
+    check_folder(d)  # a sound folder: the index names a file inside it ...
+    for dry_run in (True, False):  # ... which push leaves out by default
+        with pytest.raises(MoemergeError, match=rf"push: model.safetensors.index.json names 'checkpoints/{shard}', "
+                                                r"which push would not upload \(push skips paths matching "
+                                                r"'checkpoints'.*--include-checkpoints"):
+            push_folder(d, "my-org/x", dry_run=dry_run, echo=lambda s: None)
+    assert fake_hub == {}
+    push_folder(d, "my-org/x", include_checkpoints=True, echo=lambda s: None)
+    assert f"checkpoints/{shard}" in fake_hub
+
+
+def test_push_refuses_an_index_entry_outside_the_folder(upcycled, tmp_path, fake_hub):
+    d = tmp_path / "pub"
+    shutil.copytree(upcycled[0], d)
+    shard = _first_shard(d).name
+    (d / shard).rename(tmp_path / shard)
+    _edit_json(d / "model.safetensors.index.json", lambda b: b["weight_map"].update(
+        {k: f"../{shard}" for k, v in b["weight_map"].items() if v == shard}))
+    with pytest.raises(MoemergeError, match=rf"'\.\./{shard}', which is not a plain relative path"):
+        push_folder(d, "my-org/x", dry_run=True, echo=lambda s: None)
+    (d / shard).symlink_to(tmp_path / shard)  # a link out of the folder instead: refused as well
+    _edit_json(d / "model.safetensors.index.json", lambda b: b["weight_map"].update(
+        {k: shard for k, v in b["weight_map"].items() if v == f"../{shard}"}))
+    with pytest.raises(MoemergeError, match=rf"'{shard}', which resolves to .*, outside"):
+        push_folder(d, "my-org/x", echo=lambda s: None)
+    assert fake_hub == {}
+
+
+def test_push_offline_or_unreachable_is_one_line_fast_and_creates_nothing(upcycled, monkeypatch):
+    """huggingface_hub's own offline mode and a closed port, in process: one line, in seconds, no request made."""
+    from huggingface_hub import HfApi, constants
+
+    before = sorted(p.relative_to(upcycled[0]) for p in upcycled[0].rglob("*"))
+    created: list[str] = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: created.append("repo"))
+    monkeypatch.setenv("HF_TOKEN", "hf_FakeTokenForAClosedPort1234")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MoemergeError, match="^push needs the network, but HF_HUB_OFFLINE is set; unset it"):
+        push_folder(upcycled[0], "my-org/x", echo=lambda s: None)
+    port = _closed_port()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 3)  # as HF_HUB_ETAG_TIMEOUT=3 would set it
+    t0 = time.perf_counter()
+    with pytest.raises(MoemergeError) as e:
+        push_folder(upcycled[0], "my-org/x", echo=lambda s: None)
+    elapsed = time.perf_counter() - t0
+    msg = str(e.value)
+    assert msg.startswith(f"push: cannot reach http://127.0.0.1:{port} (") and "\n" not in msg
+    assert msg.endswith("run push again; nothing was sent") and "hf_Fake" not in msg
+    assert elapsed < 5, f"took {elapsed:.1f}s (check included)"
+    assert created == [] and sorted(p.relative_to(upcycled[0]) for p in upcycled[0].rglob("*")) == before
+    from huggingface_hub import get_session
+
+    assert get_session().timeout.connect == 3  # huggingface_hub's own setting bounds the connect
+
+
+# ---- token masking in push errors ----------------------------------------------------------------
+def test_clean_masks_the_env_token_and_token_looking_text(monkeypatch):
+    from mergekit_lite.hub import _clean
+
+    env_token = "my-own-token-format-0042"  # not hf_-shaped: only the HF_TOKEN replacement can mask it
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    err = RuntimeError(f"401 Unauthorized: Bearer {env_token} / header hf_AbCdEfGh12345678 rejected\nsecond line")
+    line = _clean(err)
+    assert env_token not in line and "hf_AbCdEfGh12345678" not in line
+    assert line == "401 Unauthorized: Bearer *** / header hf_*** rejected"  # first line only
+
+
+def test_push_error_never_prints_the_token(upcycled, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    token = "hf_SecretTokenThatMustNotLeak9876"
+    monkeypatch.setenv("HF_TOKEN", token)
+
+    def leak(self, *a, **k):
+        raise RuntimeError(f"request with Authorization: Bearer {token} failed (mirror said hf_OtherTokenX1234567)")
+
+    monkeypatch.setattr(HfApi, "whoami", leak)
+    with pytest.raises(MoemergeError) as e:
+        push_folder(upcycled[0], "my-org/x", echo=print)
+    printed = str(e.value) + capsys.readouterr().out
+    assert token not in printed and "hf_OtherTokenX1234567" not in printed
+    assert str(e.value) == ("push to my-org/x failed: request with Authorization: Bearer *** failed "
+                            "(mirror said hf_***); nothing was committed")

@@ -120,3 +120,22 @@ def test_link_from_a_snapshot_out_of_the_cache_is_refused(pico_factory, tmp_path
     (snap / shard).symlink_to(stolen)
     with pytest.raises(MoemergeError, match=r"outside .* and its Hub cache"):
         CheckpointReader(snap)
+
+
+# ---- sizes (shard_size, --shard-size): one parser, pydantic's ByteSize ---------------------------
+@pytest.mark.parametrize("text,bytes_", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), (1024, 1024),
+                                         ("1.5GB", 15 * 10**8), ("5G", 5 * 10**9), ("3 kib", 3 * 1024)])
+def test_sizes_are_read_by_pydantic_bytesize(text, bytes_):
+    from pydantic import ByteSize, TypeAdapter
+
+    from mergekit_lite.recipe import parse_size
+
+    assert parse_size(text) == bytes_ == TypeAdapter(ByteSize).validate_python(text)
+
+
+@pytest.mark.parametrize("bad", ["lots", "0", 0, "5XB", -1])
+def test_bad_sizes_give_the_clear_error(bad):
+    from mergekit_lite.recipe import parse_size
+
+    with pytest.raises(ValueError, match=r"^(cannot read size .*; write e\.g\. 5GB, 500MB, 2GiB|size must be positive)"):
+        parse_size(bad)

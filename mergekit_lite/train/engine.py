@@ -1,0 +1,79 @@
+"""Which accelerate engine a training run gets (one process, DDP, FSDP2), on GPUs or on CPU processes.
+
+Under torchrun on a machine without GPUs, processes can only talk over gloo, and accelerate 1.15 asks for
+`Accelerator(cpu=True)` for that. Its `AcceleratorState` then settles on MULTI_CPU and never reaches the branch
+that turns a run into FSDP (that branch is taken from MULTI_GPU/MULTI_XPU/... only), so an FSDP launch config
+silently trains plain DDP. torch's FSDP2 (`fully_shard`) does run on CPU over gloo, so on such a machine we
+build the FSDP plugin from the launcher's environment, exactly as accelerate would, and mark the state FSDP the
+way `AcceleratorState` does on a GPU machine; `accelerator.prepare` then shards the model with `fully_shard`.
+FSDP1 cannot run there: torch's FSDP1 rejects accelerate's CPU device (`Inconsistent compute device and
+device_id on rank 0: cpu vs cpu:0`), so it is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mergekit_lite.errors import MoemergeError
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def wants_cpu_processes() -> bool:
+    """True when this run's processes must use the CPU: torchrun without CUDA, or ACCELERATE_USE_CPU set."""
+    return ("LOCAL_RANK" in os.environ and not torch.cuda.is_available()) or _flag("ACCELERATE_USE_CPU")
+
+
+def make_accelerator(**kwargs):
+    """`accelerate.Accelerator(**kwargs)`, with FSDP2 honoured on CPU processes (gloo) as well as on GPUs.
+
+    Args:
+        **kwargs: passed to `Accelerator` (everything but `cpu` and `fsdp_plugin`, which are decided here).
+
+    Returns:
+        The Accelerator; its `distributed_type` is FSDP whenever the launch environment asks for FSDP.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    cpu = wants_cpu_processes()
+    plugin = FullyShardedDataParallelPlugin() if cpu and _flag("ACCELERATE_USE_FSDP") else None  # reads FSDP_*
+    if plugin is not None and plugin.fsdp_version != 2:
+        raise MoemergeError(f"fsdp_version: {plugin.fsdp_version} cannot run on CPU processes (torch's FSDP1 "
+                            "needs an accelerator device); set `fsdp_version: 2` in the accelerate config")
+    accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin, **kwargs)
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # what AcceleratorState.__init__ does for FSDP on a GPU machine; the device (cpu) and the gloo process
+        # group stay as accelerate set them up
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def describe_engine(accelerator, model) -> dict:
+    """What actually trains the model: accelerate's distributed type, processes, FSDP version, sharded tensors.
+
+    Fails loudly when FSDP was asked for but `prepare` left the parameters whole (no DTensor), since the run
+    would then silently be something other than what the launch config says.
+    """
+    from accelerate.utils import DistributedType
+
+    dtype = accelerator.distributed_type
+    info = {"distributed_type": dtype.value, "processes": accelerator.num_processes}
+    if dtype == DistributedType.FSDP:
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        version = accelerator.state.fsdp_plugin.fsdp_version
+        if version == 2 and sharded != len(params):
+            raise RuntimeError(f"FSDP2 left {len(params) - sharded} of {len(params)} parameters unsharded "
+                               f"(model type {type(model).__name__})")
+        info |= {"fsdp_version": version, "sharded_params": sharded}
+    return info

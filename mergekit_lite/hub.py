@@ -1,14 +1,12 @@
 """`moemerge push`: check a model folder, then publish it to the Hugging Face Hub in one commit.
 
-Upload path: `HfApi.upload_folder`. It makes one commit with our message (a model folder is a few
-dozen files, far below the size at which it splits a commit), and with `hf_xet` (a dependency of
-huggingface_hub) an interrupted upload resumes when re-run: data already sent is deduplicated
-chunk by chunk. `upload_large_folder` would also resume, but it spreads the upload over many
-commits with generic messages and writes a cache folder into the model folder.
-
-We pass the files as explicit `CommitOperationAdd`s (`create_commit`, which `upload_folder` calls
-too), so the commit holds exactly the files listed and checked here. A link (a Hub cache snapshot
-is made of links into `blobs/`) is uploaded as the bytes it points to, under the link's name.
+Upload path: `HfApi.create_commit` with one `CommitOperationAdd` per file we list and check (what
+`upload_folder` does after globbing the folder), so the commit holds exactly those files: one commit
+with our message, and with `hf_xet` (a dependency of huggingface_hub) an interrupted upload resumes
+when re-run: data already sent is deduplicated chunk by chunk. `upload_large_folder` would also
+resume, but it spreads the upload over many commits with generic messages and writes a cache folder
+into the model folder. A link (a Hub cache snapshot is made of links into `blobs/`) is uploaded as
+the bytes it points to, under the link's name.
 
 The token is never read into our messages: huggingface_hub finds it (HF_TOKEN or `hf auth login`)
 and every error we print is reduced to its first line with any token-looking text masked.

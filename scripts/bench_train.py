@@ -12,6 +12,9 @@ Measured side by side in one run (the machine is noisy; compare within a run), p
                      expert, gathers, un-permute), expert matmuls (grouped_mm), elementwise (activation,
                      routing weights), from torch.profiler self times over forward+backward of one MoE
                      block (aten ops and autograd backward nodes, charged to their outermost stage).
+  (d) MFU            model TFLOP/s (6 x active parameters x steady tokens/s) of `moemerge train` and, on a
+                     GPU in the loop's peak table (mergekit_lite/train/loop.py), MFU against its dense bf16
+                     peak; bf16 autocast by default on a GPU (--precision); on CPU the MFU says n/a.
 
     python scripts/bench_train.py                  # CPU (or the GPU accelerate picks)
     python scripts/bench_train.py --steps 10 --hidden 128
@@ -47,8 +50,9 @@ def build_models(root: Path, hidden: int, inter: int, layers: int) -> tuple[Path
     return dense, root / "moe", wide
 
 
-def bare_loop(model_dir: Path, batch: int, seq: int, steps: int, device: torch.device) -> float:
-    """tokens/s of forward + CE + backward + AdamW, nothing else (first 2 steps are warm-up)."""
+def bare_loop(model_dir: Path, batch: int, seq: int, steps: int, device: torch.device, precision: str) -> float:
+    """tokens/s of forward + CE + backward + AdamW, nothing else (first 2 steps are warm-up); fp32 master
+    weights, under bf16 autocast when `precision` is bf16 (what accelerate does for the train loop)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).train()
@@ -60,8 +64,9 @@ def bare_loop(model_dir: Path, batch: int, seq: int, steps: int, device: torch.d
         if s == 2:
             _sync(device)
             t0 = time.perf_counter()
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -69,8 +74,9 @@ def bare_loop(model_dir: Path, batch: int, seq: int, steps: int, device: torch.d
     return batch * seq * steps / (time.perf_counter() - t0)
 
 
-def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int) -> float:
-    """tokens/s that `moemerge train` reports for the same model and batch shape."""
+def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int,
+                  precision: str) -> tuple[float, dict]:
+    """(steady tokens/s that `moemerge train` reports for the same model and batch shape, its run summary)."""
     from mergekit_lite.recipe import TrainRecipe, validate_recipe
     from mergekit_lite.train.corpus import write_corpus
     from mergekit_lite.train.loop import train
@@ -78,13 +84,26 @@ def moemerge_loop(root: Path, model_dir: Path, batch: int, seq: int, steps: int)
     train_txt, val_txt = write_corpus(root / "corpus")
     r = validate_recipe({"model": str(model_dir), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
                          "seq_len": seq, "micro_batch_size": batch, "max_steps": steps, "learning_rate": 1e-4,
-                         "eval_batches": 1, "output": str(root / "run"), "log_every": 1}, TrainRecipe)
-    train(r, echo=lambda s: None)
+                         "eval_batches": 1, "output": str(root / "run"), "log_every": 1,
+                         "mixed_precision": precision}, TrainRecipe)
+    summary = train(r, echo=lambda s: None)
     # per-step throughput after the same 2 warm-up steps the bare loop skips (first steps allocate state)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_tps = [row["tokens_per_s"] for row in rows if row["type"] == "train" and row["step"] > 2]
     per_step = batch * seq
-    return per_step * len(steps_tps) / sum(per_step / t for t in steps_tps)
+    return per_step * len(steps_tps) / sum(per_step / t for t in steps_tps), summary
+
+
+def mfu_line(ours: float, summary: dict, device: torch.device) -> str:
+    """Model TFLOP/s and MFU at the steady tokens/s `ours` (the summary's figures average in the warm-up steps;
+    both scale linearly with tokens/s, so they are rescaled rather than recomputed)."""
+    scale = ours / summary["tokens_per_s"]
+    tflops = summary["model_tflops_per_s"] * scale
+    if summary.get("mfu") is None:
+        where = "CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} (not in the peak table)"
+        return f"(d) moemerge train: {tflops:.3g} model TFLOP/s; MFU n/a on {where}"
+    return (f"(d) moemerge train: {tflops:.1f} model TFLOP/s; MFU {100 * summary['mfu'] * scale:.1f}% of "
+            f"{torch.cuda.get_device_name(device)}'s dense bf16 peak")
 
 
 # Stage of an MoE block by op name (aten ops and autograd backward nodes); an op is charged to the stage of
@@ -160,19 +179,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--precision", choices=["auto", "no", "bf16"], default="auto",
+                    help="auto: bf16 autocast on a GPU, fp32 on CPU (bf16 on CPU is slow)")
     args = ap.parse_args()
     from mergekit_lite.verify import default_device
 
     device = default_device()
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, moe, wide = build_models(root, args.hidden, args.intermediate, args.layers)
         tokens = args.batch * args.seq
-        bare_moe = bare_loop(moe, args.batch, args.seq, args.steps, device)
-        ours = moemerge_loop(root, moe, args.batch, args.seq, args.steps)
-        bare_dense = bare_loop(wide, args.batch, args.seq, args.steps, device)
+        bare_moe = bare_loop(moe, args.batch, args.seq, args.steps, device, precision)
+        ours, summary = moemerge_loop(root, moe, args.batch, args.seq, args.steps, precision)
+        bare_dense = bare_loop(wide, args.batch, args.seq, args.steps, device, precision)
         split = layer_split(moe, args.batch, args.seq, device)
-    print(f"device {device}; {tokens} tokens per step; experts implementation: {split['impl']}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}); precision {precision}; {tokens} tokens per step; "
+          f"experts implementation: {split['impl']}")
     print(f"(a) loop overhead: moemerge train {ours:9.0f} tok/s  bare loop {bare_moe:9.0f} tok/s  "
           f"ratio {ours / bare_moe:.2f} (target >= 0.9)")
     print(f"(b) MoE cost:      MoE 8x top-2 {bare_moe:9.0f} tok/s  dense, same active {bare_dense:9.0f} tok/s  "
@@ -181,6 +205,7 @@ def main() -> None:
     parts = "  ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(split["ms"].items(),
                                                                                   key=lambda kv: -kv[1]))
     print(f"(c) one MoE block, forward+backward on {tokens} tokens ({total:.2f} ms, profiler self time): {parts}")
+    print(mfu_line(ours, summary, device))
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,8 @@ from mergekit_lite.train.engine import describe_engine, make_accelerator
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_checkpoint, save_final
 from mergekit_lite.train.setup import (
-    build_loaders, latest_checkpoint, lora_targets, param_groups, preflight, steps_for, trainable_parameters)
+    build_loaders, latest_checkpoint, lora_targets, param_groups, preflight, steps_for, trainable_parameters,
+    write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -122,6 +123,8 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(r.seed)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_run_record(out, r, accelerator.is_main_process)  # what --resume requires
 
     # --- model, what to train, optimizer ------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflo
 
 # What `train` writes into its output folder: all that `--overwrite` may remove. "moemerge" is the
 # tracker folder accelerate makes under project_dir (tensorboard); the PNGs are `moemerge plot`'s.
-TRAIN_PRODUCTS = ("checkpoints", "metrics.jsonl", "final", "cache", "adapter", "moemerge",
+TRAIN_PRODUCTS = ("checkpoints", "metrics.jsonl", "final", "cache", "adapter", "moemerge", "moemerge-run.json",
                   "loss.png", "lr.png", "expert_load.png", f".final.{TMP_TAG}-*", f".final.{OLD_TAG}-*")
 
 
@@ -67,9 +69,47 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
             raise MoemergeError(f"output {out} already holds a run; pass --resume to continue it "
                                 "or --overwrite to start again")
         remove_own_entries(out, TRAIN_PRODUCTS, "moemerge train")
-    if resume and not latest_checkpoint(out):
-        raise MoemergeError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume first")
+    if resume:
+        resumable_checkpoint(out)  # before accelerate.load_state unpickles anything
     return cfg
+
+
+RUN_RECORD = "moemerge-run.json"  # OUTPUT/RUN_RECORD: this folder holds a run `moemerge train` started
+
+
+def write_run_record(out: Path, r: TrainRecipe, is_main: bool) -> None:
+    """Mark OUTPUT as a `moemerge train` run (what `--resume` requires), with the validated recipe's hash."""
+    if is_main:
+        digest = hashlib.sha256(r.model_dump_json().encode()).hexdigest()[:16]
+        record = {"tool": "moemerge train", "recipe_sha256": digest, "model": r.model,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def resumable_checkpoint(out: Path) -> Path:
+    """The checkpoint `--resume` loads, refused unless OUTPUT is a run `train` made and the checkpoint is whole.
+
+    `accelerate.load_state` unpickles (custom state with weights_only=False), so nothing is loaded from a
+    folder without our run record and the checkpoint's own trainer_state.json.
+    """
+    try:
+        own = json.loads((out / RUN_RECORD).read_text()).get("tool") == "moemerge train"
+    except (OSError, ValueError, AttributeError):
+        own = False
+    if not own:
+        raise MoemergeError(f"--resume: {out} has no {RUN_RECORD} from `moemerge train`, so it is not a run this "
+                            "tool started; resume only runs you made here, or start again without --resume")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise MoemergeError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume first")
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+    except (OSError, ValueError, AttributeError):
+        raise MoemergeError(f"--resume: {ckpt} has no readable trainer_state.json, so `moemerge train` did not "
+                            "finish writing it; delete that checkpoint folder to resume from the one before") from None
+    return ckpt
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -1,0 +1,75 @@
+"""`--resume` loads nothing (accelerate.load_state unpickles) from a folder `moemerge train` did not make."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.pico import build_pico_model
+from mergekit_lite.recipe import TrainRecipe, validate_recipe
+from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
+from mergekit_lite.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 2-step run of a dense pico Llama with a checkpoint at step 2, and its recipe."""
+    root = tmp_path_factory.mktemp("guard")
+    train_txt, val_txt = write_corpus(root / "corpus")
+    dense = build_pico_model("llama", root / "dense", texts=stdlib_docstrings(), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+    def recipe(out) -> TrainRecipe:
+        return validate_recipe({"model": str(dense), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
+                                "seq_len": 32, "micro_batch_size": 4, "max_steps": 2, "checkpoint_every": 2,
+                                "learning_rate": 1e-3, "eval_batches": 1, "output": str(out)}, TrainRecipe)
+
+    train(recipe(root / "run"), echo=lambda *_: None)
+    return root / "run", recipe
+
+
+@pytest.fixture
+def no_load_state(monkeypatch):
+    from accelerate import Accelerator
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("load_state was called")
+
+    monkeypatch.setattr(Accelerator, "load_state", refuse)
+
+
+def copy_of(run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out)
+    return out
+
+
+def test_a_run_records_itself(run):
+    record = json.loads((run[0] / "moemerge-run.json").read_text())
+    assert record["tool"] == "moemerge train" and len(record["recipe_sha256"]) == 16
+    assert (run[0] / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
+
+
+def test_resume_needs_the_run_record(run, tmp_path, no_load_state):
+    out = copy_of(run, tmp_path)
+    (out / "moemerge-run.json").unlink()  # e.g. a folder of accelerate checkpoints from elsewhere
+    with pytest.raises(MoemergeError, match=r"^--resume: .* has no moemerge-run.json from `moemerge train`") as e:
+        train(run[1](out), resume=True, echo=lambda *_: None)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_needs_the_checkpoints_trainer_state(run, tmp_path, no_load_state):
+    out = copy_of(run, tmp_path)
+    (out / "checkpoints" / "step-0000002" / "trainer_state.json").unlink()
+    with pytest.raises(MoemergeError, match=r"^--resume: .*step-0000002 has no readable trainer_state.json") as e:
+        train(run[1](out), resume=True, echo=lambda *_: None)
+    assert "\n" not in str(e.value)
+
+
+def test_with_both_load_state_is_reached(run, tmp_path, no_load_state):
+    out = copy_of(run, tmp_path)  # the guard, not the patch, is what stopped the two runs above
+    with pytest.raises(AssertionError, match="load_state was called"):
+        train(run[1](out), resume=True, echo=lambda *_: None)

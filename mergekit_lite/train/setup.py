@@ -16,7 +16,7 @@ from torch import nn
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
-from mergekit_lite.recipe import TrainRecipe
+from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",
@@ -149,7 +149,7 @@ def _matches(key: str, name: str) -> bool:
     return key == name or key.endswith("." + name)  # peft's own rule for target_modules / target_parameters
 
 
-def lora_targets(model: nn.Module, lora) -> dict[str, Any]:
+def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     """Check `lora.target_modules` against the loaded model; returns peft `LoraConfig` target arguments.
 
     A name may match Linear modules (peft `target_modules`) or fused 3-D expert parameters such as

@@ -202,17 +202,29 @@ def test_resume_ignores_a_half_written_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-0000002"
 
 
+def test_checkpoint_save_removes_a_killed_runs_half_written_checkpoints(tmp_path):
+    from mergekit_lite.train.save import save_checkpoint
+
+    class OneProcess:  # the part of accelerate.Accelerator that save_checkpoint uses
+        is_main_process = True
+        _models: list = []
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True)
+
+    stale = tmp_path / "checkpoints" / "step-0000004.tmp"  # kill -9 while step 4 was being saved
+    stale.mkdir(parents=True)
+    (stale / "optimizer.bin").write_bytes(b"x" * 100)
+    save_checkpoint(OneProcess(), tmp_path, 6, {"step": 6, "tokens": 0}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000006"]
+
+
 def test_quickstart_overwrite_removes_only_its_own_products(tmp_path, monkeypatch):
     import mergekit_lite.train.corpus as corpus
     from mergekit_lite.quickstart import run_quickstart
-
-    work = tmp_path / "qs"
-    for d in ("corpus", "dense", "moe", "runs/moe/final"):
-        (work / d).mkdir(parents=True)
-    (work / "upcycle.yaml").write_text("source: dense\n")
-    (work / "thesis.tex").write_text("mine")
-    refused(lambda: run_quickstart(work, overwrite=True, echo=print), work,
-            f"--overwrite: {work} holds {work / 'thesis.tex'}", "moemerge quickstart")
 
     class Stop(Exception):
         pass
@@ -221,6 +233,13 @@ def test_quickstart_overwrite_removes_only_its_own_products(tmp_path, monkeypatc
         raise Stop
 
     monkeypatch.setattr(corpus, "write_corpus", stop)  # the first thing quickstart writes: stop right there
+    work = tmp_path / "qs"
+    for d in ("corpus", "dense", "moe", "runs/moe/final"):
+        (work / d).mkdir(parents=True)
+    (work / "upcycle.yaml").write_text("source: dense\n")
+    (work / "thesis.tex").write_text("mine")
+    refused(lambda: run_quickstart(work, overwrite=True, echo=print), work,
+            f"--overwrite: {work} holds {work / 'thesis.tex'}", "moemerge quickstart")
     (work / "thesis.tex").unlink()
     with pytest.raises(Stop):
         run_quickstart(work, overwrite=True, echo=lambda s: None)

@@ -419,6 +419,20 @@ def test_push_refuses_a_link_leaving_the_folder_and_the_cache(upcycled, tmp_path
     assert fake_hub == {}
 
 
+def test_push_refuses_a_broken_link_and_a_folder_link(upcycled, tmp_path, fake_hub):
+    d = tmp_path / "pub"
+    shutil.copytree(upcycled[0], d)
+    (d / "notes.md").symlink_to(d / "gone.md")
+    with pytest.raises(MoemergeError, match=r"notes\.md is a broken link; restore its target or delete it"):
+        push_folder(d, "my-org/x", dry_run=True, echo=lambda s: None)
+    (d / "notes.md").unlink()
+    (tmp_path / "extras").mkdir()
+    (d / "extras").symlink_to(tmp_path / "extras")
+    with pytest.raises(MoemergeError, match=r"extras is a link to a folder, which push does not follow"):
+        push_folder(d, "my-org/x", echo=lambda s: None)
+    assert fake_hub == {}
+
+
 def test_push_refuses_an_index_entry_it_would_not_upload(upcycled, tmp_path, fake_hub):
     d = tmp_path / "pub"
     shutil.copytree(upcycled[0], d)

@@ -89,6 +89,23 @@ def test_check_and_upcycle_refuse_an_escaping_index(pico_llama, tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+def test_bin_index_names_outside_the_folder_are_refused_before_torch_load(pico_llama, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    shutil.copytree(pico_llama, d)
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "outside.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: "../outside.bin" for k in sd}}))
+    loaded: list[str] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loaded.append(str(a[0])))
+    with pytest.raises(MoemergeError, match=r"^pytorch_model\.bin\.index\.json entry '.*' names '\.\./outside\.bin'"):
+        CheckpointReader(d)
+    assert loaded == []
+
+
 def test_link_leaving_the_folder_is_refused(pico_llama, tmp_path):
     d = tmp_path / "linked"
     shutil.copytree(pico_llama, d)

@@ -291,17 +291,18 @@ def test_kill_9_mid_write_then_rerun_cleans_up(tmp_path):
                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
     r = up_recipe(tmp_path / "recipes", source=dense, num_experts=8, shard_size="1MB", noise=0.01)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "upcycle", str(r), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "upcycle.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "upcycle", str(r), "-o", str(out)],
+                                stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     tmp = tmp_path / f".out.moemerge-tmp-{proc.pid}"
     deadline = time.monotonic() + 120
     while not (tmp.is_dir() and any(tmp.glob("*.safetensors"))):  # mid-write: at least one shard on disk
-        assert proc.poll() is None, f"upcycle ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        assert proc.poll() is None, f"upcycle ended before it could be killed: {log.read_text()[-2000:]!r}"
         assert time.monotonic() < deadline, "upcycle never started writing"
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
     assert tmp.is_dir() and not out.exists(), "the kill came too late: nothing was left half-written"
     lines: list[str] = []
     run_upcycle(r, out, echo=lines.append)

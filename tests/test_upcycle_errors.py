@@ -191,10 +191,10 @@ def test_disk_too_small(tmp_path, pico_llama, monkeypatch):
 
 
 def test_crash_mid_write_leaves_nothing(tmp_path, pico_llama, monkeypatch):
-    import mergekit_lite.ops.execute as execute
+    import mergekit_lite.io.writer as writer
 
     calls = {"n": 0}
-    real = execute.write_shard
+    real = writer.write_shard
 
     def flaky(path, tensors, metadata=None):
         calls["n"] += 1
@@ -202,7 +202,7 @@ def test_crash_mid_write_leaves_nothing(tmp_path, pico_llama, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C looks like mid-run
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(execute, "write_shard", flaky)
+    monkeypatch.setattr(writer, "write_shard", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_upcycle(recipe(tmp_path, source=pico_llama, shard_size="100KB"), out, echo=lambda s: None)

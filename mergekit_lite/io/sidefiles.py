@@ -41,14 +41,14 @@ def write_sidecar(folder: str | Path, record: dict[str, Any]) -> None:
 
 def finish_folder(folder: str | Path, config: dict[str, Any], side_files_from: str | Path | None,
                   record: dict[str, Any]) -> None:
-    """Everything a model folder needs besides its weights: config, tokenizer & co, provenance, model card."""
-    from mergekit_lite.card import write_card
+    """Everything a model folder needs besides its weights and card: config, tokenizer & co, provenance.
 
+    The commands write the model card (`card.write_card`) after this: io/ imports nothing above it.
+    """
     write_config(folder, config)
     if side_files_from is not None:
         copy_side_files(side_files_from, folder)
     write_sidecar(folder, record)
-    write_card(folder, record, config, side_files_from)
 
 
 def read_sidecar(folder: str | Path) -> dict[str, Any] | None:

@@ -1,34 +1,62 @@
-"""The executor: the only code that reads and writes tensor bytes.
+"""The executor: the only code that reads source tensor bytes for upcycle and graft.
 
-It walks the plan shard by shard. Inside a shard, each source tensor is read (memory-mapped) and
-cast at most once, and transforms that return their input unchanged (copies) make several output
-entries point at the same memory, which `write_shard` writes without duplicating it. Peak memory
-is therefore bounded by one output shard of *newly computed* tensors, however many experts copy
-the same FFN.
+Every op of the plan becomes a `TensorEntry` of the one model writer (`io.write_model_folder`),
+which computes, writes and frees the tensors one at a time. Copies stay memory-mapped source views
+and cost no RAM: several expert entries point at the same view. Source tensors cast to another
+dtype are kept in a small cache so E experts copying one FFN cast it once; the cache holds at most
+one largest output tensor of casts, so peak anonymous memory stays under about two largest output
+tensors (one cached cast, one tensor being computed) whatever the model size, shard size or expert
+count (tests/test_memory.py measures it).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from mergekit_lite.io import AtomicDir, CheckpointReader, assign_shards, shard_names, write_index, write_shard
+from mergekit_lite.card import write_card
+from mergekit_lite.io import CheckpointReader, TensorEntry, write_model_folder
 from mergekit_lite.io.sidefiles import finish_folder
 from mergekit_lite.ops.transforms import TRANSFORMS
 from mergekit_lite.plan import Plan, Src, TensorOp
 
 
-def materialize(op: TensorOp, readers: list[CheckpointReader], cache: dict) -> torch.Tensor:
-    """Compute one output tensor; source reads are cached per (source, dtype) for the current shard."""
-    inputs = []
-    for src in op.srcs:
-        ck = (src, op.dtype)
-        if ck not in cache:
-            cache[ck] = readers[src.model].get(src.key).to(op.dtype)
-        inputs.append(cache[ck])
-    out = TRANSFORMS[op.fn](inputs, op.shape, op.dtype, op.args)
+class SourceCache:
+    """Source tensors in an op's dtype, reused by the ops that read them (E experts copy one FFN).
+
+    A memory-mapped view in its stored dtype costs nothing and is always kept; casts allocate, so
+    they are kept only up to `budget` bytes, least recently used evicted first (before the next
+    cast is made, so old and new never sum above the budget).
+    """
+
+    def __init__(self, readers: list[CheckpointReader], budget: int):
+        self.readers, self.budget, self.used = readers, budget, 0
+        self.items: OrderedDict[tuple[Src, torch.dtype], tuple[torch.Tensor, int]] = OrderedDict()
+
+    def get(self, src: Src, dtype: torch.dtype) -> torch.Tensor:
+        key = (src, dtype)
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        raw = self.readers[src.model].get(src.key)
+        cost = 0 if raw.dtype == dtype else raw.numel() * dtype.itemsize
+        while self.items and self.used + cost > self.budget:
+            _, (_, freed) = self.items.popitem(last=False)
+            self.used -= freed
+        t = raw.to(dtype)
+        if self.used + cost <= self.budget:
+            self.items[key] = (t, cost)
+            self.used += cost
+        return t
+
+
+def materialize(op: TensorOp, cache: SourceCache) -> torch.Tensor:
+    """Compute one output tensor from its (cached) sources."""
+    out = TRANSFORMS[op.fn]([cache.get(src, op.dtype) for src in op.srcs], op.shape, op.dtype, op.args)
     if tuple(out.shape) != tuple(op.shape):
         raise AssertionError(f"{op.key}: transform {op.fn} gave shape {tuple(out.shape)}, plan says {op.shape}")
     return out
@@ -40,25 +68,18 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
             echo: Callable[[str], None] | None = None) -> Path:
     """Write the plan's model folder atomically; returns the final path.
 
-    `finalize(tmp_dir)` runs last, inside the temporary folder (model card, extra files). `echo` hears
+    Weights first, then config, side files and sidecar, then the model card (it reads the shards'
+    headers), then `finalize(tmp_dir)` (extra files), all inside the temporary folder. `echo` hears
     about temporary folders of killed runs that are cleaned up.
     """
-    by_key = {op.key: op for op in plan.ops}
-    shards = assign_shards([(op.key, op.nbytes) for op in plan.ops], shard_size)
-    names = shard_names(len(shards))
-    with AtomicDir(output, overwrite, echo=echo) as tmp:
-        weight_map: dict[str, str] = {}
-        for n, (name, keys) in enumerate(zip(names, shards)):
-            cache: dict[tuple[Src, torch.dtype], torch.Tensor] = {}
-            tensors = {k: materialize(by_key[k], readers, cache) for k in keys}
-            write_shard(tmp / name, tensors)
-            weight_map.update(dict.fromkeys(keys, name))
-            del tensors, cache
-            if progress:
-                progress(n + 1, len(names))
-        if len(names) > 1:
-            write_index(tmp, weight_map, plan.nbytes)
+    cache = SourceCache(readers, budget=max((op.nbytes for op in plan.ops), default=0))
+    entries = [TensorEntry(op.key, tuple(op.shape), op.dtype, partial(materialize, op, cache)) for op in plan.ops]
+
+    def finish(tmp: Path) -> None:
         finish_folder(tmp, plan.config, plan.side_files_from, plan.record)
+        write_card(tmp, plan.record, plan.config, plan.side_files_from)
         if finalize:
             finalize(tmp)
-    return Path(output)
+
+    return write_model_folder(output, entries, shard_size=shard_size, overwrite=overwrite, finish=finish,
+                              progress=progress, echo=echo)

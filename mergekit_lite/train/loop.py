@@ -244,6 +244,8 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     summary = {"steps": step, "tokens": tokens, "final_val_loss": vals["val_loss"], "tokens_per_s": tps,
                "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, accelerator),
                "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len, **engine}
+    if "val_loss_with_selection_bias" in vals:  # training's routing, which the saved model cannot reproduce
+        summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
                shard_size=r.shard_size, recipe_text=text, training=summary)

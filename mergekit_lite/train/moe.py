@@ -2,10 +2,11 @@
 
 transformers' MoE blocks call a router module (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`, ...) that
 returns (logits, top-k weights, top-k indices). `RouterTap` replaces that forward on each router
-instance with one that (a) keeps the logits and indices for the losses and statistics, so nothing
-is computed twice and HF's `output_router_logits` is not needed, (b) optionally adds a per-expert
-selection bias (DeepSeek-V3's auxiliary-loss-free balancing: the bias changes which experts are
-chosen, never the weights), and (c) optionally applies router-input jitter during training.
+instance with one that calls the original and (a) keeps the logits and indices for the losses and
+statistics, so the router runs once and HF's `output_router_logits` is not needed, (b) optionally
+adds a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free balancing: the bias changes
+which experts are chosen, never the weights), and (c) optionally applies router-input jitter during
+training. Without the bias, the weights and indices are exactly those of transformers' own router.
 
 The losses are added to the loss we back-propagate ourselves (see loop.py), so they are really
 trained on, whatever HF's own `router_aux_loss_coef` says. Statistics stay on the device and are
@@ -32,20 +33,26 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _tapped_forward(self, hidden_states: torch.Tensor):
-    """Same maths as HF's top-k routers, plus the tap, the selection bias and jitter."""
+    """HF's own router forward, plus the tap, jitter and (when in use) the selection bias.
+
+    The router's own forward computes logits, weights and indices (so dtypes follow transformers:
+    Mixtral keeps fp32 weights under bf16 autocast, Qwen2-MoE casts them to the logits' dtype), and
+    without the bias that is what the model returns: training and inference route the same. With the
+    bias, experts are re-chosen on probs + bias from the same fp32 probabilities.
+    """
     tap: RouterTap = self._moemerge_tap
-    h = hidden_states.reshape(-1, self.weight.shape[1])
     if self.training and tap.jitter > 0:
-        h = h * torch.empty_like(h).uniform_(1.0 - tap.jitter, 1.0 + tap.jitter)
-    logits = F.linear(h, self.weight)  # (tokens, E)
-    probs = F.softmax(logits, dim=-1, dtype=torch.float)
-    select = probs + tap.bias[self._moemerge_index] if tap.use_bias else probs
-    idx = torch.topk(select, self.top_k, dim=-1).indices  # (tokens, k)
-    weights = probs.gather(-1, idx)
-    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen only with norm_topk_prob
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - tap.jitter, 1.0 + tap.jitter)
+    logits, weights, idx = self._moemerge_forward(hidden_states)  # (tokens, E), (tokens, k), (tokens, k)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float)  # what HF's routers rank on; kept for the losses
+    if tap.use_bias:
+        idx = torch.topk(probs + tap.bias[self._moemerge_index], self.top_k, dim=-1).indices
+        chosen = probs.gather(-1, idx)
+        if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen only with norm_topk_prob
+            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        weights = chosen.to(weights.dtype)
     tap.record(self._moemerge_index, logits, probs, idx)
-    return logits, weights.to(logits.dtype), idx
+    return logits, weights, idx
 
 
 class RouterTap:
@@ -66,6 +73,7 @@ class RouterTap:
         self.tokens = torch.zeros((), device=device)
         for i, r in enumerate(self.routers):
             r._moemerge_tap, r._moemerge_index = self, i
+            r._moemerge_forward = r.forward  # the class's own forward, bound to this router
             r.forward = types.MethodType(_tapped_forward, r)
 
     @property
@@ -125,9 +133,14 @@ class RouterTap:
         self.tokens.zero_()
         return stats
 
-    # accelerate.register_for_checkpointing: the selection bias is training state
+    # accelerate.register_for_checkpointing: the selection bias is training state, and the statistics
+    # gathered since the last log line belong to the next one (a checkpoint may fall between log lines)
+    _STATE = ("bias", "load_sum", "entropy_sum", "tokens")
+
     def state_dict(self) -> dict:
-        return {"bias": self.bias.cpu()}
+        return {name: getattr(self, name).cpu() for name in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        self.bias.copy_(state["bias"].to(self.bias.device))
+        for name in self._STATE:
+            if name in state:  # checkpoints written before the statistics were saved hold the bias only
+                getattr(self, name).copy_(state[name].to(self.bias.device))

@@ -70,6 +70,8 @@ def test_resume_reproduces_losses_weights_and_bias_bit_for_bit(world, tmp_path, 
         assert rows(full, kind) == rows(cut, kind), kind
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(str(world["moe"] / "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a if ".self_attn." in k)  # LoRA did train, through checkpointing
     assert torch.equal(bias_at(full, 10), bias_at(cut, 10)) and bias_at(cut, 10).abs().sum() > 0
 
 

@@ -165,3 +165,26 @@ def test_tapped_router_routes_as_transformers_under_bf16_autocast(family, bias):
         _, w_tap, i_tap = router(h)
     assert w_tap.dtype == w_hf.dtype and torch.equal(i_tap, i_hf) and torch.equal(w_tap, w_hf)
     assert tap.load_sum.sum() == 4 * 16 * 2  # and the tap saw every choice
+
+
+def test_qwen2_moe_with_size0_shared_expert_resumes_exactly(world, tmp_path, monkeypatch):
+    """Upcycled Qwen2-MoE holds size-0 shared-expert tensors that share one storage; checkpoints must keep them."""
+    import yaml
+
+    from mergekit_lite.ops.upcycle import run_upcycle
+    from mergekit_lite.pico import build_pico_model
+    from mergekit_lite.train.corpus import stdlib_docstrings
+    from test_train import SMALL
+
+    dense = build_pico_model("qwen2", tmp_path / "dense", texts=stdlib_docstrings(), **SMALL)
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4, "experts_per_token": 2,
+                                                      "dtype": "float32"}))
+    run_upcycle(tmp_path / "up.yaml", tmp_path / "moe", echo=quiet)
+    kw = dict(model=tmp_path / "moe", max_steps=4, checkpoint_every=2, moe={"jitter": 0.5})
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    loop.train(recipe(world, full, **kw), echo=quiet)
+    crash_then_resume(world, cut, monkeypatch, **kw)  # failed in load_state: "Missing key(s) ... shared_expert"
+    ckpt = load_file(str(cut / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert sum(".shared_expert." in k and t.numel() == 0 for k, t in ckpt.items()) == 3 * SMALL["num_hidden_layers"]
+    assert records(full, "train") and [r["loss"] for r in records(full, "train")] == \
+        [r["loss"] for r in records(cut, "train")]

@@ -24,8 +24,8 @@ from mergekit_lite.train.engine import describe_engine, make_accelerator
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_checkpoint, save_final
 from mergekit_lite.train.setup import (
-    build_loaders, latest_checkpoint, lora_targets, param_groups, preflight, steps_for, trainable_parameters,
-    write_run_record)
+    build_loaders, keep_empty_tensors_in_checkpoints, latest_checkpoint, lora_targets, param_groups, preflight,
+    steps_for, trainable_parameters, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -156,6 +156,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded
     tap.bias = tap.bias.to(accelerator.device)
     accelerator.register_for_checkpointing(tap)
+    keep_empty_tensors_in_checkpoints(accelerator)
     if r.tracker != "none":
         accelerator.init_trackers("moemerge", config=json.loads(r.model_dump_json()))
 

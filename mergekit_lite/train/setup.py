@@ -188,6 +188,24 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     return {"target_modules": modules, "target_parameters": sorted(params) or None}
 
 
+def keep_empty_tensors_in_checkpoints(accelerator) -> None:
+    """Make `accelerator.save_state` keep every zero-element tensor of the model.
+
+    Qwen2-MoE's size-0 shared expert (upcycled without one) loads as views of one storage.
+    accelerate's writer keeps one name per (storage, size) and drops the rest, while safetensors'
+    loader ignores size-0 storages, so `--resume` failed with "Missing key(s)". Each size-0 entry of
+    the state being saved gets a private one-element storage (a few bytes); the model is untouched.
+    """
+
+    def give_own_storage(models, weights, output_dir) -> None:
+        for state in weights:
+            for key, t in state.items():
+                if isinstance(t, torch.Tensor) and t.numel() == 0:
+                    state[key] = t.new_empty(1)[:0].reshape(t.shape)  # same (.., 0, ..) shape, own storage
+
+    accelerator.register_save_state_pre_hook(give_own_storage)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and other 1-D parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -107,6 +107,9 @@ def assert_same_run(one: Path, two: Path) -> None:
     b = [(r["step"], r["loss"]) for r in records(two, "train")]
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    # router statistics count every process's tokens: the expert load matches the one-process run's
+    for ra, rb in zip(records(one, "router"), records(two, "router"), strict=True):
+        assert torch.allclose(torch.tensor(ra["load"]), torch.tensor(rb["load"]), atol=1e-6), (ra["step"], ra, rb)
     ref, got = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     assert ref.keys() == got.keys()
     for k in ref:

@@ -86,3 +86,17 @@ def test_streamed_held_out_documents_are_never_trained_on(corpus, tmp_path):
     assert not train & val
     assert val == set(range(len(val)))  # the first documents of the stream
     assert train == set(range(len(val), N_DOCS))  # whole documents only are left out
+
+
+def test_corpus_does_not_depend_on_what_the_process_imported():
+    """The quickstart/test corpus (hence the tokenizer and every figure) is the same in every process."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib{}; from mergekit_lite.train.corpus import stdlib_docstrings; "
+            "print(hashlib.sha256('\\n'.join(stdlib_docstrings()).encode()).hexdigest())")
+    bare = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, check=True)
+    busy = subprocess.run([sys.executable, "-c", code.format(", logging.handlers, email.mime.text, http.server, "
+                                                                   "unittest.mock, concurrent.futures")],
+                          capture_output=True, text=True, check=True)
+    assert bare.stdout.strip() == busy.stdout.strip() != ""

@@ -16,9 +16,11 @@ def stdlib_docstrings(modules: tuple[str, ...] = MODULES) -> list[str]:
     docs: list[str] = []
     for name in modules:
         mod = importlib.import_module(name)
+        # submodules are left out: which of them are attributes depends on what else the process imported,
+        # and the corpus (hence the tokenizer and every test figure) must be the same in every process
         objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
         for obj in objs:
-            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj) else None
+            doc = inspect.getdoc(obj) if obj is mod or inspect.isclass(obj) or inspect.isroutine(obj) else None
             if doc and len(doc) > 80 and doc not in docs:
                 docs.append(" ".join(doc.split()))
     return docs

@@ -222,7 +222,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
                         ce=ce_m, balance=bal_m, z=z_m, lr=lr, tokens_per_s=tps,
                         grad_norm=float(grad_norm) if grad_norm is not None else None)
             if tap.is_moe:
-                metrics.log("router", step, **tap.read_stats())
+                metrics.log("router", step, **tap.read_stats(reduce=lambda t: accelerator.reduce(t, "sum")))
             bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             sums.zero_()
             micro, t_log, steps_timed = 0, now, 0

@@ -121,13 +121,18 @@ class RouterTap:
             self.bias += self.rate * torch.sign(load.mean(-1, keepdim=True) - load)
         self.step_load.zero_()
 
-    def read_stats(self) -> dict:
-        """Router statistics since the last call (one host sync), then reset the counters."""
-        load = self.load_sum / self.load_sum.sum(-1, keepdim=True).clamp_min(1)
+    def read_stats(self, reduce=lambda t: t) -> dict:
+        """Router statistics since the last call (one host sync), then reset the counters.
+
+        `reduce` sums the counters over processes (every process must call it), so the figures
+        describe all the tokens of the run, not the main process's share.
+        """
+        load_sum, entropy_sum, tokens = (reduce(t) for t in (self.load_sum, self.entropy_sum, self.tokens))
+        load = load_sum / load_sum.sum(-1, keepdim=True).clamp_min(1)
         stats = {"load": load.tolist(),
                  "max_over_mean": (load.max(-1).values * load.shape[-1]).tolist(),
-                 "dead": (self.load_sum == 0).sum(-1).tolist(),
-                 "entropy": (self.entropy_sum / self.tokens.clamp_min(1)).tolist()}
+                 "dead": (load_sum == 0).sum(-1).tolist(),
+                 "entropy": (entropy_sum / tokens.clamp_min(1)).tolist()}
         self.load_sum.zero_()
         self.entropy_sum.zero_()
         self.tokens.zero_()

@@ -1,7 +1,8 @@
 """A tensor plan: what every output tensor is, made from which source tensors, by which pure transform.
 
 Plan builders (`ops/upcycle.py`, `ops/graft.py`) only read headers and configs; the executor
-(`ops/execute.py`) is the one place that reads and writes tensor bytes. A plan is printable, so
+(`ops/execute.py`) turns a plan into entries for the one model writer (`io/writer.py`), which
+reads and writes the tensor bytes one tensor at a time. A plan is printable, so
 `--dry-run` shows exactly what would be written.
 """
 

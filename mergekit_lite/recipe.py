@@ -234,10 +234,12 @@ class TrainData(Strict):
     train: list[str] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
                                                       "or a Hub dataset name when online")
     validation: list[str] | None = Field(None, description="held-out files; default: a split of `train`")
-    validation_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of packed blocks held out")
+    validation_fraction: float = Field(0.05, gt=0, lt=0.5,
+                                       description="share of documents held out (split before packing)")
     text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
     streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
-    validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: first N blocks")
+    validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
+                                   "(their documents are left out of training)")
 
 
 class MoETraining(Strict):

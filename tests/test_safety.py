@@ -309,3 +309,17 @@ def test_kill_9_mid_write_then_rerun_cleans_up(tmp_path):
     assert not tmp.exists() and (out / "config.json").is_file()
     assert any(f"removed {tmp} (" in line and f"process {proc.pid} has ended" in line for line in lines), lines
     assert not list(tmp_path.glob(".out.moemerge-*"))
+
+
+def test_train_final_save_reports_the_stale_temp_folder_it_removes(tmp_path, train_world):
+    from mergekit_lite.train.loop import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f".final.moemerge-tmp-{dead_pid()}"  # a run killed while writing final/
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    lines: list[str] = []
+    train(train_recipe(train_world, out), echo=lines.append, progress=False)
+    assert not stale.exists() and (out / "final" / "config.json").is_file()
+    assert any(str(stale.name) in line and "removed" in line for line in lines), lines

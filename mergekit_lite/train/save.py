@@ -13,7 +13,7 @@ import json
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,7 +66,8 @@ def hub_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], out: Path, *, lora: bool,
-               save_dtype: str, shard_size: int, recipe_text: str, training: dict) -> Path | None:
+               save_dtype: str, shard_size: int, recipe_text: str, training: dict,
+               echo: Callable[[str], None] = print) -> Path | None:
     """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card."""
     state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards onto the main process
     if not accelerator.is_main_process:
@@ -94,7 +95,7 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
         finish_folder(tmp, config, tokenizer_dir, record)
         write_card(tmp, record, config, tokenizer_dir)
 
-    return write_model_folder(target, entries, shard_size=shard_size, overwrite=True, finish=finish)
+    return write_model_folder(target, entries, shard_size=shard_size, overwrite=True, finish=finish, echo=echo)
 
 
 def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -85,24 +85,90 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     return paths
 
 
-def _loss_png(m: dict[str, list[dict]], path: Path, name: str) -> Path:
+def ema(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with weight 2/(span+1), bias-corrected so the first points are not pulled to 0."""
+    alpha = 2 / (span + 1)
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        norm = (1 - alpha) * norm + alpha
+        out.append(avg / norm)
+    return out
+
+
+def smoothing_span(n_points: int) -> int:
+    """About a sixth of the logged points, at most 50 (1, no smoothing, below 12 points)."""
+    return max(1, min(50, n_points // 6))
+
+
+def loss_figure(m: dict[str, list[dict]], name: str):
+    """The loss plot: per-step train cross-entropy faint, its moving average over it, validation as markers.
+
+    Validation is measured only at its steps, so it gets markers and no line (a line would claim values
+    in between).
+    """
     import matplotlib.pyplot as plt
 
     train = m["train"]
     steps = [r["step"] for r in train]
     ce = [r.get("ce", r["loss"]) for r in train]
+    span = smoothing_span(len(ce))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, ce, label="train cross-entropy")
+    raw = ax.plot(steps, ce, lw=0.8, alpha=0.3 if span > 1 else 1.0, label="train cross-entropy (as logged)")[0]
+    if span > 1:
+        ax.plot(steps, ema(ce, span), color=raw.get_color(), lw=1.8,
+                label=f"train cross-entropy (moving average, span {span})")
     total = [r["loss"] for r in train]
     # the optimised loss adds the router losses; draw it only when it differs from the cross-entropy
     if any(abs(a - b) > 1e-6 for a, b in zip(total, ce)):
-        ax.plot(steps, total, lw=0.8, alpha=0.6, label="train loss incl. router losses")
+        ax.plot(steps, ema(total, span), lw=1, ls="--", color="tab:orange",
+                label="train loss incl. router losses" + (" (moving average)" if span > 1 else ""))
     if m.get("val"):
-        ax.plot([r["step"] for r in m["val"]], [r["val_loss"] for r in m["val"]], "o-", label="validation")
+        ax.plot([r["step"] for r in m["val"]], [r["val_loss"] for r in m["val"]], ls="none", marker="o",
+                color="black", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{name}: loss")
-    ax.legend()
+    ax.legend(numpoints=1, fontsize=8, framealpha=0.8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def _loss_png(m: dict[str, list[dict]], path: Path, name: str) -> Path:
+    return _save(loss_figure(m, name), path)
+
+
+def val_by_tokens(m: dict[str, list[dict]]) -> tuple[list[int], list[float]]:
+    """(tokens seen, validation loss) at each validation record; tokens from the train record of that step."""
+    tokens_at = {r["step"]: r["tokens"] for r in m["train"] if "tokens" in r}
+    per_step = next((r["tokens"] / r["step"] for r in m["train"] if r.get("tokens") and r["step"]), 0)
+    vals = m.get("val", [])
+    return [tokens_at.get(r["step"], round(r["step"] * per_step)) for r in vals], [r["val_loss"] for r in vals]
+
+
+def plot_compare(runs: dict[str, str | Path], path: str | Path, title: str = "validation loss") -> Path:
+    """One PNG: the validation loss of several runs against tokens seen, on the same axes (markers only).
+
+    Args:
+        runs: legend label -> `moemerge train` output folder.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (label, run), marker in zip(runs.items(), "osD^v<>"):
+        x, y = val_by_tokens(read_metrics(run))
+        ax.plot(x, y, ls="none", marker=marker, ms=6, alpha=0.85, label=label)
+    ax.set(xlabel="tokens seen", ylabel="validation loss (nats/token)", title=title)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    ax.legend(numpoints=1)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
 
 
 def _lr_png(train: list[dict], path: Path, name: str) -> Path:

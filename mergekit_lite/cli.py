@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def graft(source: Path = typer.Argument(..., help="a model folder (with --drop o
 
 
 @app.command()
-def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"),
+def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"), output: Optional[Path] = OUTPUT,
           resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUTPUT"),
           overwrite: bool = typer.Option(False, "--overwrite", help="start again: remove only what an earlier run "
                                          "wrote in OUTPUT (checkpoints/, metrics.jsonl, final/, cache/, adapter/, "
@@ -71,6 +72,8 @@ def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"),
     from mergekit_lite.train.loop import train as run_train
 
     spec = load_recipe(recipe, TrainRecipe)
+    if output is not None:  # like upcycle/graft: one recipe, several runs side by side
+        spec = spec.model_copy(update={"output": str(output)})
     summary = run_train(spec, recipe.read_text(), resume=resume, overwrite=overwrite, echo=echo)
     echo(f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps, "
          f"{summary['tokens']} tokens, {summary['tokens_per_s']:.0f} tokens/s; model in {Path(spec.output) / 'final'}")
@@ -173,7 +176,9 @@ def main() -> None:
     try:
         app()
     except MoemergeError as e:
-        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        # under torchrun / accelerate launch every process meets the same user error: print it once per machine
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; no partial output was left behind")

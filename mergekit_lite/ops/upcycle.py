@@ -264,7 +264,15 @@ class UpcyclePlanner:
             notes.append(f"num_experts={E} is not a power of two: llama.cpp's converter and kernels may refuse it")
         if dropped:
             notes.append(f"config fields not used by {self.fam.model_type}: {', '.join(dropped)}")
-        return notes + parity_notes(self.r, self.layout, self.shapes.n_layers)
+        return notes + parity_notes(self.r, self.layout, self.shapes.n_layers, self._narrowing())
+
+    def _narrowing(self) -> str | None:
+        """"float32 -> bfloat16" when the output dtype is less precise than the source's, else None."""
+        src = self.base.info("model.embed_tokens.weight").dtype
+        dst = self.out_dtype(src)
+        if not (src.is_floating_point and dst.is_floating_point) or torch.finfo(dst).eps <= torch.finfo(src).eps:
+            return None
+        return f"{str(src).removeprefix('torch.')} -> {str(dst).removeprefix('torch.')}"
 
     def record(self) -> dict:
         """How the experts were built, for the sidecar (`moemerge inspect` prints it)."""

@@ -109,8 +109,13 @@ def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: i
     return Layout(I, u, experts, shared, select_moe_layers(r.moe_layers, n_layers, fam))
 
 
-def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int) -> list[str]:
-    """What the options do to step-0 parity, in plain words for --dry-run."""
+def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | None = None) -> list[str]:
+    """What the options do to step-0 parity, in plain words for --dry-run.
+
+    Args:
+        narrowing: "float32 -> bfloat16" when the output dtype is less precise than the source's; the parity
+            promise then holds only against the source rounded to that dtype, and says so.
+    """
     G, notes = r.granularity, []
     if G > 1:
         notes.append(f"granularity {G}: {r.num_experts} fine experts = {r.num_experts // G} copies x {G} slices of "
@@ -142,5 +147,10 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int) -> list[str]:
         notes.append(f"{', '.join(breakers)}: experts are no longer identical, so step-0 logits differ from the "
                      "dense model (by design)")
     elif not (lay.shared and not r.shared_split):
-        notes.append("identical experts: step-0 logits equal the dense model's (check with `moemerge verify`)")
+        if narrowing:
+            notes.append(f"identical experts, but weights rounded {narrowing}: step-0 logits equal those of the dense "
+                         f"model rounded the same way, not the source's own (max |Δlogits| against the source ~1e-2 "
+                         "or more; `dtype: source` keeps exact parity; check with `moemerge verify`)")
+        else:
+            notes.append("identical experts: step-0 logits equal the dense model's (check with `moemerge verify`)")
     return notes

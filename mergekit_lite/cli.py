@@ -167,6 +167,9 @@ def push(model: Path = typer.Argument(..., help="model folder"),
 def main() -> None:
     """Console entry point: user errors print one line and exit 2; Ctrl-C/SIGTERM exit 130."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from mergekit_lite.threads import apply_default_threads
+
+    apply_default_threads()  # before torch starts: one thread per usable core, shared among local ranks
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +30,17 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output 
                                                     "lies inside an input: refused before anything is written)")
 
 
+# what main() says on Ctrl-C (called then); a command whose interruption leaves something behind says what
+INTERRUPTED = {"message": lambda: "interrupted, nothing written"}
+
+
 def echo(line: str) -> None:
-    out.print(line, markup=False)
+    """Print on the main process only (rank 0 under torchrun / accelerate launch)."""
+    from mergekit_lite.train.engine import is_main_process
+
+    if is_main_process():
+        out.print(line, markup=False)
+
 
 
 @app.command()
@@ -74,9 +84,22 @@ def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"), output
     spec = load_recipe(recipe, TrainRecipe)
     if output is not None:  # like upcycle/graft: one recipe, several runs side by side
         spec = spec.model_copy(update={"output": str(output)})
+    INTERRUPTED["message"] = partial(_train_interrupted, Path(spec.output))
     summary = run_train(spec, recipe.read_text(), resume=resume, overwrite=overwrite, echo=echo)
+    if summary.get("already_finished"):
+        return
     echo(f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps, "
          f"{summary['tokens']} tokens, {summary['tokens_per_s']:.0f} tokens/s; model in {Path(spec.output) / 'final'}")
+
+
+def _train_interrupted(out: Path) -> str:
+    """Ctrl-C during train: the checkpoints written so far stay (atomic, resumable); no final model."""
+    from mergekit_lite.train.setup import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return f"interrupted; no checkpoint or final model written in {out}"
+    return f"interrupted; checkpoints already written remain (latest {ckpt}); continue with --resume"
 
 
 @app.command()
@@ -137,6 +160,8 @@ def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="w
     """Offline demo: small dense Llama -> 8-expert MoE (parity) -> train both -> val-loss table and plots."""
     from mergekit_lite.quickstart import run_quickstart
 
+    INTERRUPTED["message"] = lambda: (f"interrupted; what quickstart finished stays in {workdir}; run it again "
+                                      "with --overwrite to start over")
     run_quickstart(workdir, overwrite=overwrite, echo=echo)
 
 
@@ -160,6 +185,7 @@ def push(model: Path = typer.Argument(..., help="model folder"),
     """Check a model folder, then upload it to the Hugging Face Hub in one commit and print the URL."""
     from mergekit_lite.hub import push_folder
 
+    INTERRUPTED["message"] = lambda: "interrupted; no commit was made (the Hub repo may already exist)"
     push_folder(model, repo, private=private, revision=revision, dry_run=dry_run,
                 include_checkpoints=include_checkpoints, echo=echo)
 
@@ -184,8 +210,31 @@ def main() -> None:
             err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted; no partial output was left behind")
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C inside a command into a silent exit 130
+        if e.code == 130 and _from_ctrl_c(e):
+            _say_interrupted()
+        raise
+
+
+def _from_ctrl_c(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt lies in the exception's chain (typer re-raises it as Exit(130))."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _say_interrupted() -> None:
+    from mergekit_lite.train.engine import is_main_process
+
+    if is_main_process():  # every process of a launch gets the signal; one says so
+        err.print(INTERRUPTED["message"]())
+
 
 
 if __name__ == "__main__":

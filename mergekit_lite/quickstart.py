@@ -1,7 +1,9 @@
 """`moemerge quickstart`: the whole story offline, on a model built on the spot.
 
 dense model (briefly pretrained on English text) -> upcycle (parity shown) -> continued training of
-the MoE and of the dense model for the same steps -> a table of validation losses, files, plots.
+the MoE and of the dense model for the same steps -> a table of validation losses, a one-line
+conclusion, files, plots (compare.png: both validation curves against tokens seen).
+Each phase shows a progress bar on stderr (tqdm, as `moemerge train` does).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, 
                    num_key_value_heads=2)
 
 
-def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, echo) -> dict:
+def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, label: str, echo) -> dict:
     """One `moemerge train` run on the quickstart corpus; returns its summary plus the step-0 val loss."""
     import json
 
@@ -43,9 +45,11 @@ def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, echo) -
                                           "validation": [str(workdir / "corpus" / "val.txt")]},
             "seq_len": 128, "micro_batch_size": 8, "max_steps": steps, "learning_rate": 2e-3,
             "warmup_steps": max(1, steps // 10), "eval_batches": 8, "log_every": max(1, steps // 20),
-            "output": str(workdir / "runs" / name)}
+            # a validation point every tenth of the run (every other step for short runs; plus start and end): the
+            # curves in the plots are measured, not drawn between two points
+            "eval_every": max(2, steps // 10), "output": str(workdir / "runs" / name)}
     (workdir / f"train-{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
-    summary = train(validate_recipe(body, TrainRecipe), progress=False, echo=echo)
+    summary = train(validate_recipe(body, TrainRecipe), progress=True, progress_label=label, echo=echo)
     rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     summary["initial_val_loss"] = next(r["val_loss"] for r in rows if r["type"] == "val" and r["step"] == 0)
     return summary
@@ -72,13 +76,13 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
     write_corpus(workdir / "corpus")
     echo(f"2. a small dense Llama, pretrained for {pretrain_steps} steps -> {workdir / 'dense'}")
     build_pico_model("llama", workdir / "dense-init", texts=stdlib_docstrings(), **DENSE_SHAPE)
-    _train(workdir, workdir / "dense-init", "pretrain", pretrain_steps, 3e-3, quiet)
+    _train(workdir, workdir / "dense-init", "pretrain", pretrain_steps, 3e-3, "pretrain", quiet)
     (workdir / "runs" / "pretrain" / "final").rename(workdir / "dense")
 
     recipe = workdir / "upcycle.yaml"
     recipe.write_text(QUICKSTART_RECIPE)
     echo(f"3. moemerge upcycle {recipe} -o {workdir / 'moe'}")
-    run_upcycle(recipe, workdir / "moe", echo=quiet)
+    run_upcycle(recipe, workdir / "moe", progress=True, echo=quiet)
     report = compare_logits(workdir / "moe", workdir / "dense")
     record_parity(workdir / "moe", workdir / "dense", report)
     verdict = "PASS" if report.max_abs <= 1e-4 else "FAIL"
@@ -86,8 +90,8 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
          f"{100 * report.top1_agreement:.1f}% (fp32 target <= 1e-4)")
 
     echo(f"4. continued training, {steps} steps each, same data and learning rate")
-    runs = {"dense": _train(workdir, workdir / "dense", "dense", steps, 2e-3, quiet),
-            "moe": _train(workdir, workdir / "moe", "moe", steps, 2e-3, quiet)}
+    runs = {"dense": _train(workdir, workdir / "dense", "dense", steps, 2e-3, "train dense", quiet),
+            "moe": _train(workdir, workdir / "moe", "moe", steps, 2e-3, "train MoE", quiet)}
     echo("")
     echo(f"   {'model':<22} {'params':>8} {'active':>8} {'val loss start':>15} {'val loss end':>13} {'tok/s':>7}")
     for name, label in (("dense", "dense Llama"), ("moe", "Mixtral 8 experts top-2")):
@@ -96,17 +100,41 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
              f"{s['initial_val_loss']:15.4f} {s['final_val_loss']:13.4f} {s['tokens_per_s']:7.0f}")
     plots = _plots(workdir, echo)
     echo("")
-    echo(f"files: {workdir / 'dense'} (dense), {workdir / 'moe'} (upcycled), "
-         f"{workdir / 'runs'}/{{dense,moe}}/final (trained), metrics.jsonl and checkpoints beside them")
+    echo(conclusion(runs["dense"], runs["moe"]))
+    echo(f"next: open {workdir / 'runs' / 'compare.png'}; moemerge inspect {workdir / 'runs' / 'moe' / 'final'}; "
+         "then upcycle your own model with a recipe from recipes/upcycle/ (README: Upcycle)")
+    echo("files: " + ", ".join(str(p) for p in _files(workdir)))
     return {"parity_max_abs": report.max_abs, "runs": runs, "plots": plots}
 
 
+def conclusion(dense: dict, moe: dict) -> str:
+    """One line from the two summaries: which model reached the lower validation loss, by how much, and the
+    price in training speed (tokens/s)."""
+    d, m = dense["final_val_loss"], moe["final_val_loss"]
+    better, worse = ("the upcycled MoE", "the dense model") if m < d else ("the dense model", "the upcycled MoE")
+    speed = moe["tokens_per_s"] / max(dense["tokens_per_s"], 1e-9)
+    return (f"conclusion: {better} reached the lower validation loss, {min(d, m):.4f} vs {max(d, m):.4f} for "
+            f"{worse} ({abs(d - m):.4f} nats/token, {100 * abs(d - m) / max(d, m):.1f}% lower), training at "
+            f"{moe['tokens_per_s']:.0f} tokens/s vs the dense model's {dense['tokens_per_s']:.0f} "
+            f"({speed:.2f}x the dense speed) for the same {moe['tokens']} tokens")
+
+
+def _files(workdir: Path) -> list[Path]:
+    """What the quickstart leaves for the user to open, all of it written by run_quickstart."""
+    runs = workdir / "runs"
+    return [workdir / "dense", workdir / "moe", runs / "dense" / "final", runs / "moe" / "final",
+            runs / "dense" / "metrics.jsonl", runs / "moe" / "metrics.jsonl", runs / "compare.png"]
+
+
 def _plots(workdir: Path, echo) -> list[Path]:
-    """Loss/lr/expert-load PNGs of both runs (`moemerge plot`)."""
-    from mergekit_lite.train.plot import plot_run
+    """Loss/lr/expert-load PNGs of both runs (`moemerge plot`), then compare.png: the two validation curves."""
+    from mergekit_lite.train.plot import plot_compare, plot_run
 
     paths: list[Path] = []
     for name in ("dense", "moe"):
         paths += plot_run(workdir / "runs" / name)
+    runs = workdir / "runs"
+    paths.append(plot_compare({"dense Llama": runs / "dense", "upcycled Mixtral, 8 experts top-2": runs / "moe"},
+                              runs / "compare.png", title="continued training: dense vs upcycled MoE"))
     echo(f"plots: {', '.join(str(p) for p in paths)}")
     return paths

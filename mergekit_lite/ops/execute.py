@@ -12,6 +12,7 @@ count (tests/test_memory.py measures it).
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -65,15 +66,20 @@ def materialize(op: TensorOp, cache: SourceCache) -> torch.Tensor:
 def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, shard_size: int,
             overwrite: bool = False, finalize: Callable[[Path], None] | None = None,
             progress: Callable[[int, int], None] | None = None,
+            written: Callable[[int], None] | None = None,
             echo: Callable[[str], None] | None = None) -> Path:
     """Write the plan's model folder atomically; returns the final path.
 
     Weights first, then config, side files and sidecar, then the model card (it reads the shards'
-    headers), then `finalize(tmp_dir)` (extra files), all inside the temporary folder. `echo` hears
-    about temporary folders of killed runs that are cleaned up.
+    headers), then `finalize(tmp_dir)` (extra files), all inside the temporary folder. `progress(done,
+    total)` hears of each shard written, `written(nbytes)` of tensor bytes as they reach the file, and
+    `echo` of temporary folders of killed runs that are cleaned up.
     """
     cache = SourceCache(readers, budget=max((op.nbytes for op in plan.ops), default=0))
     entries = [TensorEntry(op.key, tuple(op.shape), op.dtype, partial(materialize, op, cache)) for op in plan.ops]
+    if written is not None:
+        entries, shard_done = _counting(entries, written)
+        progress = partial(_both, shard_done, progress)
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, plan.config, plan.side_files_from, plan.record)
@@ -83,3 +89,39 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
 
     return write_model_folder(output, entries, shard_size=shard_size, overwrite=overwrite, finish=finish,
                               progress=progress, echo=echo)
+
+
+def _counting(entries: list[TensorEntry], written: Callable[[int], None]):
+    """Entries that report bytes written: the writer computes a tensor right after writing the one before
+    it, and finishes a shard after its last tensor, so each report is exactly the bytes now in the file."""
+    pending = [0]
+
+    def flush() -> None:
+        if pending[0]:
+            written(pending[0])
+        pending[0] = 0
+
+    def make(entry: TensorEntry) -> "torch.Tensor":
+        flush()  # the tensor before this one is in the file
+        pending[0] = entry.nbytes
+        return entry.make()
+
+    return [TensorEntry(e.key, e.shape, e.dtype, partial(make, e)) for e in entries], flush
+
+
+def _both(shard_done: Callable[[], None], progress: Callable[[int, int], None] | None, n: int, total: int) -> None:
+    shard_done()
+    if progress:
+        progress(n, total)
+
+
+@contextmanager
+def byte_bar(total: int, label: str = "write", enabled: bool = True):
+    """A tqdm bar over `total` output bytes (stderr); yields the `written(nbytes)` callback for `execute`."""
+    from tqdm.auto import tqdm
+
+    # decimal units, as the plan prints its output bytes; "B" after both counts ("1.20GB/3.70GB")
+    fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]"
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000, bar_format=fmt,
+              disable=not enabled) as bar:
+        yield bar.update

@@ -324,11 +324,13 @@ def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tu
 
 def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int | None = None,
               expand: int | None = None, dry_run: bool = False, overwrite: bool = False,
-              shard_size: str | None = None, verbose: bool = False, echo=print) -> Plan:
-    """`moemerge graft`: validate, preflight, print the plan, then write (unless `dry_run`)."""
+              shard_size: str | None = None, verbose: bool = False, progress: bool = True,
+              echo=print) -> Plan:
+    """`moemerge graft`: validate, preflight, print the plan, then write (unless `dry_run`); `progress` shows
+    a bar over the output bytes (stderr) while the tensors are written."""
     from mergekit_lite.io import refuse_overlap
     from mergekit_lite.io.writer import check_output, preflight_disk
-    from mergekit_lite.ops.execute import execute
+    from mergekit_lite.ops.execute import byte_bar, execute
     from mergekit_lite.recipe import parse_size
 
     recipe, text = load_graft_recipe(target, drop, expand)
@@ -348,7 +350,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     if dry_run:
         return plan
     preflight_disk(out, plan.nbytes)
-    execute(plan, readers, out, shard_size=size, overwrite=overwrite,
-            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"), echo=echo)
+    with byte_bar(plan.nbytes, "graft", enabled=progress) as written:  # bytes of tensors in the files
+        execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo)
     echo(f"wrote {out}")
     return plan

@@ -341,14 +341,16 @@ def fill_prompt_router(plan: Plan, recipe: UpcycleRecipe, device: str | None, ec
 
 
 def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dry_run: bool = False,
-                overwrite: bool = False, verbose: bool = False, device: str | None = None, echo=print) -> Plan:
+                overwrite: bool = False, verbose: bool = False, device: str | None = None,
+                progress: bool = True, echo=print) -> Plan:
     """`moemerge upcycle`: validate, preflight, print the plan, then write (unless `dry_run`).
 
-    `device` runs the base model for `router.init: hidden` (default: accelerate's choice).
+    `device` runs the base model for `router.init: hidden` (default: accelerate's choice); `progress`
+    shows a bar over the output bytes (stderr) while the tensors are written.
     """
     from mergekit_lite.io import refuse_overlap
     from mergekit_lite.io.writer import check_output
-    from mergekit_lite.ops.execute import execute
+    from mergekit_lite.ops.execute import byte_bar, execute
     from mergekit_lite.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, UpcycleRecipe)
@@ -366,8 +368,8 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
         return plan
     preflight_disk(out, plan.nbytes)
     fill_prompt_router(plan, recipe, device, echo)
-    execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite,
-            progress=lambda n, total: echo(f"  wrote shard {n}/{total}"), echo=echo)
+    with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
+        execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo)
     echo(f"wrote {out}")
     return plan
 

@@ -23,6 +23,14 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
+def is_main_process() -> bool:
+    """True on the process that prints: rank 0 under torchrun/`accelerate launch` (they set RANK), or a lone one.
+
+    Read from the launcher's environment, so it holds before the Accelerator exists and in the CLI's error path.
+    """
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
 def wants_cpu_processes() -> bool:
     """True when this run's processes must use the CPU: torchrun without CUDA, or ACCELERATE_USE_CPU set."""
     return ("LOCAL_RANK" in os.environ and not torch.cuda.is_available()) or _flag("ACCELERATE_USE_CPU")

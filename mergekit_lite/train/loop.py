@@ -20,12 +20,12 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
-from mergekit_lite.train.engine import describe_engine, make_accelerator
+from mergekit_lite.train.engine import describe_engine, is_main_process, make_accelerator
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_checkpoint, save_final
 from mergekit_lite.train.setup import (
-    build_loaders, keep_empty_tensors_in_checkpoints, latest_checkpoint, lora_targets, param_groups, preflight,
-    steps_for, trainable_parameters, write_run_record)
+    build_loaders, finished_run, has_experts, keep_empty_tensors_in_checkpoints, latest_checkpoint, lora_targets,
+    param_groups, preflight, steps_for, trainable_parameters, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -102,8 +102,12 @@ def active_params(model) -> int:
 
 
 def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, echo=print) -> dict:
-    """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known)."""
+          progress: bool = True, progress_label: str = "train", echo=print) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known).
+
+    Only the main process echoes. `--resume` of a run that already finished returns its stored summary with
+    `already_finished: True` and trains nothing. `progress_label` names the progress bar.
+    """
     from accelerate import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -111,6 +115,11 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
 
     r = recipe
     out = Path(r.output)
+    say = echo if is_main_process() else (lambda _: None)  # one voice under torchrun / accelerate launch
+    if resume and (done := finished_run(out)) is not None:
+        say(f"{out} already finished (step {done['steps']}, final val loss {done['final_val_loss']:.4f}; model in "
+            f"{out / 'final'}): nothing to resume. To train again, pass --overwrite or choose another output")
+        return {**done, "already_finished": True}
     model_dir = resolve_model_path(r.model, r.revision)
     config = preflight(r, model_dir, resume, overwrite)
     accelerator = make_accelerator(  # CPU processes over gloo under torchrun without GPUs; FSDP2 there too
@@ -119,8 +128,9 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
         # num_processes times per call, which fits a schedule counted in per-process batches, not ours
         step_scheduler_with_optimizer=False,
-        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them (a dense
+        # model has none, and DDP warns that the search for unused parameters costs time)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=has_experts(config))])
     set_seed(r.seed)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -148,6 +158,9 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     # --- data -----------------------------------------------------------------------------------
     max_steps = steps_for(r, accelerator.num_processes)
     train_dl, val_dl = build_loaders(r, tokenizer, model_dir, accelerator, max_steps)
+    tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
+    for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
+        say(line)
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
     # prepared, so save_state/load_state checkpoint it with the optimizer
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
@@ -167,20 +180,19 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         state = json.loads((ckpt / "trainer_state.json").read_text())
         step, tokens = state["step"], state["tokens"]
         train_dl = accelerator.skip_first_batches(train_dl, step * r.gradient_accumulation_steps)
-        echo(f"resumed from {ckpt} at step {step}")
+        say(f"resumed from {ckpt} at step {step}")
     metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
     if step == 0:
         metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
 
     # --- the loop -------------------------------------------------------------------------------
-    tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
     # ce, balance, z summed over processes since the last log line (a checkpoint between log lines keeps them)
     sums = torch.zeros(3, device=accelerator.device)
     if accelerator.is_main_process and "log_sums" in state:
         sums += torch.tensor(state["log_sums"], device=accelerator.device)
     micro = state.get("log_micro", 0)  # micro-steps per process since the last log line
     show = progress and accelerator.is_local_main_process
-    bar = tqdm(total=max_steps, initial=step, disable=not show, desc="train")
+    bar = tqdm(total=max_steps, initial=step, disable=not show, desc=progress_label, unit="step")
     t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
     batches = iter(train_dl)
     if resume:
@@ -249,10 +261,25 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
-               shard_size=r.shard_size, recipe_text=text, training=summary, echo=echo)
+               shard_size=r.shard_size, recipe_text=text, training=summary, echo=say)
     metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
     accelerator.end_training()
     return summary
+
+
+def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_per_step: int,
+               max_steps: int) -> list[str]:
+    """What a run is about to do: model, parameters (total/active), data blocks, tokens per step, output."""
+    total = sum(p.numel() for p in model.parameters())
+
+    def blocks(dl) -> str:
+        return f"{len(dl.dataset)}" if hasattr(dl.dataset, "__len__") else "streamed"
+
+    return [f"train {model_dir}: {total / 1e6:.2f}M parameters, {active_params(model) / 1e6:.2f}M active per token "
+            f"({r.trainable} trainable)",
+            f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
+            f"{tokens_per_step} tokens per step x {max_steps} steps",
+            f"  output: {r.output}"]
 
 
 def _mfu(flops_per_s: float, accelerator) -> float | None:

@@ -112,6 +112,21 @@ def resumable_checkpoint(out: Path) -> Path:
     return ckpt
 
 
+def has_experts(cfg: dict[str, Any]) -> bool:
+    """Whether a config.json (text part for multimodal ones) describes routed experts."""
+    text = cfg.get("text_config") or cfg
+    return any(text.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+
+
+def finished_run(out: Path) -> dict[str, Any] | None:
+    """The summary record of a run in OUTPUT that ran to its end (final/ written), else None."""
+    path = out / "metrics.jsonl"
+    if not (out / "final").is_dir() or not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(rows) if r.get("type") == "summary"), None)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted((out / "checkpoints").glob("step-???????")) if (out / "checkpoints").is_dir() else []
     return ckpts[-1] if ckpts else None

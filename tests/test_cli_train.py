@@ -20,10 +20,10 @@ def test_train_output_option_wins_over_recipe(tmp_path):
     model = build_pico_model("llama", tmp_path / "dense", texts=stdlib_docstrings(), hidden_size=32,
                              intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(model), "data": {"train": [str(train_txt)],
-                                                                    "validation": [str(val_txt)]},
-                                      "seq_len": 32, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "eval_batches": 1,
-                                      "output": str(tmp_path / "from-recipe")}))
+    body = {"model": str(model), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
+            "seq_len": 32, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "eval_batches": 1,
+            "output": str(tmp_path / "from-recipe")}
+    recipe.write_text(yaml.safe_dump(body))
     runner = CliRunner()
     for name in ("a", "b"):  # two runs of one recipe side by side: the second does not meet the first's run
         res = runner.invoke(app, ["train", str(recipe), "-o", str(tmp_path / name)])

@@ -148,9 +148,9 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
                      "dense model (by design)")
     elif not (lay.shared and not r.shared_split):
         if narrowing:
-            notes.append(f"identical experts, but weights rounded {narrowing}: step-0 logits equal those of the dense "
-                         f"model rounded the same way, not the source's own (max |Δlogits| against the source ~1e-2 "
-                         "or more; `dtype: source` keeps exact parity; check with `moemerge verify`)")
+            notes.append(f"identical experts, but weights rounded {narrowing}: step-0 logits equal those of the "
+                         "dense model rounded the same way, not the source's own (`moemerge verify` against the "
+                         "source shows the rounding; `dtype: source` keeps exact parity)")
         else:
             notes.append("identical experts: step-0 logits equal the dense model's (check with `moemerge verify`)")
     return notes

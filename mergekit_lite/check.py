@@ -55,6 +55,7 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
               for d in find_debris(path)]
     if not path.is_dir():
         raise MoemergeError(f"check: {path} is not a folder" + (f" ({debris[0]})" if debris else ""))
+    refuse_run_folder(path)
     report = CheckReport(path, notes=debris)
     config = _load_config(path, report)
     reader = CheckpointReader(path)  # headers of every shard; index <-> shard consistency
@@ -67,6 +68,20 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
         reader.close()
     report.notes.extend(_link_notes(path))
     return report
+
+
+# What `moemerge train` writes in its output folder; the model itself goes to final/.
+RUN_MARKERS = ("moemerge-run.json", "metrics.jsonl", "final")
+
+
+def refuse_run_folder(path: Path) -> None:
+    """A `moemerge train` output folder is not a model: name the folder that holds the run's model."""
+    if (path / "config.json").exists() or not any((path / m).exists() for m in RUN_MARKERS):
+        return
+    final = path / "final"
+    where = (f"its model is in {final}; give that folder instead" if (final / "config.json").exists()
+             else f"its model will be in {final} when the run finishes (`moemerge train --resume` continues it)")
+    raise MoemergeError(f"{path} is a `moemerge train` run folder, not a model folder; {where}")
 
 
 def _link_notes(path: Path) -> list[str]:

@@ -20,6 +20,7 @@ app = typer.Typer(
          "`moemerge upcycle RECIPE -o OUT` (examples in recipes/upcycle/), `moemerge verify OUT --against DENSE`, "
          "`moemerge train RECIPE`, `moemerge check OUT`, `moemerge push OUT --repo ORG/NAME`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click-style help: flags show no `<bool>`, arguments their metavar (RECIPE, MODEL)
 )
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -42,21 +43,25 @@ def echo(line: str) -> None:
         out.print(line, markup=False)
 
 
-
 @app.command()
-def upcycle(recipe: Path = typer.Argument(..., help="upcycle recipe (YAML)"), output: Optional[Path] = OUTPUT,
+def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle recipe (YAML)"),
+            output: Optional[Path] = OUTPUT,
             dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
             verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor"),
             device: Optional[str] = typer.Option(None, help="runs the base model for router.init=hidden: cpu, cuda, "
-                                                            "cuda:1 ... (default: accelerate's choice)")) -> None:
+                                                            "cuda:1 ... (default: accelerate's choice)"),
+            shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
+                                                     "the recipe's shard_size, default 5GB)")) -> None:
     """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
     from mergekit_lite.ops.upcycle import run_upcycle
 
-    run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, device=device, echo=echo)
+    run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, device=device,
+                shard_size=shard_size, echo=echo)
 
 
 @app.command()
-def graft(source: Path = typer.Argument(..., help="a model folder (with --drop or --expand) or a graft recipe (YAML)"),
+def graft(source: Path = typer.Argument(..., metavar="SOURCE",
+                                        help="a model folder (with --drop or --expand) or a graft recipe (YAML)"),
           output: Optional[Path] = OUTPUT,
           drop: Optional[int] = typer.Option(None, "--drop", help="SOLAR depth up-scaling: n layers -> 2(n-m)"),
           expand: Optional[int] = typer.Option(None, "--expand", help="LLaMA-Pro: insert K identity blocks"),
@@ -71,7 +76,8 @@ def graft(source: Path = typer.Argument(..., help="a model folder (with --drop o
 
 
 @app.command()
-def train(recipe: Path = typer.Argument(..., help="train recipe (YAML)"), output: Optional[Path] = OUTPUT,
+def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recipe (YAML)"),
+          output: Optional[Path] = OUTPUT,
           resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUTPUT"),
           overwrite: bool = typer.Option(False, "--overwrite", help="start again: remove only what an earlier run "
                                          "wrote in OUTPUT (checkpoints/, metrics.jsonl, final/, cache/, adapter/, "
@@ -103,7 +109,8 @@ def _train_interrupted(out: Path) -> str:
 
 
 @app.command()
-def corpus(folder: Path = typer.Argument(Path("corpus"), help="where to write train.txt and val.txt")) -> None:
+def corpus(folder: Path = typer.Argument(Path("corpus"), metavar="FOLDER",
+                                         help="where to write train.txt and val.txt")) -> None:
     """Write a small English corpus (the Python standard library's docstrings) for offline training."""
     from mergekit_lite.train.corpus import write_corpus
 
@@ -112,7 +119,7 @@ def corpus(folder: Path = typer.Argument(Path("corpus"), help="where to write tr
 
 
 @app.command()
-def plot(run: Path = typer.Argument(..., help="a `moemerge train` output folder"),
+def plot(run: Path = typer.Argument(..., metavar="RUN", help="a `moemerge train` output folder"),
          output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the PNGs (default: RUN)")
          ) -> None:
     """PNG plots of a training run: loss (train/val), learning rate, expert load per layer."""
@@ -123,7 +130,7 @@ def plot(run: Path = typer.Argument(..., help="a `moemerge train` output folder"
 
 
 @app.command()
-def verify(model: Path = typer.Argument(..., help="output model folder"),
+def verify(model: Path = typer.Argument(..., metavar="MODEL", help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
            device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
@@ -145,7 +152,7 @@ def verify(model: Path = typer.Argument(..., help="output model folder"),
 
 
 @app.command()
-def inspect(model: Path = typer.Argument(..., help="model folder")) -> None:
+def inspect(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")) -> None:
     """Architecture, layers, experts, parameters (total/active), dtype, shards, how it was built."""
     from mergekit_lite.inspect_model import describe, describe_lines
 
@@ -166,7 +173,7 @@ def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="w
 
 
 @app.command()
-def check(model: Path = typer.Argument(..., help="model folder")) -> None:
+def check(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")) -> None:
     """Is this folder a sound checkpoint? Index/shards/headers, key set vs config class, tokenizer, no NaN/Inf."""
     from mergekit_lite.check import check_folder
 
@@ -175,7 +182,7 @@ def check(model: Path = typer.Argument(..., help="model folder")) -> None:
 
 
 @app.command()
-def push(model: Path = typer.Argument(..., help="model folder"),
+def push(model: Path = typer.Argument(..., metavar="MODEL", help="model folder"),
          repo: str = typer.Option(..., "--repo", help="Hub repo id, ORG/NAME (created if needed)"),
          private: bool = typer.Option(False, "--private", help="create the repo private"),
          revision: str = typer.Option("main", "--revision", help="branch to commit to (created if needed)"),
@@ -234,7 +241,6 @@ def _say_interrupted() -> None:
 
     if is_main_process():  # every process of a launch gets the signal; one says so
         err.print(INTERRUPTED["message"]())
-
 
 
 if __name__ == "__main__":

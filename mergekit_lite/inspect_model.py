@@ -55,12 +55,37 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
     if built:
         steps = " -> ".join(s.get("step", "?") for s in built.get("lineage", []))
         lines.append(f"  built by       moemerge {built.get('kind')}   lineage: {steps}")
-        for k, v in built.items():
-            if k == "upcycle" and isinstance(v, dict):
-                lines += upcycle_lines(v)
-            elif k not in ("recipe", "lineage", "kind"):
-                lines.append(f"    {k}: {v}")
+        lines += record_lines(built)
     return lines
+
+
+def record_lines(built: dict[str, Any]) -> list[str]:
+    """The sidecar's figures as aligned `name  value` rows; a mapping (parity, training) gets its own block."""
+    rows = {k: v for k, v in built.items() if k not in ("recipe", "lineage", "kind") and v is not None}
+    width = max([len(k) for k in rows] + [len(k) for v in rows.values() if isinstance(v, dict) for k in v], default=0)
+    lines = []
+    for k, v in rows.items():
+        if k == "upcycle" and isinstance(v, dict):
+            lines += upcycle_lines(v)
+        elif isinstance(v, dict):
+            lines.append(f"    {k}")
+            lines += [f"      {sub:<{width}}  {value_text(x)}" for sub, x in v.items() if x is not None]
+        else:
+            lines.append(f"    {k:<{width + 2}}  {value_text(v)}")
+    return lines
+
+
+def value_text(v: Any) -> str:
+    """A sidecar value as a person reads it: 4 significant digits, lists joined, no Python syntax."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(value_text(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {value_text(x)}" for k, x in v.items() if x is not None)
+    return str(v)
 
 
 def upcycle_lines(u: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ not a silently ignored setting. `load_recipe` turns YAML and validation problems
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -306,20 +307,72 @@ class TrainRecipe(Strict):
 R = TypeVar("R", bound=BaseModel)
 
 
+# Names people carry over from other trainers and from config.json, mapped to ours; suggested only when the
+# target is a key of the section the unknown key sits in (so `lr` -> learning_rate, never `lora`).
+_ALIASES = {"lr": "learning_rate", "batch_size": "micro_batch_size", "bs": "micro_batch_size",
+            "per_device_train_batch_size": "micro_batch_size", "steps": "max_steps", "num_steps": "max_steps",
+            "warmup": "warmup_steps", "grad_accum": "gradient_accumulation_steps",
+            "gradient_accumulation": "gradient_accumulation_steps", "wd": "weight_decay",
+            "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "precision": "mixed_precision",
+            "max_seq_len": "seq_len", "seq_length": "seq_len", "block_size": "seq_len", "context_length": "seq_len",
+            "n_experts": "num_experts", "num_local_experts": "num_experts", "top_k": "experts_per_token",
+            "num_experts_per_tok": "experts_per_token", "model": "source", "base_model": "source",
+            "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+# difflib ratio a typo must reach: 0.75 keeps `learnig_rate` -> learning_rate and drops `lr` -> lora (0.67).
+_CUTOFF = 0.75
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The recipe section class inside an annotation (`X`, `X | None`, `list[X]`, `Union[Literal, X]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _section(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section class found by following `loc` (field names; list indices are skipped) from `model`."""
+    section: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = section.model_fields if section else {}
+        section = _model_in(fields[part].annotation) if part in fields else None
+    return section
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    """A known key this unknown one probably meant: an alias first, else a close spelling."""
+    if _ALIASES.get(key) in known:
+        return _ALIASES[key]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=_CUTOFF)
+    return close[0] if close else None
+
+
+def _mapping_example(name: str, section: type[BaseModel], value: Any) -> str:
+    """`name: {field: value}` using the field whose allowed values include `value`, else the first fields."""
+    for field, info in section.model_fields.items():
+        if value in typing.get_args(info.annotation):
+            return f"{name}: {{{field}: {value}}}"
+    return f"{name}: {{{', '.join(f'{f}: ...' for f in list(section.model_fields)[:2])}}}"
+
+
 def _fix_hint(err: dict[str, Any], model: type[BaseModel]) -> str:
     """Suggest a fix for one pydantic error."""
     kind = err["type"]
     if kind == "extra_forbidden":
-        section: Any = model
-        for part in err["loc"][:-1]:
-            fields = getattr(section, "model_fields", {})
-            if isinstance(part, str) and part in fields:
-                section = fields[part].annotation
-        known = list(getattr(section, "model_fields", {}))
-        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        section = _section(model, err["loc"][:-1])
+        known = list(section.model_fields) if section else []
+        close = _suggest(str(err["loc"][-1]), known)
         if close:
-            return f"did you mean '{close[0]}'?"
+            return f"did you mean '{close}'?"
         return f"remove it; known keys here: {', '.join(known)}" if known else "remove it"
+    if kind == "model_type" and (section := _section(model, err["loc"])) is not None:
+        return (f"write a mapping like `{_mapping_example(str(err['loc'][-1]), section, err.get('input'))}`; "
+                f"keys: {', '.join(section.model_fields)}")
     if kind == "missing":
         return "add this key"
     if kind.startswith("literal"):
@@ -337,6 +390,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], where:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "model_type":  # pydantic names our internal class here; say what the user wrote
+            msg = f"must be a mapping of keys to values, not {type(value).__name__}"
         lines.append(f"  {field}{shown}: {msg} ({_fix_hint(err, model)})")
     return "\n".join(lines)
 

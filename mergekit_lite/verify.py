@@ -83,6 +83,9 @@ def record_parity(model_dir: str | Path, reference: str | Path, report: ParityRe
 def compare_logits(model_dir: str | Path, reference: str | Path, *, text: str = SAMPLE_TEXT,
                    dtype: str = "float32", device: str | None = None) -> ParityReport:
     """Run both models on the same tokens and compare the logits position by position."""
+    from mergekit_lite.ops.router_init import check_device
+
+    check_device(device)  # one line before loading anything, not torch's assertion after the first model
     dev = torch.device(device) if device else default_device()
     tdtype = getattr(torch, dtype)
     ref = load_model(reference, tdtype, dev)

@@ -19,6 +19,35 @@ import torch
 from mergekit_lite.errors import MoemergeError
 
 
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device this torch cannot run on, in one line, before any plan is printed or byte read.
+
+    Args:
+        device: what the user passed (None: accelerate's choice later, always runnable).
+        flag: how the user wrote the option, for the message.
+    """
+    if not device:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MoemergeError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:1, mps ... "
+                            "or leave it out for accelerate's choice") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise MoemergeError(f"{flag} {device}: this torch {torch.__version__} was built without CUDA; "
+                                "use --device cpu, leave it out, or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if count == 0 or (dev.index or 0) >= count:
+            raise MoemergeError(f"{flag} {device}: {count} CUDA device(s) visible here; use --device cpu"
+                                + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is not None and not available():
+            raise MoemergeError(f"{flag} {device}: no {dev.type} device is available here; use --device cpu")
+
+
 def _device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)

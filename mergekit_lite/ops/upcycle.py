@@ -342,10 +342,11 @@ def fill_prompt_router(plan: Plan, recipe: UpcycleRecipe, device: str | None, ec
 
 def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dry_run: bool = False,
                 overwrite: bool = False, verbose: bool = False, device: str | None = None,
-                progress: bool = True, echo=print) -> Plan:
+                shard_size: str | None = None, progress: bool = True, echo=print) -> Plan:
     """`moemerge upcycle`: validate, preflight, print the plan, then write (unless `dry_run`).
 
-    `device` runs the base model for `router.init: hidden` (default: accelerate's choice); `progress`
+    `device` runs the base model for `router.init: hidden` (default: accelerate's choice); `shard_size`
+    (e.g. "2GB") wins over the recipe's; `progress`
     shows a bar over the output bytes (stderr) while the tensors are written.
     """
     from mergekit_lite.io import refuse_overlap
@@ -355,6 +356,17 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
 
     recipe = load_recipe(recipe_path, UpcycleRecipe)
     recipe = resolve_recipe_paths(recipe, recipe_path)
+    if recipe.router.init == "hidden":  # the base model runs on `device`: refuse a missing one before any work
+        from mergekit_lite.ops.router_init import check_device
+
+        check_device(device)
+    if shard_size is not None:  # --shard-size wins over the recipe's, as in graft
+        from mergekit_lite.recipe import parse_size
+
+        try:
+            recipe = recipe.model_copy(update={"shard_size": parse_size(shard_size)})
+        except ValueError as e:
+            raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
     out = Path(output or recipe.output or "") if (output or recipe.output) else None
     if out is None and not dry_run:
         raise MoemergeError("no output folder: pass -o/--output or set `output:` in the recipe")

@@ -172,3 +172,28 @@ def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_same_run(world, device):
         assert [r["loss"] for r in records(cut, "train")] == [r["loss"] for r in records(whole, "train")]
         a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (whole, cut))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_rank_zero_speaks(world):
+    """Two DDP processes of a dense model: the header, the summary, a user error and the finished-run note appear
+    once; every process exits with the same status; DDP is not asked to search for unused parameters."""
+    out = world["root"] / "rank0"
+    recipe = world["root"] / "rank0.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(world["dense"]), "data": {"train": [world["train"]], "validation": [world["val"]]},
+        "seq_len": 32, "micro_batch_size": 4, "max_steps": 2, "learning_rate": 3e-3, "warmup_steps": 1,
+        "eval_batches": 2, "output": str(out)}))
+    cmd = [*LAUNCH, "--config_file", str(CONFIGS / ENGINES["cpu", "ddp"]), "-m", "mergekit_lite", "train", str(recipe)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, env=env_for("cpu"))
+
+    first = run()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    assert first.stdout.count("  output: ") == 1 and first.stdout.count("final val loss") == 1, first.stdout
+    assert "find_unused_parameters=True" not in first.stderr  # torch's warning when the search finds nothing
+    again = run()  # the output holds a run: a user error on every process, printed once
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == 1, again.stderr[-3000:]
+    done = run("--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("already finished") == 1 and "tokens/s" not in done.stdout, done.stdout

@@ -44,6 +44,7 @@ def no_load_state(monkeypatch):
 def copy_of(run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(run[0], out)
+    shutil.rmtree(out / "final")  # as if killed before the end: --resume of a finished run loads nothing at all
     return out
 
 

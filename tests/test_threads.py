@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mergekit_lite.threads import cgroup_cpu_limit, default_threads, local_world_size, usable_cores
+from mergekit_lite.threads import (cgroup_cpu_limit, default_threads, default_wait_policy, local_world_size,
+                                   usable_cores)
 
 
 @pytest.mark.parametrize("cores, local, env, expected", [
@@ -24,6 +25,12 @@ from mergekit_lite.threads import cgroup_cpu_limit, default_threads, local_world
 ])
 def test_default_threads(cores, local, env, expected):
     assert default_threads(cores, local, env) == expected
+
+
+def test_default_wait_policy():
+    assert default_wait_policy({}) == "PASSIVE"  # idle threads sleep: a busy neighbour core costs little
+    for var, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")):
+        assert default_wait_policy({var: value}) is None
 
 
 def test_local_world_size_from_launchers():
@@ -48,18 +55,25 @@ def test_cgroup_quota(tmp_path):
 
 
 # Runs moemerge's own entry point on a real command, then reports the thread count torch ended up with.
-PROBE = ("import atexit, sys; from mergekit_lite.cli import main; "
-         "atexit.register(lambda: print('THREADS', __import__('torch').get_num_threads())); "
+PROBE = ("import atexit, os, sys; from mergekit_lite.cli import main; "
+         "atexit.register(lambda: print(os.environ.get('OMP_WAIT_POLICY'), 'THREADS', "
+         "__import__('torch').get_num_threads())); "
          "sys.argv = ['moemerge', 'inspect', sys.argv[1]]; main()")
 
 
-def _threads_after_moemerge(model, **env_over) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def _moemerge_settings(model, **env_over) -> tuple[str, int]:
+    """(OMP_WAIT_POLICY, torch's thread count) at the end of `moemerge inspect MODEL` run with `env_over`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.update(env_over)
     proc = subprocess.run([sys.executable, "-c", PROBE, str(model)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split("THREADS")[-1])
+    policy, _, threads = proc.stdout.split()[-3:]
+    return policy, int(threads)
+
+
+def _threads_after_moemerge(model, **env_over) -> int:
+    return _moemerge_settings(model, **env_over)[1]
 
 
 def test_moemerge_sets_threads_unless_user_did(pico_llama):
@@ -70,3 +84,8 @@ def test_moemerge_sets_threads_unless_user_did(pico_llama):
     # the user's setting is left alone, even where moemerge would choose otherwise (torch caps it at the cores)
     assert _threads_after_moemerge(pico_llama, OMP_NUM_THREADS="1") == 1
     assert _threads_after_moemerge(pico_llama, LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="2") == min(2, cores)
+
+
+def test_moemerge_sets_passive_wait_unless_user_did(pico_llama):
+    assert _moemerge_settings(pico_llama)[0] == "PASSIVE"
+    assert _moemerge_settings(pico_llama, OMP_WAIT_POLICY="ACTIVE")[0] == "ACTIVE"

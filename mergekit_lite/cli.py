@@ -31,8 +31,12 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output 
                                                     "lies inside an input: refused before anything is written)")
 
 
+def _nothing_written() -> str:
+    return "interrupted, nothing written"
+
+
 # what main() says on Ctrl-C (called then); a command whose interruption leaves something behind says what
-INTERRUPTED = {"message": lambda: "interrupted, nothing written"}
+INTERRUPTED = {"message": _nothing_written}
 
 
 def echo(line: str) -> None:
@@ -209,6 +213,7 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bars()  # our own output says what is happening; keep logs readable
+    INTERRUPTED["message"] = _nothing_written  # until a command says otherwise
     try:
         app()
     except MoemergeError as e:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from mergekit_lite.errors import MoemergeError
 
 
@@ -33,6 +31,8 @@ def is_main_process() -> bool:
 
 def wants_cpu_processes() -> bool:
     """True when this run's processes must use the CPU: torchrun without CUDA, or ACCELERATE_USE_CPU set."""
+    import torch  # here, not at the top: the CLI imports this module for is_main_process on every command
+
     return ("LOCAL_RANK" in os.environ and not torch.cuda.is_available()) or _flag("ACCELERATE_USE_CPU")
 
 

@@ -83,8 +83,6 @@ def test_readme_commands_run_in_order(tmp_path):
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    # torch's default of one thread per core slows everything several-fold when the CI machine is shared
-    env.setdefault("OMP_NUM_THREADS", "1")
     timings = []
     for line, body, runs in readme_blocks(README.read_text()):
         if not runs:

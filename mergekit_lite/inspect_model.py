@@ -62,7 +62,8 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
 def record_lines(built: dict[str, Any]) -> list[str]:
     """The sidecar's figures as aligned `name  value` rows; a mapping (parity, training) gets its own block."""
     rows = {k: v for k, v in built.items() if k not in ("recipe", "lineage", "kind") and v is not None}
-    width = max([len(k) for k in rows] + [len(k) for v in rows.values() if isinstance(v, dict) for k in v], default=0)
+    subkeys = [k for v in rows.values() if isinstance(v, dict) for k in v]
+    width = max([len(k) for k in rows] + [len(k) for k in subkeys], default=0)
     lines = []
     for k, v in rows.items():
         if k == "upcycle" and isinstance(v, dict):

@@ -263,6 +263,8 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
                shard_size=r.shard_size, recipe_text=text, training=summary, echo=say)
     metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
+    # leave together: a rank tearing gloo down while the main one still writes final/ left a process hanging
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 

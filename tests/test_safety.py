@@ -323,3 +323,24 @@ def test_train_final_save_reports_the_stale_temp_folder_it_removes(tmp_path, tra
     train(train_recipe(train_world, out), echo=lines.append, progress=False)
     assert not stale.exists() and (out / "final" / "config.json").is_file()
     assert any(str(stale.name) in line and "removed" in line for line in lines), lines
+
+
+# ---- upcycle/graft --overwrite replaces only a model folder moemerge wrote ---------------------------
+def test_overwrite_replaces_only_a_moemerge_folder_holding_nothing_else(tmp_path, src):
+    recipe = up_recipe(tmp_path / "r", source=src)
+    work = tmp_path / "work"  # a folder of other work, pointed at by mistake
+    work.mkdir()
+    (work / "thesis.tex").write_text("years")
+    refused(lambda: run_upcycle(recipe, work, overwrite=True, echo=lambda s: None), work,
+            str(work), "not written by moemerge")
+    out = tmp_path / "out"
+    run_upcycle(recipe, out, echo=lambda s: None)
+    (out / "eval-results.json").write_text("{}")  # the user added a file to the model folder
+    refused(lambda: run_upcycle(recipe, out, overwrite=True, echo=lambda s: None), out,
+            str(out / "eval-results.json"), "did not write")
+    (out / "eval-results.json").unlink()
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nmy notes\n")  # the card is ours to rebuild
+    run_upcycle(recipe, out, overwrite=True, echo=lambda s: None)
+    assert (out / "config.json").is_file() and "my notes" in (out / "README.md").read_text()
+    refused(lambda: run_graft(src, work, expand=1, overwrite=True, echo=lambda s: None), work,
+            "not written by moemerge")

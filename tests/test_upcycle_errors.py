@@ -176,10 +176,10 @@ def test_output_exists(tmp_path, pico_llama):
 
 def test_overwrite_replaces(tmp_path, pico_llama):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    run_upcycle(recipe(tmp_path, source=pico_llama), out, echo=lambda s: None)
+    (out / "model-00002-of-00002.safetensors").write_text("old")  # a shard of an earlier, sharded build
     run_upcycle(recipe(tmp_path, source=pico_llama), out, overwrite=True, echo=lambda s: None)
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "model.safetensors").exists()
 
 
 def test_disk_too_small(tmp_path, pico_llama, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
+from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
 
 SINGLE_FILE = "model.safetensors"
@@ -65,12 +66,32 @@ class AtomicDir:
 
 
 def check_output(target: str | Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless `overwrite`; refuse a file in its place always."""
+    """Refuse an existing output folder unless `overwrite`; refuse a file in its place always.
+
+    `--overwrite` replaces only a model folder moemerge wrote (its `moemerge.json` is there) that holds
+    nothing but what the writer puts in one, so `-o ~/models --overwrite` cannot wipe a folder of
+    other work; the first foreign entry is named.
+    """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise MoemergeError(f"output {target} exists and is a file; choose another output path")
-    if target.exists() and not overwrite and any(target.iterdir()):
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
         raise MoemergeError(f"output folder {target} already exists; pass --overwrite to replace it")
+    if not (target / SIDECAR).is_file():
+        raise MoemergeError(f"--overwrite: {target} was not written by moemerge (no {SIDECAR}); it replaces only "
+                            "model folders moemerge wrote: choose another output or move that folder away")
+    foreign = sorted(p.name for p in target.iterdir() if not is_model_folder_file(p.name))
+    if foreign:
+        raise MoemergeError(f"--overwrite: {target} holds {target / foreign[0]} ({len(foreign)} entries in all) "
+                            "that moemerge did not write; move them away or choose another output")
+
+
+def is_model_folder_file(name: str) -> bool:
+    """True for the top-level names the writer puts in a model folder (weights, index, config, side files, card)."""
+    return (name in SIDE_FILES or name in (SIDECAR, "config.json", "README.md", INDEX_FILE)
+            or (name.startswith("model") and name.endswith(".safetensors")))
 
 
 def _fsync_dir(path: Path) -> None:

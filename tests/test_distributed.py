@@ -19,14 +19,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_lite.ops.upcycle import run_upcycle
-from mergekit_lite.pico import build_pico_model
-from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
+from test_train import build_world
 
 pytestmark = pytest.mark.distributed
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"]
 DEVICES = [pytest.param("cpu", id="cpu-gloo"),
            pytest.param("cuda", id="cuda-nccl", marks=pytest.mark.skipif(
@@ -53,14 +50,7 @@ main()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A real-English corpus, a dense pico Llama with its tokenizer, its 4-expert top-2 Mixtral, cached runs."""
-    root = tmp_path_factory.mktemp("dist")
-    train_txt, val_txt = write_corpus(root / "corpus")
-    dense = build_pico_model("llama", root / "dense", texts=stdlib_docstrings(), **SMALL)
-    (root / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4, "experts_per_token": 2,
-                                                  "dtype": "float32", "seed": 3}))
-    run_upcycle(root / "up.yaml", root / "moe", echo=lambda s: None)
-    return {"root": root, "dense": dense, "moe": root / "moe", "train": str(train_txt), "val": str(val_txt),
-            "refs": {}}
+    return {**build_world(tmp_path_factory.mktemp("dist")), "refs": {}}
 
 
 def env_for(device: str) -> dict[str, str]:

@@ -26,8 +26,11 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("train"))
+
+
+def build_world(root: Path) -> dict:
     """A corpus of real English, a dense pico Llama with a tokenizer trained on it, and its 4-expert Mixtral."""
-    root = tmp_path_factory.mktemp("train")
     train_txt, val_txt = write_corpus(root / "corpus")
     dense = build_pico_model("llama", root / "dense", texts=stdlib_docstrings(), **SMALL)
     (root / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4, "experts_per_token": 2,

@@ -51,6 +51,23 @@ def test_shard_is_valid_safetensors_with_mixed_dtypes_shared_and_empty_tensors(t
         assert header[k]["data_offsets"][0] % v.element_size() == 0, k
 
 
+def test_a_tensor_made_of_parts_is_written_as_their_concatenation(tmp_path):
+    """Fused experts: E views of one (memory-mapped) source, written back to back, equal the stacked tensor."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 3, generator=g).to(torch.bfloat16)
+    tail = torch.randn(2, 4, 3, generator=g).to(torch.bfloat16)
+    parts = [w[None], w[None], tail]  # leading-axis slices of a [4, 4, 3] tensor
+    entries = [TensorEntry("fused", (4, 4, 3), torch.bfloat16, lambda: parts),
+               TensorEntry("after", (2,), torch.float32, lambda: torch.tensor([1.0, 2.0]))]
+    write_shard(tmp_path / "x.safetensors", entries)
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert torch.equal(got["fused"], torch.cat(parts))
+    assert torch.equal(got["after"], torch.tensor([1.0, 2.0]))
+    short = [TensorEntry("fused", (4, 4, 3), torch.bfloat16, lambda: parts[:2])]
+    with pytest.raises(AssertionError, match="fused"):
+        write_shard(tmp_path / "y.safetensors", short)
+
+
 def test_tensors_are_computed_one_at_a_time_and_freed(tmp_path):
     """The header is known up front; each tensor is made only when written and dropped before the next."""
     alive: list[weakref.ref] = []

@@ -143,7 +143,9 @@ class TensorEntry:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    make: Callable[[], torch.Tensor]  # returns the tensor (any device); called once, then dropped
+    # returns the tensor (any device), or a list of parts whose bytes written back to back are the tensor
+    # (a fused [E, ...] tensor of E copies of one source is E views, never a stacked copy); called once
+    make: Callable[[], "torch.Tensor | list[torch.Tensor]"]
 
     @property
     def nbytes(self) -> int:
@@ -236,14 +238,22 @@ _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def _write_tensor(f, e: TensorEntry) -> None:
-    """Compute one declared tensor and write its bytes straight from its memory (a mmap view stays a view)."""
-    t = e.make().detach()
-    if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
-        raise AssertionError(f"{e.key}: got {tuple(t.shape)} {t.dtype}, declared {tuple(e.shape)} {e.dtype}")
-    if t.device.type != "cpu" or not t.is_contiguous():
-        t = t.to("cpu").contiguous()
-    if e.nbytes:
-        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    """Compute one declared tensor and write its bytes straight from its memory (a mmap view stays a view).
+
+    `make()` may return parts (leading-axis slices of the declared tensor, in order); each is written
+    from its own memory, so a fused tensor of E copies of one memory-mapped source costs no RAM.
+    """
+    made = e.make()
+    parts = [p.detach() for p in made] if isinstance(made, (list, tuple)) else [made.detach()]
+    if any(p.dtype != e.dtype for p in parts) or sum(p.numel() for p in parts) * e.dtype.itemsize != e.nbytes \
+            or (len(parts) == 1 and tuple(parts[0].shape) != tuple(e.shape)):
+        got = " + ".join(f"{tuple(p.shape)} {p.dtype}" for p in parts)
+        raise AssertionError(f"{e.key}: got {got}, declared {tuple(e.shape)} {e.dtype}")
+    for t in parts:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = t.to("cpu").contiguous()
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_index(folder: str | Path, weight_map: dict[str, str], total_size: int, extra: dict | None = None) -> None:

@@ -1,0 +1,84 @@
+"""`moemerge train` recipes: continued pretraining with accelerate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mergekit_lite.recipe.base import ByteSize, DType, Strict
+
+
+class TrainData(Strict):
+    """Where the training text comes from (local files through the `datasets` library, or a Hub dataset)."""
+
+    train: list[str] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
+                                                      "or a Hub dataset name when online")
+    validation: list[str] | None = Field(None, description="held-out files; default: a split of `train`")
+    validation_fraction: float = Field(0.05, gt=0, lt=0.5,
+                                       description="share of documents held out (split before packing)")
+    text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
+    streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
+    validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
+                                   "(their documents are left out of training)")
+
+
+class MoETraining(Strict):
+    """Router losses and balancing for MoE models (ignored for dense models)."""
+
+    balance_coef: float = Field(0.01, ge=0, description="Switch/GShard load-balancing loss coefficient")
+    z_coef: float = Field(0.001, ge=0, description="router z-loss coefficient (ST-MoE)")
+    bias_update_rate: float = Field(0.0, ge=0, description="auxiliary-loss-free balancing (DeepSeek-V3): "
+                                                           "per-expert selection bias step; 0 = off")
+    jitter: float = Field(0.0, ge=0, lt=1, description="multiplicative router-input noise in [1-j, 1+j] (Switch)")
+
+
+class LoraSettings(Strict):
+    """LoRA adapters (peft), merged into the weights when the model is saved."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainRecipe(Strict):
+    """`moemerge train`: continued pretraining with accelerate."""
+
+    model: str = Field(description="HF model folder (or Hub id when online)")
+    revision: str | None = None
+    data: TrainData
+    seq_len: int = Field(ge=8)
+    micro_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="alternative to max_steps")
+    learning_rate: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to learning_rate * min_lr_ratio")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"
+    lora: LoraSettings = LoraSettings()
+    moe: MoETraining = MoETraining()
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = only at the end")
+    eval_batches: int = Field(16, ge=1, description="validation batches per evaluation (cap)")
+    log_every: int = Field(1, ge=1)
+    tracker: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    output: str
+    save_dtype: DType = Field("source", description="dtype of the final model: source = the model's own")
+    shard_size: ByteSize = "5GB"
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainRecipe":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps or max_tokens")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}")
+        return self

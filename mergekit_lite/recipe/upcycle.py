@@ -1,0 +1,146 @@
+"""`moemerge upcycle` recipes: a dense checkpoint (or several) into a native Hugging Face MoE checkpoint."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mergekit_lite.recipe.base import ByteSize, DType, Strict
+
+Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "auto"]
+
+
+class RouterInit(Strict):
+    """How fresh router (gate) weights are initialised."""
+
+    init: Literal["random", "zeros", "uniform", "hidden"] = "random"
+    std: float | None = Field(None, gt=0, description="normal std for `random`; default: the source's initializer_range")
+    bound: float | None = Field(None, gt=0, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
+    prompts: list[list[str]] | None = Field(
+        None, description="`hidden`: one list of prompts per expert copy (num_experts / granularity lists); "
+                          "with `experts:` give them per expert instead")
+    negative_prompts: list[list[str]] | None = Field(
+        None, description="`hidden`: optional, same length as `prompts`; their mean hidden state is subtracted")
+    batch_size: int = Field(8, ge=1, description="`hidden`: prompts run through the base model per batch")
+    max_length: int = Field(512, ge=1, description="`hidden`: prompts are truncated to this many tokens")
+
+
+class ExpertSource(Strict):
+    """One entry of `experts:` (Branch-Train-MiX / mergekit-moe style): a dense model giving one expert copy."""
+
+    source: str = Field(description="dense model whose FFNs become this expert (same architecture and shapes)")
+    revision: str | None = Field(None, description="Hub revision when `source` is a Hub id")
+    noise: float | None = Field(None, ge=0, description="overrides the top-level `noise` for this expert")
+    drop_ratio: float | None = Field(None, ge=0, lt=1, description="overrides the top-level `drop_ratio`")
+    prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts this expert should get")
+    negative_prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts it should not get")
+
+
+class MoEEvery(Strict):
+    """`moe_layers: {every: k}`: layers i with (i + 1) % k == 0 are MoE (transformers' decoder_sparse_step)."""
+
+    every: int = Field(ge=1)
+
+
+class UpcycleRecipe(Strict):
+    """`moemerge upcycle`: a dense checkpoint into a native Hugging Face MoE checkpoint."""
+
+    source: str | None = Field(None, description="dense model: a local Hugging Face folder, or a Hub id when online "
+                                                  "(required unless `experts:` is given)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a Hub id")
+    architecture: Target = "auto"
+    num_experts: int | None = Field(None, ge=1, description="fine experts per MoE layer; with `experts:` it "
+                                                            "defaults to len(experts) * granularity")
+    experts_per_token: int = Field(ge=1)
+    router: RouterInit = RouterInit()
+    # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
+    granularity: int = Field(1, ge=1, description="split each FFN into this many fine experts (slices of I/G)")
+    drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
+    noise: float = Field(0.0, ge=0, description="relative gaussian noise per expert (times each matrix's std)")
+    shared_experts: int = Field(0, ge=0, description="Qwen2-MoE: shared expert size in units of one routed expert")
+    shared_split: bool = Field(False, description="split the dense FFN between shared and routed experts (parity)")
+    moe_layers: Literal["all"] | MoEEvery | list[int] = Field("all", description="all | {every: k} | [indices]")
+    experts: list[ExpertSource] | None = Field(None, min_length=1, description="one expert copy per dense model")
+    base: str | None = Field(None, description="with `experts:`: model giving config, tokenizer and non-expert "
+                                               "weights (default: the first expert's source)")
+    non_expert: Literal["base", "average"] = Field("base", description="with `experts:`: attention/norms/embeddings "
+                                                                       "from `base`, or averaged over the experts")
+    dtype: DType = "source"
+    seed: int = 0
+    output: str | None = None
+    shard_size: ByteSize = "5GB"
+
+    @model_validator(mode="after")
+    def _topk(self) -> "UpcycleRecipe":
+        _check_advanced(self)
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} is larger than num_experts={self.num_experts}; "
+                f"set experts_per_token to at most {self.num_experts}"
+            )
+        return self
+
+
+def _check_advanced(r: "UpcycleRecipe") -> None:
+    """Cross-field rules of the advanced upcycling options (checks needing the source config are in the planner)."""
+    if r.experts is None:
+        if not r.source:
+            raise ValueError("`source` is missing: give the dense model (or an `experts:` list)")
+        if r.base is not None or r.non_expert != "base":
+            raise ValueError("`base` and `non_expert` only apply with an `experts:` list; remove them")
+        if r.num_experts is None:
+            raise ValueError("`num_experts` is missing: add the number of experts per MoE layer")
+    else:
+        if r.source:
+            raise ValueError("give either `source` or `experts:`, not both; with `experts:` name the model for "
+                             "attention, norms and embeddings with `base:`")
+        copies = len(r.experts)
+        if r.num_experts is None:
+            r.num_experts = copies * r.granularity
+        elif r.num_experts != copies * r.granularity:
+            raise ValueError(f"num_experts={r.num_experts} but {copies} `experts:` x granularity {r.granularity} "
+                             f"give {copies * r.granularity}; set num_experts: {copies * r.granularity} or drop it")
+    G = r.granularity
+    if r.num_experts % G:
+        raise ValueError(f"num_experts={r.num_experts} is not a multiple of granularity={G}: every FFN slice needs "
+                         f"the same number of copies; use a multiple of {G}")
+    if r.experts_per_token % G:
+        raise ValueError(f"experts_per_token={r.experts_per_token} is not a multiple of granularity={G}: step-0 "
+                         f"parity needs whole groups of {G} slices per token; use a multiple of {G}")
+    if G > 1 and r.router.init == "zeros":
+        raise ValueError("router.init=zeros with granularity > 1 ties every expert, so top-k may pick incomplete "
+                         "slice groups; use random, uniform or hidden")
+    if r.shared_split and not r.shared_experts:
+        raise ValueError("shared_split: true needs shared_experts >= 1")
+    if isinstance(r.moe_layers, list) and (not r.moe_layers or min(r.moe_layers) < 0
+                                           or len(set(r.moe_layers)) != len(r.moe_layers)):
+        raise ValueError(f"moe_layers={r.moe_layers} must be distinct layer indices >= 0 (and at least one)")
+    _check_prompts(r)
+
+
+def _check_prompts(r: "UpcycleRecipe") -> None:
+    """`router.init: hidden` needs positive prompts for every expert copy, in exactly one place."""
+    per_expert = r.experts is not None and any(e.prompts or e.negative_prompts for e in r.experts)
+    if per_expert and (r.router.prompts or r.router.negative_prompts):
+        raise ValueError("prompts are given both under `router:` and under `experts:`; keep one place")
+    has_router_prompts = r.router.prompts is not None or r.router.negative_prompts is not None
+    if r.router.init != "hidden":
+        if per_expert or has_router_prompts:
+            raise ValueError(f"prompts are only used with router.init=hidden (got init={r.router.init}); "
+                             "set router.init: hidden or remove them")
+        return
+    copies = r.num_experts // r.granularity
+    if per_expert:
+        missing = [j for j, e in enumerate(r.experts) if not e.prompts]
+        if missing:
+            raise ValueError(f"router.init=hidden: experts {missing} have no `prompts`; give each expert a list")
+        return
+    if not r.router.prompts:
+        raise ValueError("router.init=hidden needs prompts: `router.prompts` (one list per expert copy) or "
+                         "`prompts:` on every `experts:` entry")
+    for name in ("prompts", "negative_prompts"):
+        lists = getattr(r.router, name)
+        if lists is not None and (len(lists) != copies or not all(lists) and name == "prompts"):
+            raise ValueError(f"router.{name} needs {copies} non-empty lists (num_experts / granularity = "
+                             f"{r.num_experts} / {r.granularity}), got {len(lists)}")

@@ -50,6 +50,7 @@ class MoEFamily:
     fixed_fields: dict = field(default_factory=dict)
     per_layer_fields: tuple[str, ...] = ()
     supports_dense_layers: bool = False
+    plan_transforms: tuple[str, ...] = ()    # names in ops/plan_transforms.py, applied to the finished plan
 
 
 DENSE: dict[str, DenseFamily] = {

@@ -20,6 +20,7 @@ from mergekit_lite.arch.tables import AUTO_TARGET, DENSE, LOSSY_REASONS, MOE, PR
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
+from mergekit_lite.ops.plan_transforms import apply_plan_transforms
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
@@ -243,6 +244,7 @@ class UpcyclePlanner:
         # per token, each MoE layer runs k of its E routed experts (router and shared expert always run)
         plan.active_params = plan.total_params - len(self.moe) * (E - k) * 3 * H * u
         plan.notes += self._notes(dropped)
+        apply_plan_transforms(plan, self, self.fam.plan_transforms)
         return plan
 
     def _check_head(self) -> None:

@@ -113,6 +113,21 @@ def _train_interrupted(out: Path) -> str:
 
 
 @app.command()
+def ensemble(recipe: Path = typer.Argument(..., metavar="RECIPE", help="ensemble recipe (YAML)"),
+             score: Optional[Path] = typer.Option(None, "--score", metavar="FILE", help="instead of answering the "
+                                                  "prompts: mean cross-entropy of each model and of the ensemble"),
+             as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
+             device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)")
+             ) -> None:
+    """Combine models at inference: probability/logit averaging, perplexity weights, or crowd vote."""
+    from mergekit_lite.ensemble.run import run_ensemble
+    from mergekit_lite.train.engine import is_main_process
+
+    run_ensemble(recipe, score=score, as_json=as_json, device=device, progress=is_main_process(), echo=echo,
+                 raw=lambda s: typer.echo(s) if is_main_process() else None)
+
+
+@app.command()
 def corpus(folder: Path = typer.Argument(Path("corpus"), metavar="FOLDER",
                                          help="where to write train.txt and val.txt")) -> None:
     """Write a small English corpus (the Python standard library's docstrings) for offline training."""

@@ -7,7 +7,7 @@ attention tensors the target can hold, which config fields follow the layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 LAYER_PREFIX = "model.layers.{i}."
 PROJS = ("gate", "up", "down")  # SwiGLU FFN: down(act(gate(x)) * up(x))
@@ -31,6 +31,28 @@ class DenseFamily:
 
 
 @dataclass(frozen=True)
+class RouterSpec:
+    """What a family's router computes and where its options live (config fields, extra tensors).
+
+    Two kinds exist today: softmax over the logits (Mixtral, Qwen-MoE), and the DeepSeek-V3 kind
+    (sigmoid scores, a per-expert selection bias saved in the checkpoint, optional grouped routing
+    and a routed scaling factor: glm4_moe, dots1).
+    """
+
+    scoring: tuple[str, ...] = ("softmax",)   # scorings the class implements; the first is its default
+    scoring_field: str | None = None           # config field choosing among several scorings (None: fixed)
+    bias: str | None = None                    # selection-bias tensor (relative key): zeros, float32
+    fp32: bool = False                         # transformers keeps the router weight in float32 (_keep_in_fp32)
+    group_fields: tuple[str, str] | None = None  # (number of groups, groups kept per token)
+    scaling_field: str | None = None           # factor on the renormalised top-k weights
+
+
+_SOFTMAX = RouterSpec()
+_DEEPSEEK_V3 = RouterSpec(scoring=("sigmoid",), bias="mlp.gate.e_score_correction_bias", fp32=True,
+                          group_fields=("n_group", "topk_group"), scaling_field="routed_scaling_factor")
+
+
+@dataclass(frozen=True)
 class MoEFamily:
     """A native Hugging Face MoE family the project writes (per-expert, Hub on-disk layout)."""
 
@@ -49,8 +71,20 @@ class MoEFamily:
     carry_fields: tuple[str, ...] = ()       # config fields kept beyond COMMON_FIELDS
     fixed_fields: dict = field(default_factory=dict)
     per_layer_fields: tuple[str, ...] = ()
-    supports_dense_layers: bool = False
+    supports_dense_layers: bool = False      # any set of dense layers (mlp_only_layers)
+    dense_prefix_field: str | None = None    # only the first k layers dense, k in this field (first_k_dense_replace)
+    shared_size_field: str | None = None     # shared expert size in channels (Qwen2-MoE)
+    shared_count_field: str | None = None    # shared expert size in routed-expert units (n_shared_experts)
+    router_spec: RouterSpec = _SOFTMAX
     plan_transforms: tuple[str, ...] = ()    # names in ops/plan_transforms.py, applied to the finished plan
+    # on-disk tensors made of per-expert ones (plan transform fuse_experts): fused key -> member keys in order;
+    # members with {e} repeat for every expert (leading expert axis), e.g. input_linear = [gate_e; up_e]
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def any_dense_layers(self) -> bool:
+        """The class can keep some layers dense (as a free set or as a prefix)."""
+        return self.supports_dense_layers or self.dense_prefix_field is not None
 
 
 DENSE: dict[str, DenseFamily] = {
@@ -96,7 +130,7 @@ MOE: dict[str, MoEFamily] = {
         carry_fields=("use_sliding_window", "max_window_layers", "layer_types"),
         fixed_fields={**_QWEN_MOE_FIXED, "shared_expert_intermediate_size": 0},
         per_layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
-        supports_dense_layers=True,
+        supports_dense_layers=True, shared_size_field="shared_expert_intermediate_size",
     ),
     "qwen3_moe": MoEFamily(
         model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
@@ -111,6 +145,84 @@ MOE: dict[str, MoEFamily] = {
     ),
 }
 
+# DeepSeek-V3-style targets (asked for by name). Their shared experts are ungated and their dense
+# layers are a prefix (first_k_dense_replace, default 1 in glm4_moe: always written).
+_DSV3_FIXED = {"norm_topk_prob": True, "output_router_logits": False, "n_group": 1, "topk_group": 1,
+               "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "n_shared_experts": 0}
+_UNGATED_SHARED = {p: f"mlp.shared_experts.{p}_proj.weight" for p in PROJS}
+
+MOE["glm4_moe"] = MoEFamily(
+    model_type="glm4_moe", architecture="Glm4MoeForCausalLM",
+    sources=frozenset({"llama", "mistral", "qwen2", "qwen3"}),
+    expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
+    router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
+    # q/k/v biases (attention_bias) and per-head q/k norms (use_qk_norm) are optional; no o_proj bias
+    layer_keys=_QKVO | _QKV_BIAS | _QK_NORM | _NORMS,
+    shared_expert=_UNGATED_SHARED, experts_field="n_routed_experts",
+    carry_fields=("attention_bias",),  # then set from the source's tensors (plan transform attention_flags)
+    # partial_rotary_factor defaults to 0.5 in glm4_moe (rotates half of each head): 1.0 is Llama's RoPE
+    fixed_fields={**_DSV3_FIXED, "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0},
+    per_layer_fields=("first_k_dense_replace",),
+    dense_prefix_field="first_k_dense_replace", shared_count_field="n_shared_experts",
+    router_spec=_DEEPSEEK_V3, plan_transforms=("attention_flags",),
+)
+MOE["dots1"] = MoEFamily(
+    model_type="dots1", architecture="Dots1ForCausalLM",
+    sources=frozenset({"qwen3"}),
+    expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
+    router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
+    layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _QK_NORM | _NORMS,  # Qwen3's attention
+    shared_expert=_UNGATED_SHARED, experts_field="n_routed_experts",
+    carry_fields=("attention_bias", "max_window_layers", "layer_types"),
+    fixed_fields=dict(_DSV3_FIXED),  # dots1 defaults norm_topk_prob False, n_shared_experts None
+    per_layer_fields=("layer_types", "max_window_layers", "first_k_dense_replace"),
+    dense_prefix_field="first_k_dense_replace", shared_count_field="n_shared_experts",
+    router_spec=_DEEPSEEK_V3,
+)
+
+# ERNIE-4.5-MoE: Llama attention with an interleaved RoPE (plan transform ernie_layout permutes q/k rows),
+# `use_bias` switching every projection's bias at once, MoE layers placed by start/end/interval, and
+# a softmax router whose selection bias lives in `mlp.moe_statics` (shape [1, E]).
+MOE["ernie4_5_moe"] = MoEFamily(
+    model_type="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM",
+    sources=frozenset({"llama", "mistral", "qwen2"}),
+    expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
+    router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
+    layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _NORMS,
+    shared_expert=_UNGATED_SHARED, experts_field="moe_num_experts",
+    fixed_fields={"moe_layer_start_index": 0, "moe_layer_interval": 1, "moe_num_shared_experts": 0,
+                  "use_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    supports_dense_layers=True, shared_count_field="moe_num_shared_experts",
+    router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True),
+    plan_transforms=("ernie_layout",),
+)
+
+# Granite-MoE: Llama attention scaled by `attention_multiplier`; experts FUSED on disk. The planner
+# makes per-expert ops under the keys below, which plan transform fuse_experts collapses into
+# input_linear [E, 2I, H] (gate then up) and output_linear [E, H, I]; the shared MLP is fused alike.
+_GRANITE_EXPERT = {p: f"block_sparse_moe.experts.{{e}}.{p}_proj.weight" for p in PROJS}
+_GRANITE_FUSED = {"block_sparse_moe.input_linear.weight": (_GRANITE_EXPERT["gate"], _GRANITE_EXPERT["up"]),
+                  "block_sparse_moe.output_linear.weight": (_GRANITE_EXPERT["down"],)}
+_GRANITE_FIXED = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+                  "output_router_logits": False, "router_aux_loss_coef": 0.001}
+MOE["granitemoe"] = MoEFamily(
+    model_type="granitemoe", architecture="GraniteMoeForCausalLM",
+    sources=frozenset({"llama", "mistral"}),
+    expert=_GRANITE_EXPERT, router="block_sparse_moe.router.layer.weight", dense_mlp=None,
+    layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _NORMS,  # attention_bias: all four biases or none, as Llama
+    experts_field="num_local_experts", expert_size_field="intermediate_size",
+    carry_fields=("attention_bias",), fixed_fields=_GRANITE_FIXED,
+    fused=_GRANITE_FUSED, plan_transforms=("granite_config", "fuse_experts"),
+)
+_GRANITE_SHARED = {p: f"shared_mlp.{p}_proj.weight" for p in PROJS}
+MOE["granitemoeshared"] = replace(
+    MOE["granitemoe"], model_type="granitemoeshared", architecture="GraniteMoeSharedForCausalLM",
+    shared_expert=_GRANITE_SHARED, shared_size_field="shared_intermediate_size",
+    fixed_fields={**_GRANITE_FIXED, "shared_intermediate_size": 0},
+    fused={**_GRANITE_FUSED, "shared_mlp.input_linear.weight": (_GRANITE_SHARED["gate"], _GRANITE_SHARED["up"]),
+           "shared_mlp.output_linear.weight": (_GRANITE_SHARED["down"],)},
+)
+
 # `architecture: auto` picks the target that keeps the source's tensors as they are.
 AUTO_TARGET = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 
@@ -122,7 +234,33 @@ LOSSY_REASONS = {
     ("llama", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
     ("mistral", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
     ("qwen2", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
+    ("llama", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
+    ("mistral", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
+    ("qwen2", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
+    ("qwen3", "ernie4_5_moe"): "ERNIE-4.5-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
+    ("qwen2", "granitemoe"): "Granite-MoE is written from Llama/Mistral only: Qwen2's q/k/v biases would need "
+                             "attention_bias, which also adds an o_proj bias (not mapped)",
+    ("qwen2", "granitemoeshared"): "Granite-MoE is written from Llama/Mistral only: Qwen2's q/k/v biases would "
+                                   "need attention_bias, which also adds an o_proj bias (not mapped)",
+    ("qwen3", "granitemoe"): "Granite-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
+    ("qwen3", "granitemoeshared"): "Granite-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
 }
+
+# Config spellings of the expert count and top-k across MoE families (first match wins).
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def moe_counts(config: dict) -> tuple[int | None, int | None]:
+    """(routed experts per MoE layer, experts per token) of a config.json dict; (None, None) for a dense one.
+
+    The family's own field (arch tables) is read first, then every spelling a known family uses, so
+    inspect/card/check agree on every target family.
+    """
+    fam = MOE.get(model_type_of(config))
+    names = ((fam.experts_field,) if fam else ()) + EXPERT_COUNT_FIELDS
+    E = next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), None)
+    k = config.get("num_experts_per_tok") or config.get("moe_k")
+    return E, (k if E else None)
 
 
 def layer_key(i: int, rel: str) -> str:

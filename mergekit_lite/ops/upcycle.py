@@ -22,6 +22,8 @@ from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
+from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, \
+    router_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
@@ -45,6 +47,9 @@ def choose_target(architecture: str, dense_type: str) -> MoEFamily:
             f"{dense_type} has no native Hugging Face MoE class to upcycle into; "
             f"it can still be grafted (`moemerge graft`)")
     target = AUTO_TARGET[dense_type] if architecture == "auto" else architecture
+    if target not in MOE:
+        raise MoemergeError(f"architecture: {target} is not available in this version; use one of "
+                            f"{', '.join(t for t, f in MOE.items() if dense_type in f.sources)} (or auto)")
     fam = MOE[target]
     if dense_type not in fam.sources:
         why = LOSSY_REASONS.get((dense_type, target), f"{target} cannot hold every {dense_type} tensor")
@@ -104,6 +109,7 @@ class UpcyclePlanner:
         self.dense_type = model_type_of(self.cfg)
         self.fam = choose_target(recipe.architecture, self.dense_type)
         self.shapes = check_dense_tensors(self.base, self.fam)
+        check_router_options(recipe, self.fam)
         copy_models = copy_models or [0] * (recipe.num_experts // recipe.granularity)
         self.mean_models = sorted(set(copy_models)) if recipe.non_expert == "average" else [0]
         for m in sorted(set(copy_models) | set(self.mean_models)):
@@ -154,7 +160,7 @@ class UpcyclePlanner:
     def router_op(self, i: int) -> TensorOp:
         r, h, G = self.r.router, self.shapes.hidden, self.r.granularity
         ffn_dtype = self.base.info(layer_key(i, DENSE[self.dense_type].mlp["gate"])).dtype
-        shape, dtype = (self.r.num_experts, h), self.out_dtype(ffn_dtype)
+        shape, dtype = (self.r.num_experts, h), router_dtype(self.fam, self.out_dtype(ffn_dtype))
         key = layer_key(i, self.fam.router)
         if r.init == "hidden":  # rows are computed from prompts just before writing (router_init.py)
             return TensorOp(key, shape, dtype, "router_rows", args={"layer": i, "groups": G, "rows": None},
@@ -193,16 +199,16 @@ class UpcyclePlanner:
                 for p in PROJS]
 
     def shared_ops(self, i: int, dtype: torch.dtype) -> list[TensorOp]:
-        """Qwen2-MoE always has a shared expert; size 0 (no `shared_experts`) makes it contribute nothing."""
+        """Qwen2-MoE, glm4_moe, dots1 always have a shared expert; size 0 (no `shared_experts`) adds nothing."""
         if not self.fam.shared_expert:
             return []
-        h, se = self.shapes.hidden, self.fam.shared_expert
-        gate = TensorOp(layer_key(i, self.fam.shared_expert_gate), (1, h), dtype, "zeros", role="shared")
+        h, se, gate_key = self.shapes.hidden, self.fam.shared_expert, self.fam.shared_expert_gate
+        gate = [TensorOp(layer_key(i, gate_key), (1, h), dtype, "zeros", role="shared")] if gate_key else []
         spec = self.layout.shared
         if spec is None:
             shapes = {"gate": (0, h), "up": (0, h), "down": (h, 0)}
-            return [TensorOp(layer_key(i, se[p]), shapes[p], dtype, "zeros", role="shared") for p in PROJS] + [gate]
-        return [self.ffn_part(i, p, layer_key(i, se[p]), spec, f"{i}/shared", "shared") for p in PROJS] + [gate]
+            return [TensorOp(layer_key(i, se[p]), shapes[p], dtype, "zeros", role="shared") for p in PROJS] + gate
+        return [self.ffn_part(i, p, layer_key(i, se[p]), spec, f"{i}/shared", "shared") for p in PROJS] + gate
 
     def layer_ops(self, i: int) -> list[TensorOp]:
         mlp = DENSE[self.dense_type].mlp
@@ -218,11 +224,10 @@ class UpcyclePlanner:
         if i not in self.moe:  # partial MoE: a dense layer keeps its FFN (mlp_only_layers)
             return ops + [self.non_expert(layer_key(i, mlp[p]), "dense_ffn", layer_key(i, self.fam.dense_mlp[p]))
                           for p in PROJS]
-        router = self.router_op(i)
-        ops.append(router)
+        ops += [self.router_op(i), *bias_ops(self.fam, i, self.r.num_experts)]
         for e, spec in enumerate(self.experts):
             ops += self.expert_ops(i, e, spec)
-        return ops + self.shared_ops(i, router.dtype)
+        return ops + self.shared_ops(i, self.out_dtype(self.base.info(layer_key(i, mlp["gate"])).dtype))
 
     def build(self) -> Plan:
         glob = [k for k in self.base.keys() if split_layer_key(k) is None]
@@ -233,13 +238,8 @@ class UpcyclePlanner:
         ops += [self.non_expert(k, "head") for k in head]
         self._check_head()
         E, k, u, H = self.r.num_experts, self.r.experts_per_token, self.layout.expert_size, self.shapes.hidden
-        overrides: dict = {}
-        if self.fam.supports_dense_layers:
-            overrides["mlp_only_layers"] = sorted(set(range(self.shapes.n_layers)) - self.moe)
-        if self.fam.shared_expert:
-            overrides["shared_expert_intermediate_size"] = self.layout.shared_size
         config, dropped = moe_config(self.cfg, self.fam, num_experts=E, top_k=k, expert_size=u,
-                                     dtype=self._dtype_name(ops), overrides=overrides)
+                                     dtype=self._dtype_name(ops), overrides=moe_overrides(self))
         plan = Plan("upcycle", self.sources, ops, config, self.sources[0])
         # per token, each MoE layer runs k of its E routed experts (router and shared expert always run)
         plan.active_params = plan.total_params - len(self.moe) * (E - k) * 3 * H * u
@@ -266,7 +266,8 @@ class UpcyclePlanner:
             notes.append(f"num_experts={E} is not a power of two: llama.cpp's converter and kernels may refuse it")
         if dropped:
             notes.append(f"config fields not used by {self.fam.model_type}: {', '.join(dropped)}")
-        return notes + parity_notes(self.r, self.layout, self.shapes.n_layers, self._narrowing())
+        return notes + router_notes(self.r, self.fam) + parity_notes(
+            self.r, self.layout, self.shapes.n_layers, self._narrowing(), self.fam)
 
     def _narrowing(self) -> str | None:
         """"float32 -> bfloat16" when the output dtype is less precise than the source's, else None."""
@@ -284,6 +285,8 @@ class UpcyclePlanner:
         return {"granularity": r.granularity, "expert_size": lay.expert_size, "drop_ratio": r.drop_ratio,
                 "noise": r.noise, "shared_experts": r.shared_experts, "shared_split": r.shared_split,
                 "shared_expert_size": lay.shared_size, "moe_layers": lay.moe_layers, "router_init": r.router.init,
+                "router": {"scoring": r.router.scoring or self.fam.router_spec.scoring[0], "groups": r.router.groups,
+                           "topk_groups": r.router.topk_groups, "scaling": r.router.scaling},
                 "base": str(self.sources[0]), "non_expert": r.non_expert, "copies": copies}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mergekit_lite.arch.tables import MoEFamily
+from mergekit_lite.arch.tables import MOE, MoEFamily
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe import MoEEvery, UpcycleRecipe
 
@@ -56,13 +56,30 @@ class Layout:
         return self.shared.size if self.shared else 0
 
 
-def select_moe_layers(spec: str | MoEEvery | list[int], n_layers: int, fam: MoEFamily) -> list[int]:
-    """The MoE layer indices for `moe_layers`, refusing what the target cannot express."""
+def _families_with(test) -> str:
+    return " / ".join(sorted(t for t, f in MOE.items() if test(f)))
+
+
+def select_moe_layers(spec: str | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
+                      dense_layers: int = 0) -> list[int]:
+    """The MoE layer indices for `moe_layers` / `dense_layers`, refusing what the target cannot express."""
+    if dense_layers:
+        if not fam.any_dense_layers:
+            raise MoemergeError(f"dense_layers={dense_layers}: {fam.model_type} has no dense layers (every layer is "
+                                f"MoE); remove dense_layers, or use architecture: "
+                                f"{_families_with(lambda f: f.any_dense_layers)}")
+        if dense_layers >= n_layers:
+            raise MoemergeError(f"dense_layers={dense_layers}: the source has {n_layers} layers, so no layer would be "
+                                f"MoE; use dense_layers between 0 and {n_layers - 1}")
+        return list(range(dense_layers, n_layers))
     if spec == "all":
         return list(range(n_layers))
     if not fam.supports_dense_layers:
-        raise MoemergeError(f"moe_layers={_show(spec)}: {fam.model_type} has no dense layers (every layer is MoE); "
-                            "use moe_layers: all, or architecture: qwen2_moe / qwen3_moe (mlp_only_layers)")
+        hint = (f"only the first layers can stay dense in {fam.model_type}: use dense_layers: k instead"
+                if fam.dense_prefix_field else
+                f"use moe_layers: all, or architecture: {_families_with(lambda f: f.supports_dense_layers)} "
+                "(mlp_only_layers)")
+        raise MoemergeError(f"moe_layers={_show(spec)}: {fam.model_type} cannot make these layers dense; {hint}")
     if isinstance(spec, MoEEvery):
         layers = [i for i in range(n_layers) if (i + 1) % spec.every == 0]
     else:
@@ -86,7 +103,7 @@ def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: i
     G, n, I = r.granularity, r.shared_experts, intermediate
     if n and not fam.shared_expert:
         raise MoemergeError(f"shared_experts={n}: {fam.model_type} has no shared expert; use architecture: "
-                            "qwen2_moe, or remove shared_experts")
+                            f"{_families_with(lambda f: f.shared_expert)}, or remove shared_experts")
     units = G + n if r.shared_split else G
     if I % units:
         what = f"granularity + shared_experts = {G} + {n} = {units}" if r.shared_split else f"granularity={G}"
@@ -99,38 +116,52 @@ def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: i
         item = r.experts[c] if r.experts else None
         noise = item.noise if item and item.noise is not None else r.noise
         drop = item.drop_ratio if item and item.drop_ratio is not None else r.drop_ratio
-        experts.append(ExpertSpec(model=copy_models[c], start=routed_start + s * u, size=u, scale=float(G),
+        # down x G restores the G slices' 1/G weights; x 1/scaling undoes routed_scaling_factor (renormalised)
+        experts.append(ExpertSpec(model=copy_models[c], start=routed_start + s * u, size=u,
+                                  scale=float(G) / (r.router.scaling or 1.0),
                                   noise=noise, drop_ratio=drop, copy=c, slice=s))
     shared = None
     if n:
-        # split: units 0..n-1, down x2 against sigmoid(0) = 0.5; otherwise units j = slice j mod G, gate as is
+        # split: units 0..n-1, down x2 against a gate of sigmoid(0) = 0.5 (an ungated shared expert needs no
+        # factor); otherwise units j = slice j mod G, as is
+        gated = fam.shared_expert_gate is not None
         shared = ExpertSpec(model=0, start=0, size=n * u,  # from the base model
-                            scale=2.0 if r.shared_split else 1.0)
-    return Layout(I, u, experts, shared, select_moe_layers(r.moe_layers, n_layers, fam))
+                            scale=2.0 if r.shared_split and gated else 1.0)
+    return Layout(I, u, experts, shared, select_moe_layers(r.moe_layers, n_layers, fam, r.dense_layers))
 
 
-def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | None = None) -> list[str]:
+def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | None = None,
+                 fam: MoEFamily | None = None) -> list[str]:
     """What the options do to step-0 parity, in plain words for --dry-run.
 
     Args:
         narrowing: "float32 -> bfloat16" when the output dtype is less precise than the source's; the parity
             promise then holds only against the source rounded to that dtype, and says so.
+        fam: the target family (how its shared expert is gated, how it names dense layers).
     """
     G, notes = r.granularity, []
+    gated = fam is None or fam.shared_expert_gate is not None
     if G > 1:
         notes.append(f"granularity {G}: {r.num_experts} fine experts = {r.num_experts // G} copies x {G} slices of "
                      f"{lay.expert_size} channels; router rows tied within a copy and down_proj x {G}, so top-"
                      f"{r.experts_per_token} picks {r.experts_per_token // G} whole copies")
-    if lay.shared and r.shared_split:
+    if lay.shared and r.shared_split and not gated:
+        notes.append(f"shared expert: dense FFN split into {r.shared_experts} shared + {G} routed units of "
+                     f"{lay.expert_size} channels; the shared expert is ungated (added as is), so no factor: "
+                     "parity kept")
+    elif lay.shared and r.shared_split:
         notes.append(f"shared expert: dense FFN split into {r.shared_experts} shared + {G} routed units of "
                      f"{lay.expert_size} channels; shared gate zero (sigmoid 0.5) and its down_proj x 2: parity kept")
     elif lay.shared:
-        notes.append(f"shared expert ({lay.shared_size} channels copied from the dense FFN, gate zero = sigmoid 0.5) "
+        gate = "gate zero = sigmoid 0.5" if gated else "ungated"
+        notes.append(f"shared expert ({lay.shared_size} channels copied from the dense FFN, {gate}) "
                      "is ADDED to the routed output: step-0 logits differ from the dense model; set "
                      "shared_split: true to keep parity")
     if len(lay.moe_layers) < n_layers:
         dense = sorted(set(range(n_layers)) - set(lay.moe_layers))
-        notes.append(f"partial MoE: MoE layers {lay.moe_layers}; dense FFN kept in layers {dense} (mlp_only_layers)")
+        field = (fam.dense_prefix_field if fam and fam.dense_prefix_field and not fam.supports_dense_layers
+                 else "mlp_only_layers")
+        notes.append(f"partial MoE: MoE layers {lay.moe_layers}; dense FFN kept in layers {dense} ({field})")
     if r.router.init == "hidden":
         notes.append("router rows: mean hidden state at each FFN input over each expert's prompts (computed on "
                      "the base model when writing; use --device)")

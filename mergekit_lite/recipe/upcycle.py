@@ -8,7 +8,9 @@ from pydantic import Field, model_validator
 
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
 
-Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "auto"]
+# `auto` keeps the source's tensors as they are (mixtral / qwen2_moe / qwen3_moe); the others are asked by name.
+Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe",
+                 "granitemoeshared", "auto"]
 
 
 class RouterInit(Strict):
@@ -24,6 +26,15 @@ class RouterInit(Strict):
         None, description="`hidden`: optional, same length as `prompts`; their mean hidden state is subtracted")
     batch_size: int = Field(8, ge=1, description="`hidden`: prompts run through the base model per batch")
     max_length: int = Field(512, ge=1, description="`hidden`: prompts are truncated to this many tokens")
+    # What the router computes (families differ; the planner refuses what the target cannot do).
+    scoring: Literal["softmax", "sigmoid"] | None = Field(
+        None, description="softmax (Mixtral, Qwen-MoE) or sigmoid (DeepSeek-V3 style: glm4_moe, dots1); "
+                          "default: the target's own")
+    groups: int | None = Field(None, ge=1, description="grouped routing: experts split into this many groups "
+                                                       "(n_group); each group needs >= 2 experts")
+    topk_groups: int | None = Field(None, ge=1, description="grouped routing: groups kept per token (topk_group)")
+    scaling: float | None = Field(None, gt=0, description="routed_scaling_factor on the renormalised top-k weights; "
+                                                          "routed down_proj x 1/scaling keeps step-0 parity")
 
 
 class ExpertSource(Strict):
@@ -58,9 +69,12 @@ class UpcycleRecipe(Strict):
     granularity: int = Field(1, ge=1, description="split each FFN into this many fine experts (slices of I/G)")
     drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
     noise: float = Field(0.0, ge=0, description="relative gaussian noise per expert (times each matrix's std)")
-    shared_experts: int = Field(0, ge=0, description="Qwen2-MoE: shared expert size in units of one routed expert")
+    shared_experts: int = Field(0, ge=0, description="shared expert size in units of one routed expert "
+                                                     "(qwen2_moe, glm4_moe, dots1)")
     shared_split: bool = Field(False, description="split the dense FFN between shared and routed experts (parity)")
     moe_layers: Literal["all"] | MoEEvery | list[int] = Field("all", description="all | {every: k} | [indices]")
+    dense_layers: int = Field(0, ge=0, description="the first k layers keep the dense FFN (first_k_dense_replace, "
+                                                   "or mlp_only_layers for Qwen-MoE)")
     experts: list[ExpertSource] | None = Field(None, min_length=1, description="one expert copy per dense model")
     base: str | None = Field(None, description="with `experts:`: model giving config, tokenizer and non-expert "
                                                "weights (default: the first expert's source)")
@@ -113,10 +127,43 @@ def _check_advanced(r: "UpcycleRecipe") -> None:
                          "slice groups; use random, uniform or hidden")
     if r.shared_split and not r.shared_experts:
         raise ValueError("shared_split: true needs shared_experts >= 1")
+    if r.dense_layers and r.moe_layers != "all":
+        raise ValueError(f"dense_layers={r.dense_layers} and moe_layers={r.moe_layers} both choose the dense layers; "
+                         "keep one of them")
+    _check_groups(r)
     if isinstance(r.moe_layers, list) and (not r.moe_layers or min(r.moe_layers) < 0
                                            or len(set(r.moe_layers)) != len(r.moe_layers)):
         raise ValueError(f"moe_layers={r.moe_layers} must be distinct layer indices >= 0 (and at least one)")
     _check_prompts(r)
+
+
+def _check_groups(r: "UpcycleRecipe") -> None:
+    """Grouped routing: whole groups of >= 2 experts, whole expert copies per group, enough experts kept.
+
+    The router ranks a group by the sum of its two best scores, so a group needs two experts; the G slices
+    of one copy must share a group, or a token could get part of a copy and lose step-0 parity.
+    """
+    g, kg, E, k, G = r.router.groups, r.router.topk_groups, r.num_experts, r.experts_per_token, r.granularity
+    if g is None:
+        if kg is not None:
+            raise ValueError(f"router.topk_groups={kg} needs router.groups (the number of expert groups)")
+        return
+    if E % g:
+        raise ValueError(f"router.groups={g} does not divide num_experts={E}; use a divisor of {E} "
+                         "with at least 2 experts per group")
+    size = E // g
+    if size < 2:
+        raise ValueError(f"router.groups={g}: each group would hold {size} expert of {E}, but a group is ranked by "
+                         f"its two best experts; use router.groups <= {E // 2}")
+    if size % G:
+        raise ValueError(f"router.groups={g}: groups of {size} experts split the {G} slices of a copy "
+                         f"(granularity={G}); use groups of a multiple of {G} experts (groups dividing {E // G})")
+    kg = g if kg is None else kg
+    if kg > g:
+        raise ValueError(f"router.topk_groups={kg} is larger than router.groups={g}; use at most {g}")
+    if kg * size < k:
+        raise ValueError(f"router.topk_groups={kg} x {size} experts per group < experts_per_token={k}: a token "
+                         f"could not find {k} experts; raise topk_groups to {-(-k // size)} or more")
 
 
 def _check_prompts(r: "UpcycleRecipe") -> None:

@@ -58,10 +58,14 @@ class SourceCache:
 def materialize(op: TensorOp, cache: SourceCache) -> torch.Tensor:
     """Compute one output tensor from its (cached) sources."""
     out = TRANSFORMS[op.fn]([cache.get(src, op.dtype) for src in op.srcs], op.shape, op.dtype, op.args)
-    # a transform may return parts along the first axis (fused experts: E views of one source, never stacked)
-    shape = (sum(p.shape[0] for p in out), *out[0].shape[1:]) if isinstance(out, list) else tuple(out.shape)
-    if shape != tuple(op.shape):
-        raise AssertionError(f"{op.key}: transform {op.fn} gave shape {shape}, plan says {op.shape}")
+    # a transform may return parts whose bytes, back to back, are the tensor (fused experts: E views of one
+    # source, never stacked); gate and up of one expert are two parts (1, I, H) of a (E, 2I, H) tensor
+    if isinstance(out, list):
+        if sum(p.numel() for p in out) != op.numel:
+            got = " + ".join(str(tuple(p.shape)) for p in out)
+            raise AssertionError(f"{op.key}: transform {op.fn} gave parts {got}, plan says {op.shape}")
+    elif tuple(out.shape) != tuple(op.shape):
+        raise AssertionError(f"{op.key}: transform {op.fn} gave shape {tuple(out.shape)}, plan says {op.shape}")
     return out
 
 

@@ -160,6 +160,9 @@ def ernie_layout(plan: "Plan", planner: "UpcyclePlanner") -> None:
         ops.append(op)
         if use_bias and rel in biased and op.key.removesuffix(".weight") + ".bias" not in keys:
             ops.append(_zero_bias(op))
+    if use_bias:  # the head is biased too, also when tied to the embeddings
+        embed = next(op for op in ops if op.key == "model.embed_tokens.weight")
+        ops.append(TensorOp("lm_head.bias", (embed.shape[0],), embed.dtype, "zeros", role="head"))
     plan.ops = ops
     validate_config(cfg)
 

@@ -107,3 +107,37 @@ def _mean(xs, shape, dtype, args):
     for x in xs:
         acc += x.float()
     return (acc / len(xs)).to(dtype)
+
+
+# --- target layouts that differ from the per-expert Hub layout (ops/plan_transforms.py writes these ops) ---
+
+@transform("rope_interleave")
+def _rope_interleave(xs, shape, dtype, args):
+    """q/k rows (weight (heads*d, H) or bias (heads*d,)) reordered per head for an interleaved RoPE.
+
+    Llama/Qwen rotate channel pairs (j, j + d/2) by frequency j; ERNIE-4.5 rotates (2j, 2j + 1). Row
+    2j of a head takes row j, row 2j + 1 takes row j + d/2: the same rotation, so q.k is unchanged.
+    `of`/`of_args` is the op this wraps (copy, mean ...).
+    """
+    w = TRANSFORMS[args["of"]](xs, shape, dtype, args["of_args"])
+    d = args["head_dim"]
+    half = torch.arange(d // 2)
+    perm = torch.stack([half, half + d // 2], dim=1).reshape(-1)  # (d,): 0, d/2, 1, d/2+1, ...
+    heads = w.shape[0] // d
+    per_head = w.reshape(heads, d, *w.shape[1:])  # (heads*d, ...) -> (heads, d, ...)
+    return per_head.index_select(1, perm).reshape(w.shape)
+
+
+@transform("fused")
+def _fused(xs, shape, dtype, args):
+    """A fused tensor as a list of parts written back to back (never stacked).
+
+    Each part is one per-expert op (`fn`, `args`, indices into `xs`), computed in turn; a plain copy
+    stays a view of the memory-mapped source, so E copies of one FFN cost no memory. With a leading
+    expert axis (`per_expert`) each part gets a leading 1: gate (I, H) -> (1, I, H).
+    """
+    parts = []
+    for p in args["parts"]:
+        t = TRANSFORMS[p["fn"]]([xs[j] for j in p["srcs"]], tuple(p["shape"]), dtype, p["args"])
+        parts.append(t.unsqueeze(0) if args["per_expert"] else t)
+    return parts

@@ -31,6 +31,24 @@ class MoETraining(Strict):
     bias_update_rate: float = Field(0.0, ge=0, description="auxiliary-loss-free balancing (DeepSeek-V3): "
                                                            "per-expert selection bias step; 0 = off")
     jitter: float = Field(0.0, ge=0, lt=1, description="multiplicative router-input noise in [1-j, 1+j] (Switch)")
+    routing: Literal["topk", "noisy_topk", "switch", "gshard"] = Field(
+        "topk", description="training-time routing: topk (the saved class's own), noisy_topk (Shazeer), "
+                            "switch (top-1, raw probability), gshard (top-2, random second expert); "
+                            "validation and the saved model always route plain top-k")
+    train_top_k: int | None = Field(None, ge=1, description="experts per token while training; default the "
+                                    "model's; required (1) for switch on a top-k>1 model, (2) for gshard off top-2")
+    capacity_factor: float | None = Field(None, gt=0, description="expert capacity C: each expert takes at most "
+                                          "ceil(C * tokens * k / E) assignments per micro-batch; none = no dropping")
+    drop_policy: Literal["position", "probs"] = Field("position", description="over capacity, drop the latest "
+                                                      "tokens (position) or the lowest weights (probs)")
+
+    @model_validator(mode="after")
+    def _policy_k(self) -> "MoETraining":
+        need = {"switch": 1, "gshard": 2}.get(self.routing)
+        if need and self.train_top_k not in (None, need):
+            raise ValueError(f"routing = {self.routing!r} routes top-{need}, but train_top_k = {self.train_top_k}; "
+                             f"set train_top_k: {need} or leave it out")
+        return self
 
 
 class LoraSettings(Strict):
@@ -81,4 +99,8 @@ class TrainRecipe(Strict):
             raise ValueError("give exactly one of max_steps or max_tokens")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}")
+        if self.moe.routing == "noisy_topk" and self.trainable == "lora":
+            raise ValueError("moe.routing = 'noisy_topk' with trainable = 'lora': peft would freeze the new noise "
+                             "weights (W_noise), so the noise could never be learned; use trainable: all or "
+                             "routers, or another moe.routing")
         return self

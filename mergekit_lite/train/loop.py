@@ -79,10 +79,12 @@ def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int, *, se
 
 
 def validate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> dict[str, float]:
-    """`val_loss`: the model as saved (the HF classes cannot hold the selection bias, so none is applied);
-    with aux-loss-free balancing on, also `val_loss_with_selection_bias`, the routing used in training."""
+    """`val_loss`: the model as saved, routed as the saved class routes (no noise, no capacity). Families
+    with `e_score_correction_bias` hold the trained selection bias in the model, so it is in `val_loss`;
+    for the others (Mixtral, Qwen) the tap's own bias is not saved, and with it on `val_loss_with_selection_bias`
+    gives the loss under the bias training used."""
     vals = {"val_loss": evaluate(model, loader, tap, accelerator, max_batches)}
-    if tap.use_bias:
+    if tap.use_bias and not tap.native_bias:
         vals["val_loss_with_selection_bias"] = evaluate(model, loader, tap, accelerator, max_batches,
                                                         selection_bias=True)
     return vals
@@ -144,7 +146,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     if r.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    tap = RouterTap(model, jitter=r.moe.jitter, bias_update_rate=r.moe.bias_update_rate)
+    tap = RouterTap(model, jitter=r.moe.jitter, bias_update_rate=r.moe.bias_update_rate, moe=r.moe)
     if r.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -167,7 +169,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
                                                             min_lr_rate=r.min_lr_ratio)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
     engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded
-    tap.bias = tap.bias.to(accelerator.device)
+    tap.to(accelerator.device)
     accelerator.register_for_checkpointing(tap)
     keep_empty_tensors_in_checkpoints(accelerator)
     if r.tracker != "none":

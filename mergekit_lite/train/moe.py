@@ -1,12 +1,17 @@
-"""MoE training: router losses, auxiliary-loss-free balancing, jitter, and router statistics.
+"""MoE training: router losses, balancing, routing policies and router statistics.
 
-transformers' MoE blocks call a router module (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`, ...) that
-returns (logits, top-k weights, top-k indices). `RouterTap` replaces that forward on each router
-instance with one that calls the original and (a) keeps the logits and indices for the losses and
-statistics, so the router runs once and HF's `output_router_logits` is not needed, (b) optionally
-adds a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free balancing: the bias changes
-which experts are chosen, never the weights), and (c) optionally applies router-input jitter during
-training. Without the bias, the weights and indices are exactly those of transformers' own router.
+transformers' MoE blocks call a router module (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`,
+`Glm4MoeTopkRouter`, ...) that returns (logits, top-k weights, top-k indices). `RouterTap` replaces that
+forward on each router instance with one that calls the original and
+(a) keeps the logits and choices for the losses and statistics, so the router runs once and HF's
+    `output_router_logits` is not needed;
+(b) optionally balances without an auxiliary loss (DeepSeek-V3): a per-expert *selection* bias changes
+    which experts are chosen, never the weights. Families that hold such a bias in the model
+    (`e_score_correction_bias`: glm4_moe, dots1, ernie4_5_moe) get that very tensor moved, so the saved
+    model routes as trained; for the others (Mixtral, Qwen) the bias is the tap's own and is not saved;
+(c) during training only, applies the recipe's routing policy (`routing.py`: noisy top-k, Switch top-1,
+    GShard top-2, expert capacity) and router-input jitter. Evaluation routes as the saved model does.
+With none of these on, the weights and indices are exactly those of transformers' own router.
 
 The losses are added to the loss we back-propagate ourselves (see loop.py), so they are really
 trained on, whatever HF's own `router_aux_loss_coef` says. Statistics stay on the device and are
@@ -21,6 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergekit_lite.train import routing
+
+# the learned noise projection of `routing: noisy_topk`, registered on each router: trained and checkpointed
+# with the model, and left out of final/ (save.py), whose router is W_g alone
+NOISE_PARAM = "moemerge_noise"
+
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Router modules: a 2-D `weight` of (num_experts, hidden) plus `top_k` and `num_experts` attributes."""
@@ -32,78 +43,155 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def native_bias(router: nn.Module) -> torch.Tensor | None:
+    """The selection bias a router keeps in the model (DeepSeek-V3's `e_score_correction_bias`), if any:
+    on the router itself (glm4_moe, dots1) or in ERNIE-4.5's `moe_statics` (shape (1, E))."""
+    holder = getattr(router, "moe_statics", router)
+    bias = getattr(holder, "e_score_correction_bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def _tapped_forward(self, hidden_states: torch.Tensor):
-    """HF's own router forward, plus the tap, jitter and (when in use) the selection bias.
+    """HF's own router forward, plus the tap, jitter, the routing policy and (when in use) the selection bias.
 
     The router's own forward computes logits, weights and indices (so dtypes follow transformers:
     Mixtral keeps fp32 weights under bf16 autocast, Qwen2-MoE casts them to the logits' dtype), and
-    without the bias that is what the model returns: training and inference route the same. With the
-    bias, experts are re-chosen on probs + bias from the same fp32 probabilities.
+    unless something below re-routes, that is what the model returns: training and inference route the same.
     """
     tap: RouterTap = self._moemerge_tap
     if self.training and tap.jitter > 0:
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - tap.jitter, 1.0 + tap.jitter)
     logits, weights, idx = self._moemerge_forward(hidden_states)  # (tokens, E), (tokens, k), (tokens, k)
-    probs = F.softmax(logits, dim=-1, dtype=torch.float)  # what HF's routers rank on; kept for the losses
-    if tap.use_bias:
-        idx = torch.topk(probs + tap.bias[self._moemerge_index], self.top_k, dim=-1).indices
-        chosen = probs.gather(-1, idx)
-        if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen only with norm_topk_prob
-            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
-        weights = chosen.to(weights.dtype)
-    tap.record(self._moemerge_index, logits, probs, idx)
+    if tap.reroutes(self):
+        new_weights, idx = tap.route(self, hidden_states, logits)
+        weights = new_weights.to(weights.dtype)
+    selected, dropped = idx, None
+    if self.training and tap.capacity_factor:
+        n_exp = logits.shape[-1]
+        cap = routing.capacity(idx.shape[0], idx.shape[-1], n_exp, tap.capacity_factor)
+        idx, weights, dropped = routing.drop_over_capacity(idx, weights, n_exp, cap, tap.drop_policy)
+    if self.training and not self._moemerge_sentinel_ok:
+        idx = idx.clamp(max=logits.shape[-1] - 1)  # experts without the "no expert" index: weight 0, costs compute
+    tap.record(self._moemerge_index, logits, self._moemerge_scoring.normalised(logits), selected, dropped)
     return logits, weights, idx
 
 
 class RouterTap:
-    """Hooks every router of a model; turns what they saw into losses and statistics."""
+    """Hooks every router of a model; turns what they saw into losses and statistics.
 
-    def __init__(self, model: nn.Module, jitter: float = 0.0, bias_update_rate: float = 0.0):
+    Args:
+        model: the model (before LoRA/accelerate wrapping); its routers are found by `find_routers`.
+        jitter: multiplicative router-input noise in [1 - jitter, 1 + jitter] during training.
+        bias_update_rate: aux-loss-free balancing step (0 = off).
+        moe: the recipe's `moe` section; its routing policy, `train_top_k`, capacity and drop policy apply
+            during training (default: transformers' own routing).
+    """
+
+    def __init__(self, model: nn.Module, jitter: float = 0.0, bias_update_rate: float = 0.0, moe=None):
         self.routers = [m for _, m in find_routers(model)]
         self.jitter, self.rate = jitter, bias_update_rate
+        self.policy = getattr(moe, "routing", "topk")
+        self.train_top_k = getattr(moe, "train_top_k", None)
+        self.capacity_factor = getattr(moe, "capacity_factor", None)
+        self.drop_policy = getattr(moe, "drop_policy", "position")
         self.use_bias = bias_update_rate > 0
+        self.native = [native_bias(r) for r in self.routers]
+        self.native_bias = bool(self.routers) and all(b is not None for b in self.native)
         self.active = True  # off during evaluation: validation batches are not training statistics
         n_exp = self.routers[0].num_experts if self.routers else 0
         device = self.routers[0].weight.device if self.routers else "cpu"
-        self.bias = torch.zeros(len(self.routers), n_exp, device=device)
-        self._seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.routers)
-        self.load_sum = torch.zeros(len(self.routers), n_exp, device=device)  # tokens per expert since last read
-        self.step_load = torch.zeros(len(self.routers), n_exp, device=device)  # ... since the last optimizer step
-        self.entropy_sum = torch.zeros(len(self.routers), device=device)
+        n = len(self.routers)
+        self.bias = torch.zeros(n, n_exp, device=device)  # the tap's own, for families without a native one
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * n
+        self.load_sum = torch.zeros(n, n_exp, device=device)  # assignments per expert since last read (kept)
+        self.step_load = torch.zeros(n, n_exp, device=device)  # ... since the last optimizer step
+        self.entropy_sum = torch.zeros(n, device=device)
         self.tokens = torch.zeros((), device=device)
+        self.assigned_sum = torch.zeros(n, device=device)  # assignments chosen, and dropped for capacity
+        self.dropped_sum = torch.zeros(n, device=device)
+        may_drop = self.capacity_factor is not None or self.policy == "gshard"
         for i, r in enumerate(self.routers):
             r._moemerge_tap, r._moemerge_index = self, i
+            r._moemerge_scoring = routing.Scoring.of(r)
+            r._moemerge_sentinel_ok = not may_drop or _allow_no_expert_index(model, r)
             r._moemerge_forward = r.forward  # the class's own forward, bound to this router
             r.forward = types.MethodType(_tapped_forward, r)
+            if self.policy == "noisy_topk":  # zero-initialised as Shazeer et al. do: noise std softplus(0) = ln 2
+                r.register_parameter(NOISE_PARAM, nn.Parameter(torch.zeros_like(r.weight, dtype=torch.float32)))
 
     @property
     def is_moe(self) -> bool:
         return bool(self.routers)
 
-    def record(self, i: int, logits: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor) -> None:
+    def _selection_bias(self, router: nn.Module) -> torch.Tensor | None:
+        i = router._moemerge_index
+        if self.native[i] is not None:
+            return self.native[i].view(-1)
+        return self.bias[i] if self.use_bias else None
+
+    def reroutes(self, router: nn.Module) -> bool:
+        """Whether this forward needs routing other than the router's own (policy, train_top_k, own bias)."""
+        own_bias = self.use_bias and self.native[router._moemerge_index] is None
+        if not router.training:
+            return own_bias  # evaluation: the saved routing, plus our bias only when asked (val_loss_with_...)
+        return own_bias or self.policy != "topk" or self.train_top_k not in (None, router.top_k)
+
+    def route(self, router: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, idx) of the training policy (or plain top-k with the selection bias at evaluation)."""
+        scoring: routing.Scoring = router._moemerge_scoring
+        policy = self.policy if router.training else "topk"
+        k = (self.train_top_k or router.top_k) if router.training else router.top_k
+        bias = self._selection_bias(router)
+        if policy == "noisy_topk":
+            eps = torch.randn(logits.shape, device=logits.device)  # global RNG: checkpoints restore it
+            logits = routing.noisy_logits(logits, x.reshape(-1, x.shape[-1]), getattr(router, NOISE_PARAM), eps)
+        scores = scoring.scores(logits)
+        choice = scores + bias if bias is not None else scores
+        if policy == "switch":
+            return routing.switch(scores, choice, scoring)
+        if policy == "gshard":
+            return routing.gshard(scores, choice, torch.rand(scores.shape[0], device=scores.device), scoring)
+        return routing.topk(scores, choice, k, scoring)
+
+    def record(self, i: int, logits: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor,
+               dropped: torch.Tensor | None = None) -> None:
+        """Keep one router call for the losses; count its kept assignments, entropy and drops.
+
+        `idx` is what the policy selected (index E = unsent); `dropped` marks the ones capacity removed.
+        """
         if not self.active:
             return
         self._seen[i] = (logits, probs, idx)
+        n_exp = self.load_sum.shape[1]
         with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.load_sum.shape[1]).float()
+            kept = idx if dropped is None else idx.masked_fill(dropped, n_exp)
+            counts = torch.bincount(kept.reshape(-1), minlength=n_exp + 1)[:n_exp].float()
             self.load_sum[i] += counts
             self.step_load[i] += counts
             self.entropy_sum[i] += -(probs * probs.clamp_min(1e-20).log()).sum(-1).sum()
+            self.assigned_sum[i] += (idx < n_exp).sum()
+            if dropped is not None:
+                self.dropped_sum[i] += dropped.sum()
             if i == 0:
                 self.tokens += probs.shape[0]
 
     def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(load-balancing loss, z-loss) averaged over MoE layers, from the last forward pass."""
+        """(load-balancing loss, z-loss) averaged over MoE layers, from the last forward pass.
+
+        Balance: E * sum_i f_i * P_i (Switch/GShard), f_i = share of the assignments the policy selected
+        (before capacity drops, as Megatron), P_i = mean normalised score: softmax probabilities, or for
+        sigmoid routers the scores divided by their sum per token (DeepSeek-V3's auxiliary loss).
+        """
         bal, z = [], []
         for seen in self._seen:
             if seen is None:
                 continue
             logits, probs, idx = seen
-            n_exp, k = probs.shape[-1], idx.shape[-1]
-            # Switch/GShard: E * sum_i f_i * P_i, f_i = share of top-k assignments, P_i = mean probability
-            f = torch.zeros(n_exp, device=probs.device).scatter_add_(
-                0, idx.reshape(-1), torch.ones(idx.numel(), device=probs.device)) / (idx.shape[0] * k)
-            bal.append(n_exp * (f * probs.mean(0)).sum())
+            n_exp = probs.shape[-1]
+            flat = idx.reshape(-1)
+            f = torch.zeros(n_exp + 1, device=probs.device).scatter_add_(
+                0, flat, torch.ones(flat.numel(), device=probs.device))[:n_exp]
+            bal.append(n_exp * (f / f.sum().clamp_min(1) * probs.mean(0)).sum())
             z.append(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())  # ST-MoE router z-loss
         self._seen = [None] * len(self.routers)
         if not bal:
@@ -111,36 +199,52 @@ class RouterTap:
             return zero, zero
         return torch.stack(bal).mean(), torch.stack(z).mean()
 
+    @torch.no_grad()
     def update_bias(self, reduce=lambda t: t) -> None:
         """DeepSeek-V3: raise the bias of under-loaded experts, lower it for over-loaded ones.
 
-        `reduce` sums the step's load over processes, so every process applies the same update.
+        `reduce` sums the step's load over processes, so every process applies the same update. A model
+        with its own `e_score_correction_bias` gets that tensor moved (it is saved with the model).
         """
         if self.use_bias:
             load = reduce(self.step_load)
-            self.bias += self.rate * torch.sign(load.mean(-1, keepdim=True) - load)
+            step = self.rate * torch.sign(load.mean(-1, keepdim=True) - load)
+            if self.native_bias:
+                for b, row in zip(self.native, step):
+                    b.add_(row.to(b.device, b.dtype).view_as(b))
+            else:
+                self.bias += step
         self.step_load.zero_()
 
     def read_stats(self, reduce=lambda t: t) -> dict:
         """Router statistics since the last call (one host sync), then reset the counters.
 
         `reduce` sums the counters over processes (every process must call it), so the figures
-        describe all the tokens of the run, not the main process's share.
+        describe all the tokens of the run, not the main process's share. `dropped` is the share of the
+        selected assignments each layer dropped for capacity (0 without `capacity_factor`).
         """
-        load_sum, entropy_sum, tokens = (reduce(t) for t in (self.load_sum, self.entropy_sum, self.tokens))
+        load_sum, entropy_sum, tokens, assigned, dropped = (
+            reduce(t) for t in (self.load_sum, self.entropy_sum, self.tokens, self.assigned_sum, self.dropped_sum))
         load = load_sum / load_sum.sum(-1, keepdim=True).clamp_min(1)
         stats = {"load": load.tolist(),
                  "max_over_mean": (load.max(-1).values * load.shape[-1]).tolist(),
                  "dead": (load_sum == 0).sum(-1).tolist(),
-                 "entropy": (entropy_sum / tokens.clamp_min(1)).tolist()}
-        self.load_sum.zero_()
-        self.entropy_sum.zero_()
-        self.tokens.zero_()
+                 "entropy": (entropy_sum / tokens.clamp_min(1)).tolist(),
+                 "dropped": (dropped / assigned.clamp_min(1)).tolist()}
+        for t in (self.load_sum, self.entropy_sum, self.tokens, self.assigned_sum, self.dropped_sum):
+            t.zero_()
         return stats
 
-    # accelerate.register_for_checkpointing: the selection bias is training state, and the statistics
-    # gathered since the last log line belong to the next one (a checkpoint may fall between log lines)
-    _STATE = ("bias", "load_sum", "entropy_sum", "tokens")
+    def to(self, device) -> "RouterTap":
+        """Move the bias and counters to the device the prepared model runs on."""
+        for name in self._STATE + ("step_load",):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # accelerate.register_for_checkpointing: the tap's own selection bias is training state, and the statistics
+    # gathered since the last log line belong to the next one (a checkpoint may fall between log lines). A
+    # native bias and W_noise live in the model and are checkpointed with it.
+    _STATE = ("bias", "load_sum", "entropy_sum", "tokens", "assigned_sum", "dropped_sum")
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).cpu() for name in self._STATE}
@@ -149,3 +253,19 @@ class RouterTap:
         for name in self._STATE:
             if name in state:  # checkpoints written before the statistics were saved hold the bias only
                 getattr(self, name).copy_(state[name].to(self.bias.device))
+
+
+def _allow_no_expert_index(model: nn.Module, router: nn.Module) -> bool:
+    """Let the router's sibling experts take index E as "no expert"; False where they cannot.
+
+    transformers' `eager` experts always skip index E; `grouped_mm` and `batched_mm` do so only when
+    `_is_expert_parallel` is set (the flag its expert parallelism sets for the same purpose): grouped_mm then
+    sorts those rows past the last expert and computes nothing for them, batched_mm still computes them with
+    weight 0. Only the in-memory module is flagged; the saved model is unchanged.
+    """
+    parent_name = next(n for n, m in model.named_modules() if m is router).rpartition(".")[0]
+    experts = getattr(model.get_submodule(parent_name), "experts", None)
+    if experts is None or not hasattr(experts, "_is_expert_parallel"):
+        return False
+    experts._is_expert_parallel = True
+    return True

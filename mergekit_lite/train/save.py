@@ -23,6 +23,7 @@ from mergekit_lite.io.sidefiles import finish_folder
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.plan import DTYPES
 from mergekit_lite.provenance import recipe_record
+from mergekit_lite.train.moe import NOISE_PARAM
 
 
 def save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> Path:
@@ -70,6 +71,8 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
                echo: Callable[[str], None] = print) -> Path | None:
     """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card."""
     state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards onto the main process
+    # training-only parameters (noisy top-k's W_noise) are not part of the saved HF class
+    state = {k: v for k, v in state.items() if not k.endswith(NOISE_PARAM)}
     if not accelerator.is_main_process:
         return None
     dtype = None if save_dtype == "source" else DTYPES[save_dtype]

@@ -18,6 +18,7 @@ from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, refuse_overlap, remove_own
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
+from mergekit_lite.train.routing import check_routing
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",
                   "wandb": "is_wandb_available"}
@@ -50,6 +51,7 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
     if max_pos and r.seq_len > max_pos:
         raise MoemergeError(f"seq_len = {r.seq_len} is larger than the model's max_position_embeddings "
                             f"({max_pos}); set seq_len to at most {max_pos}")
+    check_routing(r.moe, cfg)  # a policy the model's top-k or grouped routing cannot take
     for field, specs in (("train", r.data.train), ("validation", r.data.validation)):
         if specs:
             resolve_files(specs, field)  # raises on a missing file/folder/glob
@@ -140,10 +142,11 @@ def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], 
     prefixes = tuple(f"model.layers.{i}." for i in new_layers)
     keep = []
     for name, p in model.named_parameters():
+        in_router = id(p) in router_ids and not name.endswith("e_score_correction_bias")  # ERNIE's: not trained
         if mode == "routers":
-            on = id(p) in router_ids
+            on = in_router
         elif mode == "routers+experts":
-            on = id(p) in router_ids or ".experts." in name or ".shared_expert" in name
+            on = in_router or ".experts." in name or ".shared_expert" in name
         else:  # new_layers
             on = name.startswith(prefixes)
         p.requires_grad_(on)

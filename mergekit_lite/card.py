@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from mergekit_lite.arch.tables import moe_counts, router_summary
 from mergekit_lite.plan import format_count
 
 BEGIN = "<!-- moemerge:card:begin (generated; edits inside are replaced on the next build) -->"
@@ -61,7 +62,7 @@ def front_matter(record: dict[str, Any], config: dict[str, Any], source: str | P
     # The Hub rejects a base_model that is not a repo id, so local-only folders appear in the body only.
     bases = list(dict.fromkeys(h for s in lineage_sources(record) if (h := hub_id(s))))
     tags = ["mergekit-lite"]
-    if config.get("num_local_experts") or config.get("num_experts"):
+    if moe_counts(config)[0]:
         tags.append("moe")
     for step in record.get("lineage", []):
         tags += STEP_TAGS.get(step.get("step"), [])
@@ -117,11 +118,12 @@ def _model_table(record: dict[str, Any], config: dict[str, Any], folder: Path) -
     total, active = record.get("total_params"), record.get("active_params")
     if total is None:
         total, active = _count_params(folder)
-    experts = config.get("num_local_experts") or config.get("num_experts")
+    experts = moe_counts(config)[0]
     rows = [("architecture", f"`{(config.get('architectures') or ['?'])[0]}` ({config.get('model_type')})"),
             ("layers", config.get("num_hidden_layers")), ("hidden size", config.get("hidden_size"))]
     if experts:
         rows.append(("experts", f"{experts} per MoE layer, top-{config.get('num_experts_per_tok')} routed per token"))
+        rows.append(("router", router_summary(config) or "?"))
     if total is not None:
         rows.append(("parameters", f"{format_count(total)} total ({total:,})"))
     if active is not None and active != total:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.arch.tables import moe_counts, router_summary
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.plan import format_bytes, format_count
@@ -25,14 +26,14 @@ def describe(path: str | Path) -> dict[str, Any]:
         dtypes[name] = dtypes.get(name, 0) + info.numel
         if _EXPERT.search(key):
             expert += info.numel
-    n_experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-    top_k = cfg.get("num_experts_per_tok")
+    n_experts, top_k = moe_counts(cfg)  # every family's spelling (arch tables)
     active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
     files = sorted({i.file for i in reader.tensors.values()})
     return {
         "path": str(path), "architecture": (cfg.get("architectures") or ["?"])[0],
         "model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers"),
         "hidden_size": cfg.get("hidden_size"), "experts": n_experts, "experts_per_token": top_k,
+        "router": router_summary(cfg) if n_experts else None,
         "total_params": total, "active_params": active, "dtypes": dtypes, "shards": files,
         "bytes": reader.total_bytes(), "built_by": read_sidecar(path),
     }
@@ -46,6 +47,8 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
     ]
     if d["experts"]:
         lines.append(f"  experts        {d['experts']} per MoE layer, top-{d['experts_per_token']}")
+        if d.get("router"):
+            lines.append(f"  router         {d['router']}")
     lines += [
         f"  parameters     total {format_count(d['total_params'])}   active per token {format_count(d['active_params'])}",
         f"  dtype          {', '.join(f'{k} ({format_count(v)})' for k, v in d['dtypes'].items())}",

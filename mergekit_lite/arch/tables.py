@@ -283,3 +283,19 @@ def model_type_of(config: dict) -> str:
     if mt is None and isinstance(config.get("text_config"), dict):
         mt = config["text_config"].get("model_type")
     return mt or "<missing model_type>"
+
+
+def router_summary(config: dict) -> str | None:
+    """What a MoE config's router computes, in a few words (inspect, model card); None for other configs."""
+    fam = MOE.get(model_type_of(config))
+    if fam is None:
+        return None
+    spec = fam.router_spec
+    parts = [f"{config.get(spec.scoring_field) or spec.scoring[0] if spec.scoring_field else spec.scoring[0]} scores"]
+    if spec.bias:
+        parts.append(f"selection bias {spec.bias.rsplit('.', 1)[-1]}")
+    if spec.group_fields and (config.get(spec.group_fields[0]) or 1) > 1:
+        parts.append(f"{config[spec.group_fields[0]]} groups, {config.get(spec.group_fields[1])} kept per token")
+    if spec.scaling_field and config.get(spec.scaling_field) not in (None, 1, 1.0):
+        parts.append(f"routed scaling {config[spec.scaling_field]}")
+    return ", ".join(parts)

@@ -75,11 +75,12 @@ def select_moe_layers(spec: str | MoEEvery | list[int], n_layers: int, fam: MoEF
     if spec == "all":
         return list(range(n_layers))
     if not fam.supports_dense_layers:
-        hint = (f"only the first layers can stay dense in {fam.model_type}: use dense_layers: k instead"
-                if fam.dense_prefix_field else
-                f"use moe_layers: all, or architecture: {_families_with(lambda f: f.supports_dense_layers)} "
-                "(mlp_only_layers)")
-        raise MoemergeError(f"moe_layers={_show(spec)}: {fam.model_type} cannot make these layers dense; {hint}")
+        if fam.dense_prefix_field:
+            raise MoemergeError(f"moe_layers={_show(spec)}: only the first layers can stay dense in "
+                                f"{fam.model_type} ({fam.dense_prefix_field}); use dense_layers: k instead")
+        raise MoemergeError(f"moe_layers={_show(spec)}: {fam.model_type} has no dense layers (every layer is MoE); "
+                            f"use moe_layers: all, or architecture: "
+                            f"{_families_with(lambda f: f.supports_dense_layers)} (mlp_only_layers)")
     if isinstance(spec, MoEEvery):
         layers = [i for i in range(n_layers) if (i + 1) % spec.every == 0]
     else:

@@ -288,3 +288,37 @@ def test_plan_reads_no_weight_bytes(tmp_path, pico_factory, no_heavy_io):
     plan, readers = plan_upcycle(load_recipe(path, UpcycleRecipe))
     assert plan.config["first_k_dense_replace"] == 1
     assert sum(1 for op in plan.ops if op.key.endswith("e_score_correction_bias")) == 2
+
+
+# --- graft of a glm4_moe: first_k_dense_replace keeps meaning "the first k layers are dense" ------------------------
+
+def _graft(tmp_path: Path, name: str, slices: list) -> Path:
+    from mergekit_lite.ops.graft import run_graft
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"slices": [{"model": str(m), "layers": list(r), "identity": idy}
+                                               for m, r, idy in slices], "dtype": "float32"}))
+    out = tmp_path / name
+    run_graft(path, out, echo=quiet, progress=False)
+    return out
+
+
+def test_graft_glm4_moe_keeps_the_dense_prefix(tmp_path, glm_out):
+    from mergekit_lite.check import check_folder
+
+    # glm_out: layer 0 dense, layers 1-2 MoE; SOLAR-like 0,1 + 1,2 -> one dense layer first
+    solar = _graft(tmp_path, "solar", [(glm_out, (0, 2), False), (glm_out, (1, 3), False)])
+    assert config_of(solar)["first_k_dense_replace"] == 1 and config_of(solar)["num_hidden_layers"] == 4
+    check_folder(solar)  # the class built from the config expects exactly the tensors written
+    # an identity copy of the dense layer 0 right after it: two dense layers, and the logits do not move
+    grown = _graft(tmp_path, "grown", [(glm_out, (0, 1), False), (glm_out, (0, 1), True), (glm_out, (1, 3), False)])
+    assert config_of(grown)["first_k_dense_replace"] == 2
+    check_folder(grown)
+    assert compare_logits(grown, glm_out, device="cpu").max_abs <= TOL
+
+
+def test_graft_refuses_a_dense_layer_after_moe_layers(tmp_path, glm_out, no_heavy_io):
+    with pytest.raises(MoemergeError, match=r"first_k_dense_replace: glm4_moe keeps dense FFNs only in its first "
+                                            r"layers.*dense layer 0 .* at output layer 2"):
+        _graft(tmp_path, "bad", [(glm_out, (1, 3), False), (glm_out, (0, 1), False)])
+    assert not (tmp_path / "bad").exists()

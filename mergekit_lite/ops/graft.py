@@ -196,6 +196,9 @@ class GraftPlanner:
 
     def _check_dense_layers(self, config: dict) -> None:
         """In a Qwen-MoE model the config says which layers are dense; the tensors must agree."""
+        fam = MOE.get(self.model_type)
+        if fam is not None and fam.dense_prefix_field:
+            self._dense_prefix(config, fam.dense_prefix_field, fam.dense_mlp["gate"])
         if "mlp_only_layers" not in config:
             return
         dense_rel = MOE[self.model_type].dense_mlp["gate"]
@@ -205,6 +208,31 @@ class GraftPlanner:
                 kind = "dense" if layer_views(self.readers[m].config)["mlp_only_layers"][i] else "MoE"
                 raise MoemergeError(f"{self.readers[m].path}: config.json makes layer {i} a {kind} layer, but its "
                                     f"tensors {'do not ' if kind == 'dense' else ''}hold {dense_rel!r}")
+
+    def _dense_prefix(self, config: dict, field: str, dense_rel: str) -> None:
+        """glm4_moe / dots1: only the first `field` layers are dense; the output must keep them first and count them.
+
+        Each source layer's kind comes from its tensors, checked against its own config (class default included);
+        the output's count is the length of its leading run of dense layers, and a dense layer after an MoE
+        layer is refused (the class could not hold it).
+        """
+        kinds = []
+        for o, (m, i, _) in enumerate(self.layers):
+            dense = any(rel == dense_rel for rel, _ in self.by_layer[m][i])
+            k = getattr(hf_config(self.readers[m].config), field)
+            if dense != (i < k):
+                raise MoemergeError(f"{self.readers[m].path}: config.json says {field}={k}, so layer {i} is "
+                                    f"{'dense' if i < k else 'MoE'}, but its tensors {'do not ' if i < k else ''}"
+                                    f"hold {dense_rel!r}; the checkpoint does not match its config")
+            kinds.append(dense)
+        lead = next((o for o, d in enumerate(kinds) if not d), len(kinds))
+        if any(kinds[lead:]):
+            o = kinds.index(True, lead)
+            m, i, _ = self.layers[o]
+            raise MoemergeError(f"{field}: {self.model_type} keeps dense FFNs only in its first layers, but this "
+                                f"graft puts dense layer {i} of {self.readers[m].path} at output layer {o}, after MoE "
+                                f"layer {lead}; order the slices so dense layers come first, or leave that layer out")
+        config[field] = lead
 
     def _active(self, plan: Plan, config: dict) -> int | None:
         if self.model_type not in MOE:

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
+import mergekit_lite.train.loop as loop
 from mergekit_lite.train import routing
 from mergekit_lite.train.moe import NOISE_PARAM, RouterTap
+from test_train import quiet, recipe, world  # noqa: F401  (world is a fixture)
 
 SOFTMAX = routing.Scoring()
 
@@ -184,3 +186,42 @@ def test_bad_policies_refused():
         routing.check_routing(MoETraining(routing="noisy_topk"), {**cfg, "n_group": 2})
     with pytest.raises(MoemergeError, match="at most 4"):
         routing.check_routing(MoETraining(train_top_k=6), cfg)
+
+
+# --- whole runs: exact --resume per policy, W_noise checkpointed but not saved, drops logged ----------------
+POLICY_RUNS = {
+    "noisy_topk": {"routing": "noisy_topk"},
+    "switch": {"routing": "switch", "train_top_k": 1},
+    "gshard+capacity": {"routing": "gshard", "capacity_factor": 1.0},
+    "topk+capacity-probs": {"capacity_factor": 0.75, "drop_policy": "probs"},
+}
+
+
+@pytest.mark.parametrize("policy", POLICY_RUNS)
+def test_resume_is_exact_for_every_policy(world, tmp_path, monkeypatch, policy):
+    from safetensors.torch import load_file
+
+    from test_train import records
+    from test_train_resume import HARD, crash_then_resume
+
+    kw = {**HARD, "moe": {**HARD["moe"], **POLICY_RUNS[policy]}}  # jitter and the selection bias on too
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    loop.train(recipe(world, full, **kw), echo=quiet)
+    crash_then_resume(world, cut, monkeypatch, **kw)
+
+    def rows(out, kind):
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in records(out, kind)]
+
+    for kind in ("train", "router", "val"):
+        assert rows(full, kind) == rows(cut, kind), kind
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(NOISE_PARAM in k for k in a)  # final/ is the plain HF class
+    ckpt = load_file(str(cut / "checkpoints" / "step-0000010" / "model.safetensors"))
+    noise = {k: v for k, v in ckpt.items() if k.endswith(NOISE_PARAM)}
+    if policy == "noisy_topk":
+        assert len(noise) == 2 and all(v.abs().sum() > 0 for v in noise.values())  # trained from zero
+    else:
+        assert not noise
+    dropped = [d for r in records(cut, "router") for d in r["dropped"]]
+    assert (max(dropped) > 0) == ("capacity" in policy), dropped

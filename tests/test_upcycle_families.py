@@ -322,3 +322,16 @@ def test_graft_refuses_a_dense_layer_after_moe_layers(tmp_path, glm_out, no_heav
                                             r"layers.*dense layer 0 .* at output layer 2"):
         _graft(tmp_path, "bad", [(glm_out, (1, 3), False), (glm_out, (0, 1), False)])
     assert not (tmp_path / "bad").exists()
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "upcycle"
+SHIPPED = {"llama-to-glm4moe.yaml": "llama", "qwen3-to-dots1.yaml": "qwen3", "qwen3-to-dots1-deepseek.yaml": "qwen3"}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_recipes_keep_parity_on_a_pico_source(tmp_path, pico_factory, name):
+    """The shipped glm4_moe / dots1 recipes, pointed at a pico model of their source family, give parity."""
+    body = yaml.safe_load((RECIPES / name).read_text())
+    dense = pico_factory(SHIPPED[name])
+    out = upcycle(tmp_path, **{**body, "source": dense, "dtype": "float32"})
+    assert compare_logits(out, dense, device="cpu").max_abs <= TOL

@@ -225,3 +225,23 @@ def test_resume_is_exact_for_every_policy(world, tmp_path, monkeypatch, policy):
         assert not noise
     dropped = [d for r in records(cut, "router") for d in r["dropped"]]
     assert (max(dropped) > 0) == ("capacity" in policy), dropped
+
+
+def test_plot_draws_the_dropped_share_per_layer(tmp_path, monkeypatch):
+    import json
+
+    from mergekit_lite.train import plot
+
+    rows = [{"type": "train", "step": s, "tokens": 64 * s, "loss": 5.0, "ce": 5.0, "balance": 1.0, "z": 1.0,
+             "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0} for s in (1, 2)]
+    rows += [{"type": "router", "step": s, "load": [[0.5, 0.5], [0.9, 0.1]], "max_over_mean": [1.0, 1.8],
+              "dead": [0, 0], "entropy": [0.6, 0.3], "dropped": [0.0, d]} for s, d in ((1, 0.25), (2, 0.125))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+    real = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.setdefault(path.name, fig) and real(fig, path))
+    plot.plot_run(tmp_path)
+    panel = drawn["expert_load.png"].axes[2]
+    assert [list(line.get_ydata()) for line in panel.get_lines()] == [[0.0, 0.0], [0.25, 0.125]]
+    assert plot.dropped_series(rows[2:]) == ([1, 2], [[0.0, 0.0], [0.25, 0.125]])
+    assert plot.dropped_series([{**r, "dropped": [0.0, 0.0]} for r in rows[2:]]) is None  # no capacity: 2 panels

@@ -57,6 +57,15 @@ def imbalance_series(router_rows: list[dict]) -> tuple[list[int], list[list[floa
     return steps, [[r["max_over_mean"][i] for r in router_rows] for i in range(layers)]
 
 
+def dropped_series(router_rows: list[dict]) -> tuple[list[int], list[list[float]]] | None:
+    """(steps, per-layer share of assignments dropped for expert capacity), or None when nothing was dropped
+    (no `moe.capacity_factor`, or a run logged before the `dropped` field existed)."""
+    rows = [r for r in router_rows if "dropped" in r]
+    if not rows or not any(any(r["dropped"]) for r in rows):
+        return None
+    return [r["step"] for r in rows], [[r["dropped"][i] for r in rows] for i in range(len(rows[-1]["dropped"]))]
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              echo: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Write loss.png, lr.png and (for MoE runs) expert_load.png into `out_dir` (default: the run folder).
@@ -183,12 +192,16 @@ def _lr_png(train: list[dict], path: Path, name: str) -> Path:
 
 
 def _load_png(router: list[dict], path: Path, name: str) -> Path:
-    """Left: heatmap layer x expert of the last record. Right: max/mean load per layer over the run."""
+    """Left: heatmap layer x expert of the last record. Right: max/mean load per layer over the run, and
+    (runs with expert capacity) the share of assignments each layer dropped."""
     import matplotlib.pyplot as plt
 
     load = load_matrix(router)
     n_layers, n_experts = len(load), len(load[0])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    drops = dropped_series(router)
+    fig, axes = plt.subplots(1, 3 if drops else 2, figsize=(15 if drops else 11, 4),
+                             gridspec_kw={"width_ratios": [3, 2, 2] if drops else [3, 2]})
+    ax, ax2 = axes[0], axes[1]
     # vmin 0 and an even-share marker on the colour bar make "how far from 1/E" readable at a glance
     im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"{name}: share of routed tokens, step {router[-1]['step']}")
@@ -205,6 +218,12 @@ def _load_png(router: list[dict], path: Path, name: str) -> Path:
     ax2.set(xlabel="step", ylabel="max / mean load", title="load imbalance (1 = even)")
     if n_layers <= 8:
         ax2.legend(fontsize=7)
+    if drops:
+        for i, values in enumerate(drops[1]):
+            axes[2].plot(drops[0], values, label=f"layer {i}")
+        axes[2].set(xlabel="step", ylabel="dropped share", title="assignments over expert capacity (dropped)")
+        if n_layers <= 8:
+            axes[2].legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -245,3 +245,17 @@ def test_plot_draws_the_dropped_share_per_layer(tmp_path, monkeypatch):
     assert [list(line.get_ydata()) for line in panel.get_lines()] == [[0.0, 0.0], [0.25, 0.125]]
     assert plot.dropped_series(rows[2:]) == ([1, 2], [[0.0, 0.0], [0.25, 0.125]])
     assert plot.dropped_series([{**r, "dropped": [0.0, 0.0]} for r in rows[2:]]) is None  # no capacity: 2 panels
+
+
+@pytest.mark.parametrize("moe,extra,needle", [
+    ({"routing": "switch"}, {}, "train_top_k: 1"),  # the Mixtral here routes top-2
+    ({"routing": "noisy_topk"}, {"trainable": "lora"}, "W_noise"),
+    ({"routing": "top1"}, {}, "moe.routing"),
+    ({"capacity_factor": 0.0}, {}, "capacity_factor"),
+])
+def test_bad_routing_refused_before_training(world, tmp_path, moe, extra, needle):
+    from mergekit_lite.errors import MoemergeError
+
+    with pytest.raises(MoemergeError, match=needle):
+        loop.train(recipe(world, tmp_path / "bad", moe=moe, **extra), echo=quiet)
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.arch.tables import moe_counts, router_summary
+from mergekit_lite.arch.tables import MOE, model_type_of, moe_counts, router_summary, split_layer_key
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.plan import format_bytes, format_count
@@ -20,11 +20,13 @@ def describe(path: str | Path) -> dict[str, Any]:
     cfg = reader.config
     total = expert = 0
     dtypes: dict[str, int] = {}
+    fam = MOE.get(model_type_of(cfg))  # experts fused on disk (granitemoe: input_linear [E, 2I, H]) count too
+    fused = {rel for rel, members in fam.fused.items() if any("{e}" in m for m in members)} if fam else set()
     for key, info in reader.tensors.items():
         total += info.numel
         name = str(info.dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + info.numel
-        if _EXPERT.search(key):
+        if _EXPERT.search(key) or (split_layer_key(key) or (0, ""))[1] in fused:
             expert += info.numel
     n_experts, top_k = moe_counts(cfg)  # every family's spelling (arch tables)
     active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)

@@ -229,3 +229,15 @@ def test_short_sliding_window_refused(tmp_path, pico_factory, no_heavy_io, targe
     path.write_text(yaml.safe_dump(body))
     with pytest.raises(MoemergeError, match="sliding_window=16.*mixtral"):
         run_upcycle(path, tmp_path / "never", echo=quiet)
+
+
+@pytest.mark.parametrize("family,target", [("llama", "granitemoeshared"), ("qwen2", "ernie4_5_moe")])
+def test_inspect_counts_active_parameters_like_the_plan(tmp_path, pico_factory, family, target):
+    """inspect counts fused expert tensors as experts, and the plan counts ERNIE's added zero biases."""
+    from mergekit_lite.inspect_model import describe
+
+    out = upcycle(tmp_path, source=pico_factory(family, **DIMS), architecture=target, shared_experts=1,
+                  shared_split=True)
+    d = describe(out)
+    # every routed expert matrix is 32 x 32 (2 units of 32 channels: 1 shared, 1 routed); 2 of 4 experts idle
+    assert d["active_params"] == d["total_params"] - 3 * 2 * 3 * 32 * 32 == d["built_by"]["active_params"]

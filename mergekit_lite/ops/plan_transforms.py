@@ -163,6 +163,8 @@ def ernie_layout(plan: "Plan", planner: "UpcyclePlanner") -> None:
     if use_bias:  # the head is biased too, also when tied to the embeddings
         embed = next(op for op in ops if op.key == "model.embed_tokens.weight")
         ops.append(TensorOp("lm_head.bias", (embed.shape[0],), embed.dtype, "zeros", role="head"))
+    if plan.active_params is not None:  # the added biases always run
+        plan.active_params += sum(op.numel for op in ops) - sum(op.numel for op in plan.ops)
     plan.ops = ops
     validate_config(cfg)
 

@@ -88,6 +88,15 @@ def test_parity(tmp_path, pico_factory, family, target, option):
     assert report.top1_agreement == 1.0
 
 
+def test_tied_scores_keep_parity(tmp_path, pico_factory):
+    """router.init zeros: every sigmoid score is 0.5 and every group ties; any k identical experts still sum to
+    the dense FFN (granularity 1; with granularity > 1 the schema refuses zeros, a tie could split a copy)."""
+    dense = pico_factory("llama", **DIMS)
+    out = upcycle(tmp_path, source=dense, architecture="glm4_moe", num_experts=8, experts_per_token=2,
+                  router={"init": "zeros", "groups": 4, "topk_groups": 2})
+    assert compare_logits(out, dense, device="cpu").max_abs <= TOL
+
+
 @pytest.mark.parametrize("family,fields", [("llama", {}), ("qwen2", {}), ("qwen3", {})])
 def test_glm4_moe_attention_fields(tmp_path, pico_factory, family, fields):
     """glm4_moe's attention flags follow the source's tensors; RoPE covers whole heads; no MTP layer."""

@@ -41,6 +41,9 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
     recipe = load_recipe(recipe_path, EnsembleRecipe)
     check_device(device)
     prompts = None if score is not None else read_prompts(recipe.prompts, recipe_path)
+    if score is not None and recipe.method == "vote":
+        raise MoemergeError("--score needs method probs or logits (a vote picks answers, it has no "
+                            "next-token distribution); set method: probs to score the probability ensemble")
     if score is not None and not Path(score).is_file():
         raise MoemergeError(f"--score {score}: file not found; give a .txt (one document per line) or .jsonl file")
     members, tokenizer, vocab = prepare_members(recipe, recipe_path)  # tokenizers only: no weights yet

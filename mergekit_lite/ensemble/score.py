@@ -67,9 +67,6 @@ def score_file(file: Path, recipe: EnsembleRecipe, names: list[str], models: lis
     """
     from tqdm.auto import tqdm
 
-    if recipe.method == "vote":
-        raise MoemergeError("--score needs method probs or logits (a vote picks answers, it has no "
-                            "next-token distribution); set method: probs to score the probability ensemble")
     blocks = packed_blocks(file, recipe, tokenizer, tokenizer_dir)
     bs = recipe.score.batch_size
     member_sum = torch.zeros(len(models), dtype=torch.float64)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mergekit_lite.train import routing

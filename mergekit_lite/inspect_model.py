@@ -101,6 +101,8 @@ def upcycle_lines(u: dict[str, Any]) -> list[str]:
              f"    shared experts: {u.get('shared_experts')} (size {u.get('shared_expert_size')}, "
              f"split {u.get('shared_split')})   MoE layers: {u.get('moe_layers')}",
              f"    non-expert weights: {u.get('non_expert')} (base {u.get('base')})"]
+    if u.get("router"):  # scoring, groups, scaling as the recipe asked (absent in records before issue 13)
+        lines.append(f"    router options: {value_text(u['router'])}")
     runs: list[list] = []  # consecutive identical copies shown as one line ("copies 0-7: ...")
     for c, item in enumerate(u.get("copies", [])):
         text = f"{item.get('source')}   noise {item.get('noise')}   drop_ratio {item.get('drop_ratio')}"

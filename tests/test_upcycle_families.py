@@ -255,7 +255,8 @@ def test_check_inspect_card_push_know_glm4_moe(glm_out):
     # active: everything but the 2 idle routed experts of each of the 2 MoE layers (3 matrices of 32 x 32)
     assert d["active_params"] == d["total_params"] - 2 * 2 * 3 * 32 * 32
     text = "\n".join(describe_lines(d))
-    assert "4 per MoE layer, top-2" in text and "router" in text and "sigmoid" in text
+    assert "4 per MoE layer, top-2" in text and "router         sigmoid scores, selection bias" in text
+    assert "router options: scoring sigmoid" in text  # from the sidecar record
     card = (glm_out / "README.md").read_text()
     assert "4 per MoE layer" in card and "- moe" in card and "sigmoid" in card
     lines: list[str] = []

@@ -57,8 +57,8 @@ class Metrics:
 def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int, *, selection_bias: bool = False) -> float:
     """Mean validation cross-entropy over at most `max_batches` batches per process.
 
-    Routing follows the saved model (no selection bias) unless `selection_bias`; the model's
-    train/eval mode and the tap's settings are restored on the way out.
+    Routing follows the saved model (plain top-k, no noise, no capacity; no tap-held selection bias unless
+    `selection_bias`); the model's train/eval mode and the tap's settings are restored on the way out.
     """
     was_training, was_active, had_bias = model.training, tap.active, tap.use_bias
     model.eval()

@@ -12,7 +12,7 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe import UpcycleRecipe, load_recipe, parse_size, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
-SCHEMAS = {"upcycle": "UpcycleRecipe", "graft": "GraftRecipe", "train": "TrainRecipe"}
+SCHEMAS = {"upcycle": "UpcycleRecipe", "graft": "GraftRecipe", "train": "TrainRecipe", "ensemble": "EnsembleRecipe"}
 SHIPPED = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name in SCHEMAS)
 
 

@@ -30,6 +30,9 @@ DRY_RUN = typer.Option(False, "--dry-run", help="print the plan (tensors, bytes,
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output folder (never one that is, holds or "
                                                     "lies inside an input: refused before anything is written)")
 
+WORKERS = typer.Option(None, "--workers", min=1, help="writer threads (wins over the recipe's workers; default: "
+                                                       "from the cores and the output disk)")
+
 
 def _nothing_written() -> str:
     return "interrupted, nothing written"
@@ -55,12 +58,13 @@ def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle r
             device: Optional[str] = typer.Option(None, help="runs the base model for router.init=hidden: cpu, cuda, "
                                                             "cuda:1 ... (default: accelerate's choice)"),
             shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
-                                                     "the recipe's shard_size, default 5GB)")) -> None:
+                                                     "the recipe's shard_size, default 5GB)"),
+            workers: Optional[int] = WORKERS) -> None:
     """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
     from mergekit_lite.ops.upcycle import run_upcycle
 
     run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, device=device,
-                shard_size=shard_size, echo=echo)
+                shard_size=shard_size, echo=echo, workers=workers)
 
 
 @app.command()
@@ -71,12 +75,13 @@ def graft(source: Path = typer.Argument(..., metavar="SOURCE",
           expand: Optional[int] = typer.Option(None, "--expand", help="LLaMA-Pro: insert K identity blocks"),
           dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
           shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 5GB (default 5GB)"),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor"),
+          workers: Optional[int] = WORKERS) -> None:
     """Deeper models from layer slices: SOLAR --drop, LLaMA-Pro --expand, or a slices recipe."""
     from mergekit_lite.ops.graft import run_graft
 
     run_graft(source, output, drop=drop, expand=expand, dry_run=dry_run, overwrite=overwrite,
-              shard_size=shard_size, verbose=verbose, echo=echo)
+              shard_size=shard_size, verbose=verbose, echo=echo, workers=workers)
 
 
 @app.command()

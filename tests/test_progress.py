@@ -47,20 +47,27 @@ def test_upcycle_bar_ends_at_the_output_bytes(tmp_path, pico_llama, capsys):
 
 
 def test_bytes_reported_are_the_bytes_in_the_files(tmp_path, pico_llama):
-    """Several shards: at each finished shard, the bytes reported so far are exactly those of the shards written."""
+    """Several shards: at each finished shard, the bytes reported so far are exactly those of the shards written
+    (in order with one writer; with several, shards finish in any order and each tensor is reported once)."""
     recipe = validate_recipe(yaml.safe_load(upcycle_recipe(tmp_path, pico_llama, "200KB").read_text()),
                              UpcycleRecipe)
     plan, readers = plan_upcycle(recipe)
     reported: list[int] = []
     at_shard: list[tuple[int, int]] = []
     out = execute(plan, readers, tmp_path / "moe", shard_size=recipe.shard_size, written=reported.append,
-                  progress=lambda n, total: at_shard.append((n, sum(reported))))
+                  progress=lambda n, total: at_shard.append((n, sum(reported))), workers=1)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) == len(at_shard) > 2
     sizes = [tensor_bytes(p) for p in shards]
     assert [done for _, done in at_shard] == [sum(sizes[:i + 1]) for i in range(len(sizes))]
     assert sum(reported) == plan.nbytes and all(n > 0 for n in reported)
     assert len(reported) == sum(1 for op in plan.ops if op.nbytes)  # one report per tensor
+    reported.clear()
+    at_shard.clear()
+    execute(plan, readers, tmp_path / "moe4", shard_size=recipe.shard_size, written=reported.append,
+            progress=lambda n, total: at_shard.append((n, total)), workers=4)
+    assert sorted(reported) == sorted(op.nbytes for op in plan.ops if op.nbytes)
+    assert at_shard == [(i + 1, len(shards)) for i in range(len(shards))]
 
 
 def run_main(monkeypatch, capsys, *argv) -> tuple[int, str, str]:

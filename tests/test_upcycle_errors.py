@@ -196,11 +196,11 @@ def test_crash_mid_write_leaves_nothing(tmp_path, pico_llama, monkeypatch):
     calls = {"n": 0}
     real = writer.write_shard
 
-    def flaky(path, tensors, metadata=None):
+    def flaky(path, tensors, metadata=None, pool=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # what Ctrl-C looks like mid-run
-        return real(path, tensors, metadata)
+        return real(path, tensors, metadata, pool)
 
     monkeypatch.setattr(writer, "write_shard", flaky)
     out = tmp_path / "out"

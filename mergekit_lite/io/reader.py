@@ -2,7 +2,8 @@
 
 Shapes and dtypes come from safetensors headers, so a preflight can check every tensor before
 a single weight byte is read. `get` returns a memory-mapped view (`safe_open`), so the bytes are
-read from disk only when the writer touches them.
+read from disk only when the writer touches them; `prefetch` asks the OS to start reading a
+tensor's bytes ahead of that (the writer announces the next tensors while it writes these).
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class CheckpointReader:
             raise MoemergeError(f"{cfg} is not valid JSON: {e}") from None
         self._handles: dict[str, Any] = {}
         self._bin: dict[str, dict[str, torch.Tensor]] = {}
+        self._spans: dict[str, dict[str, tuple[int, int]]] = {}  # file -> key -> (byte offset, length)
+        self._fds: dict[str, int] = {}  # files opened for read-ahead hints
         self.tensors: dict[str, TensorInfo] = self._scan()
 
     # -- discovery -------------------------------------------------------------------------
@@ -234,10 +237,32 @@ class CheckpointReader:
         except SafetensorError as e:
             raise MoemergeError(f"cannot read {key!r} from {self.path / info.file}: {e}") from None
 
+    def prefetch(self, key: str) -> None:
+        """Start reading a tensor's bytes into the page cache (`posix_fadvise(WILLNEED)`) without waiting.
+
+        The memory map that `get` returns shares those pages, so a later touch finds them in memory.
+        A hint only: where the OS has no such call, or for pickled weights, it does nothing.
+        """
+        info = self.tensors.get(key)
+        if info is None or info.file in self._bin or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            if info.file not in self._spans:
+                self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+                self._spans[info.file] = _tensor_spans(self._fds[info.file])
+            start, length = self._spans[info.file][key]
+            os.posix_fadvise(self._fds[info.file], start, length, os.POSIX_FADV_WILLNEED)
+        except (OSError, KeyError, ValueError):
+            pass  # a failed hint costs nothing: the read happens when the tensor is written
+
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._spans.clear()
         self._handles.clear()
         self._bin.clear()
 
@@ -246,6 +271,14 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tensor_spans(fd: int) -> dict[str, tuple[int, int]]:
+    """(file offset, length) of every tensor of an open safetensors file, from its header."""
+    n = int.from_bytes(os.pread(fd, 8, 0), "little")
+    header = json.loads(os.pread(fd, n, 8))
+    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def dir_size(path: str | Path) -> int:

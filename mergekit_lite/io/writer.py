@@ -2,21 +2,23 @@
 
 `write_model_folder` is the one writer of model weights (upcycle, graft, the training save). Every
 tensor is declared (name, shape, dtype) before any is computed, so `write_shard` writes a shard's
-header first and then computes, writes and frees the tensors one by one: peak memory is one
+header first and then computes, writes and frees the tensors: peak memory is about one largest
 tensor, not one shard. A tensor is written straight from its own memory, so entries that share
-memory (E experts copied from one memory-mapped dense FFN) cost no RAM at all. `safetensors`
-cannot do this itself: `serialize_file` needs a pointer to every tensor of the file at once.
+memory (E experts copied from one memory-mapped dense FFN) cost no RAM at all. Tensors are written
+at their offsets by a bounded pool of threads (`io.pool`: several streams, reads announced ahead),
+so the bytes are those of one stream writing them in order. `safetensors` cannot do this itself:
+`serialize_file` needs a pointer to every tensor of the file at once.
 `AtomicDir` builds the output in a hidden temporary folder beside the target and renames it at
 the end: a crash or Ctrl-C never leaves a folder that looks like a finished model.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import struct
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.pool import TensorPool, default_workers
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
@@ -146,6 +149,10 @@ class TensorEntry:
     # returns the tensor (any device), or a list of parts whose bytes written back to back are the tensor
     # (a fused [E, ...] tensor of E copies of one source is E views, never a stacked copy); called once
     make: Callable[[], "torch.Tensor | list[torch.Tensor]"]
+    # new memory `make()` may allocate (None: nbytes; 0 for a view of a source): bounds the tensors in flight
+    cost: int | None = None
+    # announces the sources `make()` will read, so the OS reads them while earlier tensors are written
+    prefetch: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -158,7 +165,8 @@ class TensorEntry:
 def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, shard_size: int,
                        overwrite: bool = False, finish: Callable[[Path], None] | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       echo: Callable[[str], None] | None = None) -> Path:
+                       echo: Callable[[str], None] | None = None, workers: int | None = None,
+                       written: Callable[[int], None] | None = None) -> Path:
     """Write `entries` as size-capped shards (+ index) into a folder that appears only when complete.
 
     Args:
@@ -167,22 +175,43 @@ def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, sh
         shard_size: cap on one file's tensor bytes (a larger single tensor gets a shard of its own).
         overwrite: replace an existing `target` (refused otherwise).
         finish: `finish(tmp)` writes the rest (config, side files, card) into the temporary folder.
-        progress: `progress(done, total)` after each shard.
+        progress: `progress(done, total)` after each shard is complete and fsynced.
         echo: told about temporary folders of killed runs that are cleaned up.
+        workers: writer threads (None: `io.pool.default_workers`); 1 writes in order on this thread.
+            The bytes written do not depend on it.
+        written: `written(nbytes)` after each non-empty tensor is in its file.
 
     Returns:
         The final folder.
+
+    Raises:
+        MoemergeError: a shard could not be written (one line with the OS error and the path); nothing
+            is left at `target` and the temporary folder is removed.
     """
     by_key = {e.key: e for e in entries}
     if len(by_key) != len(entries):
         raise AssertionError("write_model_folder: duplicate tensor names")
     shards = assign_shards([(e.key, e.nbytes) for e in entries], shard_size)
     names = shard_names(len(shards))
+    done = [0]
+
+    def shard_done() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], len(names))
+
+    budget = max((e.nbytes for e in entries), default=0)  # computed tensors in flight: one largest, as in order
+    n_workers = workers or default_workers(Path(target).parent)
     with AtomicDir(target, overwrite, echo=echo) as tmp:
-        for n, (name, keys) in enumerate(zip(names, shards)):
-            write_shard(tmp / name, [by_key[k] for k in keys])
-            if progress:
-                progress(n + 1, len(names))
+        try:
+            with TensorPool(n_workers, budget, written, shard_done) as pool:
+                pool.ahead = [e for keys in shards for e in _layout([by_key[k] for k in keys])[0]]
+                for name, keys in zip(names, shards):
+                    write_shard(tmp / name, [by_key[k] for k in keys], pool=pool)
+                pool.drain()
+        except OSError as e:  # a full disk, a path made unwritable: one line, and AtomicDir removes tmp
+            raise MoemergeError(f"writing {target} failed: {e}; nothing was left there (check free space and "
+                                f"write permission in {Path(target).resolve().parent})") from None
         if len(names) > 1:
             write_index(tmp, {k: name for name, keys in zip(names, shards) for k in keys},
                         sum(e.nbytes for e in entries))
@@ -191,69 +220,38 @@ def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, sh
     return Path(target)
 
 
-def write_shard(path: str | Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None) -> int:
-    """Write one safetensors file, computing each tensor only when it is written; returns its tensor bytes.
-
-    The header (names, dtypes, shapes, offsets) comes from the declarations; tensors are laid out
-    by decreasing element size, so each starts aligned to its dtype, as safetensors' own writer does.
-    """
-    order = sorted(entries, key=lambda e: -e.dtype.itemsize)  # stable: declaration order within a dtype size
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+def _layout(entries: Sequence[TensorEntry]) -> tuple[list[TensorEntry], dict]:
+    """Tensors by decreasing element size, so each starts aligned to its dtype (as safetensors' own writer
+    does; stable: declaration order within a size), and the header giving their offsets."""
+    order = sorted(entries, key=lambda e: -e.dtype.itemsize)
+    header: dict = {}
     offset = 0
     for e in order:
         header[e.key] = {"dtype": ST_DTYPES[e.dtype], "shape": list(e.shape),
                          "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
+    return order, header
+
+
+def write_shard(path: str | Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None,
+                pool: TensorPool | None = None) -> int:
+    """Write one safetensors file, computing each tensor only when it is written; returns its tensor bytes.
+
+    The header (names, dtypes, shapes, offsets) comes from the declarations and is written first. Without
+    `pool` the tensors are written in order on this thread and the file is fsynced before returning; with
+    one, they are handed to its threads, and the file is fsynced when its last tensor is in.
+    """
+    order, layout = _layout(entries)
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}, **layout}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad with spaces so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
+    start = 8 + len(head)
+    own = pool is None
+    with (TensorPool(1, 0) if own else nullcontext(pool)) as p:
+        shard = p.open(Path(path), struct.pack("<Q", len(head)) + head, len(order))
         for e in order:
-            _write_tensor(f, e)  # the tensor is freed when this returns
-            _release_freed_memory()
-        f.flush()
-        os.fsync(f.fileno())
-    return offset
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    glibc raises its mmap threshold after large frees, so the many 1-30 MB temporaries of computed
-    tensors land in the heap, where freed holes stay counted in RSS: measured, a noisy upcycle grew
-    by ~300 MB over 8 layers without this, and stayed flat with it.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _libc_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def _write_tensor(f, e: TensorEntry) -> None:
-    """Compute one declared tensor and write its bytes straight from its memory (a mmap view stays a view).
-
-    `make()` may return parts (leading-axis slices of the declared tensor, in order); each is written
-    from its own memory, so a fused tensor of E copies of one memory-mapped source costs no RAM.
-    """
-    made = e.make()
-    parts = [p.detach() for p in made] if isinstance(made, (list, tuple)) else [made.detach()]
-    if any(p.dtype != e.dtype for p in parts) or sum(p.numel() for p in parts) * e.dtype.itemsize != e.nbytes \
-            or (len(parts) == 1 and tuple(parts[0].shape) != tuple(e.shape)):
-        got = " + ".join(f"{tuple(p.shape)} {p.dtype}" for p in parts)
-        raise AssertionError(f"{e.key}: got {got}, declared {tuple(e.shape)} {e.dtype}")
-    for t in parts:
-        if t.device.type != "cpu" or not t.is_contiguous():
-            t = t.to("cpu").contiguous()
-        if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            p.submit(shard, e, start + layout[e.key]["data_offsets"][0])
+    return sum(e.nbytes for e in order)
 
 
 def write_index(folder: str | Path, weight_map: dict[str, str], total_size: int, extra: dict | None = None) -> None:

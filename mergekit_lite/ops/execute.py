@@ -1,16 +1,19 @@
 """The executor: the only code that reads source tensor bytes for upcycle and graft.
 
 Every op of the plan becomes a `TensorEntry` of the one model writer (`io.write_model_folder`),
-which computes, writes and frees the tensors one at a time. Copies stay memory-mapped source views
-and cost no RAM: several expert entries point at the same view. Source tensors cast to another
-dtype are kept in a small cache so E experts copying one FFN cast it once; the cache holds at most
-one largest output tensor of casts, so peak anonymous memory stays under about two largest output
-tensors (one cached cast, one tensor being computed) whatever the model size, shard size or expert
-count (tests/test_memory.py measures it).
+which computes, writes and frees the tensors with a bounded pool of writer threads. Copies stay
+memory-mapped source views and cost no RAM: several expert entries point at the same view, and
+any number of them are written at once. Source tensors cast to another dtype are kept in a small
+cache so E experts copying one FFN cast it once. Peak anonymous memory stays under about two
+largest output tensors whatever the model size, shard size, expert count or worker count
+(tests/test_memory.py measures it): the cache holds at most one largest output tensor of casts,
+and the writer admits computed tensors (each costed with the casts it holds, cached or evicted)
+only while their bytes in flight stay under one largest output tensor.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from functools import partial
@@ -31,28 +34,52 @@ class SourceCache:
 
     A memory-mapped view in its stored dtype costs nothing and is always kept; casts allocate, so
     they are kept only up to `budget` bytes, least recently used evicted first (before the next
-    cast is made, so old and new never sum above the budget).
+    cast is made, so old and new never sum above the budget). Thread-safe: writer threads share it,
+    and a cast is made once while the others wanting it wait. A cast evicted while a writer still
+    uses it lives on in that writer, whose admission cost counts it (`op_cost`).
     """
 
     def __init__(self, readers: list[CheckpointReader], budget: int):
         self.readers, self.budget, self.used = readers, budget, 0
         self.items: OrderedDict[tuple[Src, torch.dtype], tuple[torch.Tensor, int]] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, src: Src, dtype: torch.dtype) -> torch.Tensor:
         key = (src, dtype)
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key][0]
-        raw = self.readers[src.model].get(src.key)
-        cost = 0 if raw.dtype == dtype else raw.numel() * dtype.itemsize
-        while self.items and self.used + cost > self.budget:
-            _, (_, freed) = self.items.popitem(last=False)
-            self.used -= freed
-        t = raw.to(dtype)
-        if self.used + cost <= self.budget:
-            self.items[key] = (t, cost)
-            self.used += cost
-        return t
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+            raw = self.readers[src.model].get(src.key)
+            cost = 0 if raw.dtype == dtype else raw.numel() * dtype.itemsize
+            while self.items and self.used + cost > self.budget:
+                _, (_, freed) = self.items.popitem(last=False)
+                self.used -= freed
+            t = raw.to(dtype)
+            if self.used + cost <= self.budget:
+                self.items[key] = (t, cost)
+                self.used += cost
+            return t
+
+
+def op_cost(op: TensorOp, readers: list[CheckpointReader]) -> int:
+    """New memory an op's tensor may hold while it is made and written (the writer's admission cost).
+
+    A copy costs its casts only (none: a view of the memory map). Computed transforms work in float32:
+    counted as two float32 copies of the output (drawn values, result) plus each source in float32.
+    """
+    casts = src_fp32 = 0
+    for src in op.srcs:
+        info = readers[src.model].info(src.key)
+        casts += 0 if info.dtype == op.dtype else info.numel * op.dtype.itemsize
+        src_fp32 += info.numel * 4
+    return casts if op.fn == "copy" else casts + 8 * op.numel + src_fp32
+
+
+def prefetch(op: TensorOp, readers: list[CheckpointReader]) -> None:
+    """Ask the OS to start reading an op's sources (they are written a little later)."""
+    for src in op.srcs:
+        readers[src.model].prefetch(src.key)
 
 
 def materialize(op: TensorOp, cache: SourceCache) -> torch.Tensor:
@@ -73,19 +100,18 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
             overwrite: bool = False, finalize: Callable[[Path], None] | None = None,
             progress: Callable[[int, int], None] | None = None,
             written: Callable[[int], None] | None = None,
-            echo: Callable[[str], None] | None = None) -> Path:
+            echo: Callable[[str], None] | None = None, workers: int | None = None) -> Path:
     """Write the plan's model folder atomically; returns the final path.
 
     Weights first, then config, side files and sidecar, then the model card (it reads the shards'
     headers), then `finalize(tmp_dir)` (extra files), all inside the temporary folder. `progress(done,
     total)` hears of each shard written, `written(nbytes)` of tensor bytes as they reach the file, and
-    `echo` of temporary folders of killed runs that are cleaned up.
+    `echo` of temporary folders of killed runs that are cleaned up. `workers` writer threads (None:
+    the writer's default for the output's disk); the bytes do not depend on it.
     """
     cache = SourceCache(readers, budget=max((op.nbytes for op in plan.ops), default=0))
-    entries = [TensorEntry(op.key, tuple(op.shape), op.dtype, partial(materialize, op, cache)) for op in plan.ops]
-    if written is not None:
-        entries, shard_done = _counting(entries, written)
-        progress = partial(_both, shard_done, progress)
+    entries = [TensorEntry(op.key, tuple(op.shape), op.dtype, partial(materialize, op, cache),
+                           cost=op_cost(op, readers), prefetch=partial(prefetch, op, readers)) for op in plan.ops]
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, plan.config, plan.side_files_from, plan.record)
@@ -94,31 +120,7 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
             finalize(tmp)
 
     return write_model_folder(output, entries, shard_size=shard_size, overwrite=overwrite, finish=finish,
-                              progress=progress, echo=echo)
-
-
-def _counting(entries: list[TensorEntry], written: Callable[[int], None]):
-    """Entries that report bytes written: the writer computes a tensor right after writing the one before
-    it, and finishes a shard after its last tensor, so each report is exactly the bytes now in the file."""
-    pending = [0]
-
-    def flush() -> None:
-        if pending[0]:
-            written(pending[0])
-        pending[0] = 0
-
-    def make(entry: TensorEntry) -> "torch.Tensor":
-        flush()  # the tensor before this one is in the file
-        pending[0] = entry.nbytes
-        return entry.make()
-
-    return [TensorEntry(e.key, e.shape, e.dtype, partial(make, e)) for e in entries], flush
-
-
-def _both(shard_done: Callable[[], None], progress: Callable[[int, int], None] | None, n: int, total: int) -> None:
-    shard_done()
-    if progress:
-        progress(n, total)
+                              progress=progress, echo=echo, workers=workers, written=written)
 
 
 @contextmanager

@@ -353,7 +353,7 @@ def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tu
 def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int | None = None,
               expand: int | None = None, dry_run: bool = False, overwrite: bool = False,
               shard_size: str | None = None, verbose: bool = False, progress: bool = True,
-              echo=print) -> Plan:
+              echo=print, workers: int | None = None) -> Plan:
     """`moemerge graft`: validate, preflight, print the plan, then write (unless `dry_run`); `progress` shows
     a bar over the output bytes (stderr) while the tensors are written."""
     from mergekit_lite.io import refuse_overlap
@@ -379,6 +379,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
         return plan
     preflight_disk(out, plan.nbytes)
     with byte_bar(plan.nbytes, "graft", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo)
+        execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo,
+                workers=workers or recipe.workers)  # --workers wins over the recipe's
     echo(f"wrote {out}")
     return plan

@@ -347,7 +347,7 @@ def fill_prompt_router(plan: Plan, recipe: UpcycleRecipe, device: str | None, ec
 
 def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dry_run: bool = False,
                 overwrite: bool = False, verbose: bool = False, device: str | None = None,
-                shard_size: str | None = None, progress: bool = True, echo=print) -> Plan:
+                shard_size: str | None = None, progress: bool = True, echo=print, workers: int | None = None) -> Plan:
     """`moemerge upcycle`: validate, preflight, print the plan, then write (unless `dry_run`).
 
     `device` runs the base model for `router.init: hidden` (default: accelerate's choice); `shard_size`
@@ -386,7 +386,8 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     preflight_disk(out, plan.nbytes)
     fill_prompt_router(plan, recipe, device, echo)
     with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo)
+        execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo,
+                workers=workers or recipe.workers)  # --workers wins over the recipe's
     echo(f"wrote {out}")
     return plan
 

@@ -42,6 +42,7 @@ class GraftRecipe(Strict):
     dtype: DType = "source"
     output: str | None = None
     shard_size: ByteSize = "5GB"
+    workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")
     def _one_form(self) -> "GraftRecipe":

@@ -92,6 +92,7 @@ class TrainRecipe(Strict):
     output: str
     save_dtype: DType = Field("source", description="dtype of the final model: source = the model's own")
     shard_size: ByteSize = "5GB"
+    workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainRecipe":

@@ -84,6 +84,7 @@ class UpcycleRecipe(Strict):
     seed: int = 0
     output: str | None = None
     shard_size: ByteSize = "5GB"
+    workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")
     def _topk(self) -> "UpcycleRecipe":

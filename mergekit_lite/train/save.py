@@ -68,8 +68,12 @@ def hub_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], out: Path, *, lora: bool,
                save_dtype: str, shard_size: int, recipe_text: str, training: dict,
-               echo: Callable[[str], None] = print) -> Path | None:
-    """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card."""
+               echo: Callable[[str], None] = print, workers: int | None = None) -> Path | None:
+    """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card.
+
+    `workers` writer threads (None: the writer's default for the disk); tensors already on the CPU in the
+    save dtype are written from the model's own memory, so any number of them go at once.
+    """
     state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards onto the main process
     # training-only parameters (noisy top-k's W_noise) are not part of the saved HF class
     state = {k: v for k, v in state.items() if not k.endswith(NOISE_PARAM)}
@@ -91,15 +95,23 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
         state.pop("lm_head.weight", None)
     config = {**config, "dtype": str(dtype).removeprefix("torch.")}
     # Each tensor is moved/cast only when the writer reaches it: one tensor at a time, not a model copy.
-    entries = [TensorEntry(k, tuple(v.shape), dtype, partial(_to_cpu, v, dtype)) for k, v in state.items()]
+    entries = [TensorEntry(k, tuple(v.shape), dtype, partial(_to_cpu, v, dtype), cost=_new_bytes(v, dtype))
+               for k, v in state.items()]
     record = recipe_record("train", recipe_text, [tokenizer_dir], {"training": training})
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, config, tokenizer_dir, record)
         write_card(tmp, record, config, tokenizer_dir)
 
-    return write_model_folder(target, entries, shard_size=shard_size, overwrite=True, finish=finish, echo=echo)
+    return write_model_folder(target, entries, shard_size=shard_size, overwrite=True, finish=finish, echo=echo,
+                              workers=workers)
 
 
 def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype)
+
+
+def _new_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    """Memory `_to_cpu` allocates: none when the tensor already is a contiguous CPU tensor in `dtype`."""
+    same = t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+    return 0 if same else t.numel() * dtype.itemsize

@@ -1,0 +1,233 @@
+"""The concurrent writer: same bytes as one worker, a failed shard leaves nothing, Ctrl-C stops every worker."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import mergekit_lite.io.writer as writer
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io import CheckpointReader, TensorEntry, write_model_folder
+from mergekit_lite.io.pool import default_workers
+from mergekit_lite.ops.graft import run_graft
+from mergekit_lite.ops.upcycle import run_upcycle
+from mergekit_lite.recipe import UpcycleRecipe, validate_recipe
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every weight file and the index, by name (the card and config do not depend on the writer)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model")}
+
+
+def random_entries(seed: int) -> tuple[list[TensorEntry], dict[str, torch.Tensor]]:
+    """Mixed dtypes and sizes, shared memory, empty tensors and a tensor made of parts, drawn from a seed."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(64, 96, generator=g).to(torch.bfloat16)
+    want: dict[str, torch.Tensor] = {}
+    for i in range(40):
+        dtype = [torch.float32, torch.bfloat16, torch.float16, torch.int64][int(torch.randint(4, (1,), generator=g))]
+        rows = int(torch.randint(0, 200, (1,), generator=g))
+        want[f"t{i:02d}"] = (torch.randn(rows, 33, generator=g) * 100).to(dtype)
+    want["copy.a"], want["copy.b"] = shared, shared
+    want["fused"] = torch.stack([shared] * 4)
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype, lambda v=v: v, cost=0) for k, v in want.items()
+               if k != "fused"]
+    entries.append(TensorEntry("fused", (4, 64, 96), torch.bfloat16, lambda: [shared] * 4, cost=0))
+    return entries, want
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_concurrent_writer_writes_the_bytes_of_one_worker(tmp_path, workers):
+    entries, want = random_entries(seed=int(time.time()))  # randomness on: any draw must give identical files
+    one = write_model_folder(tmp_path / "one", entries, shard_size=40_000, workers=1)
+    many = write_model_folder(tmp_path / "many", entries, shard_size=40_000, workers=workers)
+    assert len(folder_bytes(one)) > 5  # several shards, written at once
+    assert folder_bytes(many) == folder_bytes(one)
+    got = {}
+    for shard in many.glob("model-*.safetensors"):
+        got.update(load_file(str(shard)))
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_upcycle_and_graft_with_many_workers_write_the_bytes_of_one(tmp_path, pico_llama):
+    """Computed tensors too (casts, noise, Drop-Upcycling, granular experts), with a seed drawn now."""
+    seed = int(time.time()) % 10_000
+    body = {"source": str(pico_llama), "num_experts": 4, "experts_per_token": 2, "dtype": "bfloat16",
+            "granularity": 2, "noise": 0.01, "drop_ratio": 0.5, "seed": seed, "shard_size": "100KB"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(body))
+    quiet = {"echo": lambda _: None, "progress": False}
+    for workers in (1, 4):
+        run_upcycle(recipe, tmp_path / f"up{workers}", workers=workers, **quiet)
+        run_graft(pico_llama, tmp_path / f"graft{workers}", drop=1, shard_size="50KB", workers=workers, **quiet)
+    assert len(folder_bytes(tmp_path / "up1")) > 3 and len(folder_bytes(tmp_path / "graft1")) > 3
+    assert folder_bytes(tmp_path / "up4") == folder_bytes(tmp_path / "up1")
+    assert folder_bytes(tmp_path / "graft4") == folder_bytes(tmp_path / "graft1")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_shard_path_made_unwritable_midway_leaves_nothing_and_says_so_in_one_line(tmp_path, workers):
+    """The first tensor's make() puts a folder where the last shard goes: that shard cannot be opened."""
+    target = tmp_path / "m"
+    t = torch.ones(1000)
+
+    def sabotage():
+        tmp = next(tmp_path.glob(".m.moemerge-tmp-*"))
+        (tmp / "model-00008-of-00008.safetensors").mkdir()
+        return t
+
+    def slow():
+        time.sleep(0.02)  # the sabotage runs before the shards after the workers' window are opened
+        return t
+
+    entries = [TensorEntry(f"t{i}", (1000,), torch.float32, sabotage if i == 0 else slow, cost=0) for i in range(8)]
+    with pytest.raises(MoemergeError) as exc:
+        write_model_folder(target, entries, shard_size=4000, workers=workers)
+    msg = str(exc.value)
+    assert "\n" not in msg and "model-00008-of-00008.safetensors" in msg and "Is a directory" in msg, msg
+    assert f"writing {target} failed" in msg
+    assert list(tmp_path.iterdir()) == []  # no folder that looks finished, no temporary folder
+
+
+def test_a_full_disk_in_a_worker_is_reported_with_its_file(tmp_path):
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    entries = [TensorEntry(f"t{i}", (1000,), torch.float32, full if i == 5 else (lambda: torch.ones(1000)), cost=0)
+               for i in range(8)]
+    with pytest.raises(MoemergeError, match=r"No space left on device: '.*/model-00006-of-00008\.safetensors'"):
+        write_model_folder(tmp_path / "m", entries, shard_size=4000, workers=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, threading, time, torch
+    import mergekit_lite.io.pool as pool
+    from mergekit_lite.io import TensorEntry, write_model_folder
+
+    log = open(sys.argv[2], "a", buffering=1)
+    lock = threading.Lock()
+    real = os.pwrite
+
+    def slow_pwrite(fd, data, offset):  # a slow disk: 20 ms a chunk, each logged
+        time.sleep(0.02)
+        with lock:
+            log.write("pwrite\\n")
+        return real(fd, data, offset)
+
+    def on_sigint(*_):
+        with lock:
+            log.write("SIGINT\\n")
+        raise KeyboardInterrupt
+
+    pool.CHUNK = 64 * 1024
+    pool.os.pwrite = slow_pwrite
+    signal.signal(signal.SIGINT, on_sigint)
+    t = torch.ones(2**20, dtype=torch.uint8)  # 1 MiB = 16 chunks a tensor
+    entries = [TensorEntry(f"t{i}", (2**20,), torch.uint8, lambda: t, cost=0) for i in range(200)]
+    write_model_folder(sys.argv[1], entries, shard_size=4 * 2**20, workers=4)
+""")
+
+
+def test_ctrl_c_stops_every_worker_within_one_chunk(tmp_path):
+    target, log = tmp_path / "m", tmp_path / "log"
+    log.write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target), str(log)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while log.read_text().count("pwrite") < 40:  # mid-write: a few tensors of several shards in
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    stopped_in = time.monotonic() - t0
+    lines = log.read_text().split()
+    after = lines[lines.index("SIGINT") + 1:]
+    # each of the 4 workers finishes at most the chunk it is in (and one it started as the signal came)
+    assert len(after) <= 8, f"{len(after)} chunks written after Ctrl-C; a worker kept going"
+    assert "KeyboardInterrupt" in err and proc.returncode != 0
+    assert stopped_in < 5, f"took {stopped_in:.1f} s to stop"
+    assert list(tmp_path.iterdir()) == [log]  # no folder that looks finished, no temporary folder
+
+
+def test_workers_come_from_the_flag_then_the_recipe_then_the_default(tmp_path, pico_llama, monkeypatch):
+    seen: list[int] = []
+    real = writer.TensorPool
+
+    class Spy(real):
+        def __init__(self, workers, *a, **kw):
+            seen.append(workers)
+            super().__init__(workers, *a, **kw)
+
+    monkeypatch.setattr(writer, "TensorPool", Spy)
+    monkeypatch.setattr(writer, "default_workers", lambda folder: 5)
+    recipe = tmp_path / "r.yaml"
+    quiet = {"echo": lambda _: None, "progress": False}
+    recipe.write_text(yaml.safe_dump({"source": str(pico_llama), "num_experts": 2, "experts_per_token": 1}))
+    run_upcycle(recipe, tmp_path / "a", **quiet)
+    recipe.write_text(yaml.safe_dump({"source": str(pico_llama), "num_experts": 2, "experts_per_token": 1,
+                                      "workers": 3}))
+    run_upcycle(recipe, tmp_path / "b", **quiet)
+    run_upcycle(recipe, tmp_path / "c", workers=2, **quiet)
+    assert seen == [5, 3, 2]
+    with pytest.raises(MoemergeError, match="workers"):
+        validate_recipe({"source": "x", "num_experts": 2, "experts_per_token": 1, "workers": 0}, UpcycleRecipe)
+
+
+def test_default_workers_from_cores_and_the_disk(tmp_path, monkeypatch):
+    import mergekit_lite.io.pool as pool
+
+    monkeypatch.setattr(pool, "_rotational", lambda folder: False)
+    for cores, want in ((1, 4), (2, 8), (16, 8)):
+        monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_workers(tmp_path) == want
+    monkeypatch.setattr(pool, "_rotational", lambda folder: True)
+    assert default_workers(tmp_path) == 2
+
+
+def test_sources_are_announced_before_they_are_read(tmp_path, pico_llama, monkeypatch):
+    """Read-ahead: each tensor's prefetch comes before its make(), up to the look-ahead window."""
+    events: list[tuple[str, int]] = []
+    t = torch.ones(256)
+    entries = [TensorEntry(f"t{i}", (256,), torch.float32, lambda i=i: events.append(("make", i)) or t,
+                           prefetch=lambda i=i: events.append(("prefetch", i))) for i in range(20)]
+    write_model_folder(tmp_path / "m", entries, shard_size=4096, workers=1)
+    order = {e: n for n, e in enumerate(events)}
+    assert all(order[("prefetch", i)] < order[("make", i)] for i in range(1, 20))
+    assert order[("prefetch", 19)] < order[("make", 1)]  # 20 KB fit in the window: all announced at the start
+
+    # the reader's hint names the tensor's own bytes in its file
+    calls: list[tuple[int, int, int]] = []
+    import mergekit_lite.io.reader as reader_mod
+
+    monkeypatch.setattr(reader_mod.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((fd, off, n)),
+                        raising=False)
+    r = CheckpointReader(pico_llama)
+    key = "model.layers.0.mlp.down_proj.weight"
+    r.prefetch(key)
+    (fd, off, n), = calls
+    raw = (Path(pico_llama) / r.info(key).file).read_bytes()[off:off + n]
+    assert raw == r.get(key).contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    r.close()
+
+
+def test_index_and_shards_are_complete_whatever_the_order_shards_finish(tmp_path):
+    entries, want = random_entries(seed=1)
+    out = write_model_folder(tmp_path / "m", entries, shard_size=40_000, workers=8)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(want)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in want.values())
+    assert not list(tmp_path.glob(".m.moemerge-*"))
+    assert os.listdir(tmp_path) == ["m"]

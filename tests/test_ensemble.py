@@ -31,7 +31,7 @@ def quiet(*_):
 
 def write_recipe(tmp_path, models, name="r.yaml", **kw):
     body = {"models": [str(m) if not isinstance(m, dict) else m for m in models], "prompts": PROMPTS,
-            "generation": {"max_new_tokens": 10}, "score": {"seq_len": 16, "batch_size": 2}, **kw}
+            "generation": {"max_new_tokens": 10}, "score": {"seq_len": 32, "batch_size": 8}, **kw}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(body))
     return path
@@ -289,7 +289,7 @@ def packed_like_train(tok, path, seq_len: int) -> torch.Tensor:
 
 def test_score_of_one_model_is_its_own_loss(tmp_path, pair, score_text):
     model, tok = load(pair[0])
-    blocks = packed_like_train(tok, score_text, 16)
+    blocks = packed_like_train(tok, score_text, 32)
     with torch.no_grad():
         own = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean().item()
     got = ensemble(write_recipe(tmp_path, [pair[0]]), score=score_text)
@@ -300,7 +300,7 @@ def test_score_of_one_model_is_its_own_loss(tmp_path, pair, score_text):
 @pytest.mark.parametrize("method,weights", [("probs", [1, 3]), ("logits", [1, 3]), ("probs", "perplexity")])
 def test_score_ensemble_loss_by_hand(tmp_path, pair, score_text, method, weights):
     (a, tok), (b, _) = load(pair[0]), load(pair[1])
-    blocks = packed_like_train(tok, score_text, 16)
+    blocks = packed_like_train(tok, score_text, 32)
     with torch.no_grad():
         lp = torch.stack([torch.log_softmax(m(input_ids=blocks).logits[:, :-1], -1) for m in (a, b)])  # [2,N,T,V]
     target = blocks[:, 1:, None].expand(2, -1, -1, 1)
@@ -446,3 +446,16 @@ def test_cli_errors_are_one_line_before_loading(tmp_path, pair, no_weights_loade
 def test_score_refuses_vote(tmp_path, pair, score_text):
     with pytest.raises(MoemergeError, match="--score needs method probs or logits"):
         ensemble(write_recipe(tmp_path, list(pair), method="vote"), score=score_text)
+
+
+def test_members_load_in_the_recipe_dtype_on_accelerates_device(pair):
+    from accelerate import PartialState
+
+    from mergekit_lite.ensemble.members import load_members, prepare_members
+
+    recipe = validate_recipe({"models": [str(p) for p in pair], "dtype": "bfloat16"}, EnsembleRecipe)
+    members, tok, vocab = prepare_members(recipe, "r.yaml")
+    assert vocab == len(tok) and all(m.model is None for m in members)  # tokenizers only so far
+    load_members(members, recipe.dtype, PartialState().device)
+    assert {(m.model.dtype, m.model.device.type, m.model.training) for m in members} == \
+        {(torch.bfloat16, PartialState().device.type, False)}

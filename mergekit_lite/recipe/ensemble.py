@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -38,7 +38,7 @@ class ScoreSettings(Strict):
 class EnsembleRecipe(Strict):
     """`moemerge ensemble`: probability / logit averaging, perplexity weights, or crowd vote."""
 
-    models: list[Union[str, EnsembleMember]] = Field(min_length=1, description="paths/Hub ids or {model, weight}")
+    models: list[EnsembleMember] = Field(min_length=1, description="paths/Hub ids or {model, weight}")
     method: Literal["probs", "logits", "vote"] = "probs"
     weights: Union[list[float], Literal["perplexity"], None] = Field(
         None, description="one number per model, or `perplexity` (softmax of -log ppl / temperature_ppl)")
@@ -50,10 +50,23 @@ class EnsembleRecipe(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     score: ScoreSettings = ScoreSettings()
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths_are_members(cls, models: Any) -> Any:
+        # a bare path is shorthand for {model: path}: one member type, so errors name `models.1.weight`
+        return [{"model": m} if isinstance(m, str) else m for m in models] if isinstance(models, list) else models
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_spelling(cls, weights: Any) -> Any:
+        if isinstance(weights, str) and weights != "perplexity":
+            raise ValueError("write `perplexity` or a list of numbers, one per model")
+        return weights
+
     @field_validator("models")
     @classmethod
     def _member_weights(cls, models: list) -> list:
-        given = [isinstance(m, EnsembleMember) and m.weight is not None for m in models]
+        given = [m.weight is not None for m in models]
         if any(given) and not all(given):
             raise ValueError(f"{sum(given)} of {len(models)} models have a weight; give every model one, or none")
         return models
@@ -70,7 +83,7 @@ class EnsembleRecipe(Strict):
     @classmethod
     def _weights(cls, weights, info: ValidationInfo):
         models = info.data.get("models") or []
-        if weights is not None and any(isinstance(m, EnsembleMember) and m.weight is not None for m in models):
+        if weights is not None and any(m.weight is not None for m in models):
             raise ValueError("weights are given per model too; keep one of the two")
         if weights is not None and info.data.get("method") == "vote":
             raise ValueError("'vote' counts every candidate equally; remove `weights`")
@@ -93,14 +106,14 @@ class EnsembleRecipe(Strict):
 
     def paths(self) -> list[str]:
         """The member models as written (paths or Hub ids), in order."""
-        return [m if isinstance(m, str) else m.model for m in self.models]
+        return [m.model for m in self.models]
 
     def revisions(self) -> list[str | None]:
-        return [None if isinstance(m, str) else m.revision for m in self.models]
+        return [m.revision for m in self.models]
 
     def fixed_weights(self) -> list[float] | None:
         """The numeric weights (from `weights:` or per model), or None for equal / perplexity weights."""
         if isinstance(self.weights, list):
             return list(self.weights)
-        inline = [None if isinstance(m, str) else m.weight for m in self.models]
+        inline = [m.weight for m in self.models]
         return [float(w) for w in inline] if all(w is not None for w in inline) else None

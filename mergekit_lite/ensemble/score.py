@@ -72,10 +72,10 @@ def score_file(file: Path, recipe: EnsembleRecipe, names: list[str], models: lis
     member_sum = torch.zeros(len(models), dtype=torch.float64)
     ens_sum, count = torch.zeros((), dtype=torch.float64), 0
     for start in tqdm(range(0, len(blocks), bs), desc="score", unit="batch", file=sys.stderr, disable=not progress):
-        ids = blocks[start:start + bs]
+        ids = blocks[start:start + bs].to(models[0].device)  # the maths stays on the models' device
         nll, logits = token_nll(models, ids, vocab)
-        member_sum += nll.double().sum(dim=(1, 2))
-        ens_sum += ensemble_nll(logits, nll, ids[:, 1:], recipe).double().sum()
+        member_sum += nll.double().sum(dim=(1, 2)).cpu()
+        ens_sum += ensemble_nll(logits, nll, ids[:, 1:], recipe).double().sum().cpu()
         count += nll[0].numel()
     return {"members": [{"model": n, "loss": (s / count).item()} for n, s in zip(names, member_sum)],
             "ensemble": {"loss": (ens_sum / count).item()}, "blocks": len(blocks), "tokens": count}

@@ -6,6 +6,7 @@ per member: the last chosen token is never fed, since nothing reads its logits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,7 @@ def generate(models: list, ids: torch.Tensor, *, method: str, weights: list[floa
     if weights is None:
         nll = [prompt_nll(p, ids) for p in prefill]
         if all(x is not None for x in nll):
-            w, ppl = perplexity_weights(nll, temperature_ppl), [float(torch.tensor(x).exp()) for x in nll]
+            w, ppl = perplexity_weights(nll, temperature_ppl), [math.exp(x) for x in nll]
         else:  # a one-token prompt has no perplexity: equal weights
             w = normalise([1.0] * len(models))
     else:

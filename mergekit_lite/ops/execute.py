@@ -65,15 +65,22 @@ class SourceCache:
 def op_cost(op: TensorOp, readers: list[CheckpointReader]) -> int:
     """New memory an op's tensor may hold while it is made and written (the writer's admission cost).
 
-    A copy costs its casts only (none: a view of the memory map). Computed transforms work in float32:
-    counted as two float32 copies of the output (drawn values, result) plus each source in float32.
+    A copy (or a fused tensor of copies) costs its casts only (none: views of the memory map). Computed
+    transforms work in float32: counted as two float32 copies of the output (drawn values, result)
+    plus each source in float32.
     """
     casts = src_fp32 = 0
     for src in op.srcs:
         info = readers[src.model].info(src.key)
         casts += 0 if info.dtype == op.dtype else info.numel * op.dtype.itemsize
         src_fp32 += info.numel * 4
-    return casts if op.fn == "copy" else casts + 8 * op.numel + src_fp32
+    return casts if _is_view(op) else casts + 8 * op.numel + src_fp32
+
+
+def _is_view(op: TensorOp) -> bool:
+    """A copy, or a fused tensor of copies: parts that are views of the sources (or of their casts)."""
+    parts = op.args.get("parts") if op.fn == "fused" else None
+    return op.fn == "copy" or (parts is not None and all(p["fn"] == "copy" for p in parts))
 
 
 def prefetch(op: TensorOp, readers: list[CheckpointReader]) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from mergekit_lite.io.pool import release_freed_memory
+
 Transform = Callable[[list[torch.Tensor], tuple[int, ...], torch.dtype, dict[str, Any]], torch.Tensor]
 TRANSFORMS: dict[str, Transform] = {}
 
@@ -130,14 +132,26 @@ def _rope_interleave(xs, shape, dtype, args):
 
 @transform("fused")
 def _fused(xs, shape, dtype, args):
-    """A fused tensor as a list of parts written back to back (never stacked).
+    """A fused tensor made of per-expert ops (`fn`, `args`, indices into `xs`), in order, never stacked.
 
-    Each part is one per-expert op (`fn`, `args`, indices into `xs`), computed in turn; a plain copy
-    stays a view of the memory-mapped source, so E copies of one FFN cost no memory. With a leading
-    expert axis (`per_expert`) each part gets a leading 1: gate (I, H) -> (1, I, H).
+    Plain copies come back as a list of parts written back to back: views of the memory-mapped source
+    (or of its one cached cast), so E copies of one FFN cost no memory; with a leading expert axis
+    (`per_expert`) each gets a leading 1: gate (I, H) -> (1, I, H). Computed parts (slices, noise,
+    drop) are made one at a time straight into the output tensor, so their float32 temporaries are
+    freed before the next part: holding every part until the write fragmented the heap (measured: 4x
+    the tensor's size in anonymous memory).
     """
-    parts = []
+    def part(p):
+        return TRANSFORMS[p["fn"]]([xs[j] for j in p["srcs"]], tuple(p["shape"]), dtype, p["args"])
+
+    if all(p["fn"] == "copy" for p in args["parts"]):
+        return [part(p).unsqueeze(0) if args["per_expert"] else part(p) for p in args["parts"]]
+    out = torch.empty(shape, dtype=dtype)
+    flat, pos = out.view(-1), 0
     for p in args["parts"]:
-        t = TRANSFORMS[p["fn"]]([xs[j] for j in p["srcs"]], tuple(p["shape"]), dtype, p["args"])
-        parts.append(t.unsqueeze(0) if args["per_expert"] else t)
-    return parts
+        t = part(p).reshape(-1)
+        flat[pos:pos + t.numel()].copy_(t)
+        pos += t.numel()
+        del t
+        release_freed_memory()  # this part's temporaries, before the next part's
+    return out

@@ -232,8 +232,8 @@ def main() -> None:
               f"{r['probe_s']:7.2f} {r['upcycle_s'] / r['cp_s']:5.2f}x {r['upcycle_s'] / r['probe_s']:5.2f}x "
               f"{(r['upcycle_s'] - r['start_s']) / r['probe_s']:8.2f}x {r['peak_anon_GB']:8.2f} "
               f"{r['largest_tensor_GB']:10.2f}")
-        print("       rounds (upcycle, cp, probe) s: " + "; ".join(f"{u:.1f}, {c:.1f}, {p:.1f}" for u, c, p in r["rounds"])
-              + f"; interpreter + imports {r['start_s']:.1f} s")
+        rounds = "; ".join(f"{u:.1f}, {c:.1f}, {p:.1f}" for u, c, p in r["rounds"])
+        print(f"       rounds (upcycle, cp, probe) s: {rounds}; interpreter + imports {r['start_s']:.1f} s")
         mk = r["mergekit_s"]
         print(f"       mergekit-moe: {f'{mk:.1f} s' if mk is not None else 'not installed (pip install mergekit)'}")
     print(f"(cores: {os.cpu_count()}; medians of {args.rounds} alternating rounds; source "

@@ -189,11 +189,12 @@ def test_workers_come_from_the_flag_then_the_recipe_then_the_default(tmp_path, p
 def test_default_workers_from_cores_and_the_disk(tmp_path, monkeypatch):
     import mergekit_lite.io.pool as pool
 
-    monkeypatch.setattr(pool, "_rotational", lambda folder: False)
+    monkeypatch.setattr(pool, "_spinning", lambda folder: False)
     for cores, want in ((1, 4), (2, 8), (16, 8)):
         monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert default_workers(tmp_path) == want
-    monkeypatch.setattr(pool, "_rotational", lambda folder: True)
+    assert not pool._spinning(Path("/this/does/not/exist"))
+    monkeypatch.setattr(pool, "_spinning", lambda folder: True)
     assert default_workers(tmp_path) == 2
 
 

@@ -31,26 +31,32 @@ PREFETCH_AHEAD = 512 * 2**20  # output bytes whose sources are announced to the 
 def default_workers(folder: str | Path) -> int:
     """Writer threads for `folder`: 2 on a spinning disk, else 4 per core, between 4 and 8.
 
-    Measured on a 2-core cloud VM (scripts/bench_upcycle.py, pure-write probe of 3 GB + fsync): 1 stream
+    Measured on a 2-core cloud VM (a pure-write probe of 3 GB + fsync, others' jobs running): 1 stream
     6.5-14.4 s, 2 streams 2.9-4.8 s, 4 streams 3.1-4.5 s, 8 streams 2.3-2.9 s; virtual disks and NVMe
     reward queue depth, and writer threads mostly wait in the kernel, so they may outnumber the cores.
-    A rotational disk pays a seek per stream switch, so it gets 2.
+    A real spinning disk pays a seek per stream switch, so it gets 2.
     """
-    if _rotational(Path(folder)):
+    if _spinning(Path(folder)):
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, max(4, 4 * cores))
 
 
-def _rotational(folder: Path) -> bool:
-    """True when `folder`'s block device says it spins (Linux sysfs); False when it cannot tell."""
+def _spinning(folder: Path) -> bool:
+    """True when `folder`'s block device says it spins and is not a virtual disk (Linux sysfs).
+
+    Virtual disks (virtio, Xen, Hyper-V) report `rotational` 1 whatever backs them (this project's VM
+    does), so their word is not taken; False when it cannot tell.
+    """
     probe = folder.resolve()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
         dev = os.stat(probe).st_dev
-        base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-        for flag in (base / "queue" / "rotational", base.resolve().parent / "queue" / "rotational"):  # disk, partition
+        base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+        if any(v in str(base) for v in ("virtio", "xen", "vmbus", "nvme")):
+            return False
+        for flag in (base / "queue" / "rotational", base.parent / "queue" / "rotational"):  # disk, partition
             if flag.is_file():
                 return flag.read_text().strip() == "1"
     except (OSError, ValueError):
@@ -67,7 +73,7 @@ class ShardFile:
 
     def __init__(self, path: Path, header: bytes, n_tensors: int):
         self.path = path
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
         self.left = n_tensors
         self.lock = threading.Lock()
         pwrite_all(self.fd, memoryview(header), 0)
@@ -97,11 +103,21 @@ class ShardFile:
 
 def pwrite_all(fd: int, data: memoryview, offset: int, stop: threading.Event | None = None) -> None:
     """Write all of `data` at `offset` in chunks (a write may be partial; a chunk bounds the stop latency)."""
+    write = getattr(os, "pwrite", None) or _seek_write  # Windows has no pwrite
     pos = 0
     while pos < len(data):
         if stop is not None and stop.is_set():
             raise Stopped
-        pos += os.pwrite(fd, data[pos:pos + CHUNK], offset + pos)
+        pos += write(fd, data[pos:pos + CHUNK], offset + pos)
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _seek_write(fd: int, data: memoryview, offset: int) -> int:
+    with _SEEK_LOCK:  # the file position is shared by the threads writing one file
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
 
 
 class TensorPool:
@@ -133,7 +149,7 @@ class TensorPool:
         return shard
 
     def submit(self, shard: ShardFile, entry, offset: int) -> None:
-        """Write `entry` at `offset` of `shard`, waiting first while `workers` tensors or `budget` bytes are in flight."""
+        """Write `entry` at `offset` of `shard`; waits first while `workers` tensors or `budget` bytes are in flight."""
         self._prefetch()
         cost = entry.nbytes if entry.cost is None else entry.cost
         if self.pool is None:

@@ -76,7 +76,7 @@ def saved_biases(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("family", ["glm4_moe", "dots1", "ernie4_5_moe"])
 def test_trained_selection_bias_is_saved_and_val_loss_is_the_saved_models(world, tmp_path, family):
     model = build(family, world, tmp_path / family)
     out = tmp_path / "run"

@@ -241,3 +241,74 @@ def test_inspect_counts_active_parameters_like_the_plan(tmp_path, pico_factory, 
     d = describe(out)
     # every routed expert matrix is 32 x 32 (2 units of 32 channels: 1 shared, 1 routed); 2 of 4 experts idle
     assert d["active_params"] == d["total_params"] - 3 * 2 * 3 * 32 * 32 == d["built_by"]["active_params"]
+
+
+# --- llama.cpp's converter (slow: needs the converter and sentencepiece, which the project does not install) ----
+
+def _llama_cpp_dir() -> Path | None:
+    """A llama.cpp source tree: $MOEMERGE_LLAMA_CPP, e.g. the `vendor/llama.cpp` folder of the llama-cpp-python
+    sdist (`pip download llama-cpp-python --no-deps --no-binary :all:`)."""
+    import os
+
+    path = Path(os.environ.get("MOEMERGE_LLAMA_CPP", "/nonexistent"))
+    return path if (path / "convert_hf_to_gguf.py").is_file() else None
+
+
+def _sentencepiece_llama(folder: Path) -> Path:
+    """A pico Llama with a SentencePiece tokenizer.model, which the converter reads (it refuses unknown BPEs)."""
+    import io
+
+    import sentencepiece as spm
+
+    from mergekit_lite.pico import SAMPLE_TEXT, build_pico_model
+
+    build_pico_model("llama", folder, **DIMS)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([SAMPLE_TEXT] * 8 + SAMPLE_TEXT.split()), model_writer=buf,
+                                   vocab_size=128, model_type="bpe", hard_vocab_limit=False, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=3)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())  # the converter pads the vocabulary to vocab_size
+    return folder
+
+
+GGUF_CASES = {  # target, recipe fields, GGUF arch, tensors of block 1 as (name, torch-order shape)
+    "granitemoe": ({}, "granitemoe", {"ffn_gate_exps.weight": (4, 64, 32), "ffn_up_exps.weight": (4, 64, 32),
+                                      "ffn_down_exps.weight": (4, 32, 64), "ffn_gate_inp.weight": (4, 32)}),
+    "granitemoeshared": ({"shared_experts": 1, "shared_split": True}, "granitemoe",
+                         {"ffn_gate_exps.weight": (4, 32, 32), "ffn_gate_shexp.weight": (32, 32),
+                          "ffn_up_shexp.weight": (32, 32), "ffn_down_shexp.weight": (32, 32)}),
+    "ernie4_5_moe": ({}, "ernie4_5-moe", {"ffn_gate_exps.weight": (4, 64, 32), "ffn_down_exps.weight": (4, 32, 64),
+                                          "exp_probs_b.bias": (1, 4), "attn_q.weight": (32, 32)}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(GGUF_CASES))
+def test_llama_cpp_converter_reads_the_output(tmp_path, target):
+    """convert_hf_to_gguf.py turns the written folder into a GGUF of its own MoE architecture: experts split back
+    out of Granite's fused input_linear (gate, up), the ERNIE selection bias kept, Granite's attention scale set."""
+    import subprocess
+    import sys
+
+    root = _llama_cpp_dir()
+    if root is None:
+        pytest.skip("set MOEMERGE_LLAMA_CPP to a llama.cpp source tree (with convert_hf_to_gguf.py)")
+    pytest.importorskip("sentencepiece")
+    fields, arch, expected = GGUF_CASES[target]
+    out = upcycle(tmp_path, source=_sentencepiece_llama(tmp_path / "dense"), architecture=target, **fields)
+    gguf_file = tmp_path / "model.gguf"
+    run = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(out), "--outfile", str(gguf_file),
+                          "--outtype", "f32"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sys.path.insert(0, str(root / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.remove(str(root / "gguf-py"))
+    reader = GGUFReader(gguf_file)
+    assert reader.fields["general.architecture"].contents() == arch
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims reversed
+    for name, shape in expected.items():
+        assert shapes[f"blk.1.{name}"] == shape, name
+    if arch == "granitemoe":
+        assert reader.fields["granitemoe.attention.scale"].contents() == pytest.approx(8 ** -0.5)

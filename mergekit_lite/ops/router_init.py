@@ -13,10 +13,15 @@ so memory does not grow with the number of prompts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergekit_lite.errors import MoemergeError
+
+if TYPE_CHECKING:
+    from mergekit_lite.plan import Plan
+    from mergekit_lite.recipe import UpcycleRecipe
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:
@@ -121,3 +126,20 @@ def prompt_router_rows(model_dir: str | Path, positives: list[list[str]], negati
         rows[i] = torch.nn.functional.normalize(r, dim=-1).cpu()
     del model
     return rows
+
+
+def fill_prompt_router(plan: "Plan", recipe: "UpcycleRecipe", device: str | None, echo=print) -> None:
+    """`router.init: hidden`: run the base model over each copy's prompts and put the rows into the plan."""
+    ops = [op for op in plan.ops if op.fn == "router_rows"]
+    if not ops:
+        return
+    if recipe.experts:
+        pos = [e.prompts or [] for e in recipe.experts]
+        neg = [e.negative_prompts or [] for e in recipe.experts]
+    else:
+        pos, neg = recipe.router.prompts, recipe.router.negative_prompts or [[] for _ in recipe.router.prompts]
+    echo(f"  router: mean hidden states of {sum(map(len, pos))} prompts ({sum(map(len, neg))} negative)")
+    rows = prompt_router_rows(plan.sources[0], pos, neg, [op.args["layer"] for op in ops], device=device,
+                              batch_size=recipe.router.batch_size, max_length=recipe.router.max_length)
+    for op in ops:
+        op.args["rows"] = rows[op.args["layer"]]

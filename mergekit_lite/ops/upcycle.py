@@ -326,25 +326,6 @@ def plan_upcycle(recipe: UpcycleRecipe, recipe_text: str | None = None) -> tuple
     return plan, readers
 
 
-def fill_prompt_router(plan: Plan, recipe: UpcycleRecipe, device: str | None, echo=print) -> None:
-    """`router.init: hidden`: run the base model over each copy's prompts and put the rows into the plan."""
-    from mergekit_lite.ops.router_init import prompt_router_rows
-
-    ops = [op for op in plan.ops if op.fn == "router_rows"]
-    if not ops:
-        return
-    if recipe.experts:
-        pos = [e.prompts or [] for e in recipe.experts]
-        neg = [e.negative_prompts or [] for e in recipe.experts]
-    else:
-        pos, neg = recipe.router.prompts, recipe.router.negative_prompts or [[] for _ in recipe.router.prompts]
-    echo(f"  router: mean hidden states of {sum(map(len, pos))} prompts ({sum(map(len, neg))} negative)")
-    rows = prompt_router_rows(plan.sources[0], pos, neg, [op.args["layer"] for op in ops], device=device,
-                              batch_size=recipe.router.batch_size, max_length=recipe.router.max_length)
-    for op in ops:
-        op.args["rows"] = rows[op.args["layer"]]
-
-
 def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dry_run: bool = False,
                 overwrite: bool = False, verbose: bool = False, device: str | None = None,
                 shard_size: str | None = None, progress: bool = True, echo=print, workers: int | None = None) -> Plan:
@@ -384,6 +365,8 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     if dry_run:
         return plan
     preflight_disk(out, plan.nbytes)
+    from mergekit_lite.ops.router_init import fill_prompt_router
+
     fill_prompt_router(plan, recipe, device, echo)
     with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
         execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo,

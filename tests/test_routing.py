@@ -94,6 +94,20 @@ def test_switch_picks_the_argmax_with_its_raw_probability():
     assert torch.allclose(w[:, 0], p.max(-1).values) and (w < 0.9).all()  # not renormalised to 1
 
 
+def test_train_top_k_changes_k_while_training_only():
+    b = block()
+    RouterTap(b, moe=moe_cfg(train_top_k=3))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        b.train()
+        logits, w, idx = b.gate(x)
+        b.eval()
+        _, _, i_eval = b.gate(x)
+    top = torch.softmax(logits, -1).topk(3)
+    assert torch.equal(idx, top.indices) and torch.allclose(w, top.values / top.values.sum(-1, keepdim=True))
+    assert i_eval.shape == (5, 2)  # the saved model's k
+
+
 def test_gshard_second_expert_frequency_is_twice_its_weight():
     # two tokens: normalised top-2 weights (0.7, 0.3) and (0.55, 0.45): second sent with p = 0.6 and 0.9
     scores = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.45, 0.55, 0.0]])

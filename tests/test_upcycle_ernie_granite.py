@@ -312,3 +312,25 @@ def test_llama_cpp_converter_reads_the_output(tmp_path, target):
         assert shapes[f"blk.1.{name}"] == shape, name
     if arch == "granitemoe":
         assert reader.fields["granitemoe.attention.scale"].contents() == pytest.approx(8 ** -0.5)
+
+
+@pytest.mark.parametrize("target,fields", [("granitemoeshared", {}), ("ernie4_5_moe", {}),
+                                           ("ernie4_5_moe", {"dense_layers": 1})])
+def test_graft_expand_keeps_the_upcycled_model(tmp_path, pico_factory, target, fields):
+    """Identity blocks of a graft zero what writes into the residual stream, fused Granite tensors included, and
+    ERNIE's MoE-layer span follows the layers (a dense layer 0 and its copy: MoE from output layer 2)."""
+    from mergekit_lite.ops.graft import run_graft
+    from mergekit_lite.verify import compare_logits
+
+    src = upcycle(tmp_path, source=pico_factory("llama", **DIMS), architecture=target, shared_experts=1,
+                  shared_split=True, **fields)
+    run_graft(src, tmp_path / "pro", expand=3, echo=quiet)  # each layer followed by a zeroed copy of itself
+    if target == "ernie4_5_moe":
+        cfg = json.loads((tmp_path / "pro" / "config.json").read_text())
+        start = 2 if fields else 0
+        assert (cfg["moe_layer_start_index"], cfg["moe_layer_end_index"], cfg["moe_layer_interval"]) == (start, 5, 1)
+    w = weights(tmp_path / "pro")
+    zeroed = sorted(k.split(".", 3)[3] for k, v in w.items() if k.startswith("model.layers.1.") and not v.any())
+    assert "self_attn.o_proj.weight" in zeroed
+    report = compare_logits(tmp_path / "pro", src, device="cpu")
+    assert report.max_abs <= 1e-5 and report.top1_agreement == 1.0, zeroed

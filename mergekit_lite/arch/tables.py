@@ -80,6 +80,9 @@ class MoEFamily:
     # on-disk tensors made of per-expert ones (plan transform fuse_experts): fused key -> member keys in order;
     # members with {e} repeat for every expert (leading expert axis), e.g. input_linear = [gate_e; up_e]
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (start, end, interval) config fields when MoE layers are those with start <= i <= end and (i + 1) % interval
+    # == 0 (ernie4_5_moe); upcycle and graft write them from the layers that hold experts
+    moe_span_fields: tuple[str, str, str] | None = None
 
     @property
     def any_dense_layers(self) -> bool:
@@ -193,6 +196,7 @@ MOE["ernie4_5_moe"] = MoEFamily(
     fixed_fields={"moe_layer_start_index": 0, "moe_layer_interval": 1, "moe_num_shared_experts": 0,
                   "use_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.001},
     supports_dense_layers=True, shared_count_field="moe_num_shared_experts",
+    moe_span_fields=("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
     router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True),
     plan_transforms=("ernie_layout",),
 )

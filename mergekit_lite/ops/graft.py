@@ -65,6 +65,8 @@ def identity_zero_patterns(model_type: str) -> list[re.Pattern]:
         fam = MOE[model_type]
         rels += [fam.expert["down"], "mlp.experts.down_proj"]  # per-expert layout, and v5's fused 3-D layout
         rels += [t["down"] for t in (fam.dense_mlp, fam.shared_expert) if t]
+        # experts fused on disk (granitemoe's output_linear): the fused tensors holding a down projection
+        rels += [rel for rel, members in fam.fused.items() if set(members) & set(rels)]
     pats = []
     for rel in rels:
         stem = re.escape(rel.removesuffix(".weight")).replace(re.escape("{e}"), r"\d+")
@@ -199,6 +201,8 @@ class GraftPlanner:
         fam = MOE.get(self.model_type)
         if fam is not None and fam.dense_prefix_field:
             self._dense_prefix(config, fam.dense_prefix_field, fam.dense_mlp["gate"])
+        if fam is not None and fam.moe_span_fields:
+            self._moe_span(config, fam)
         if "mlp_only_layers" not in config:
             return
         dense_rel = MOE[self.model_type].dense_mlp["gate"]
@@ -208,6 +212,20 @@ class GraftPlanner:
                 kind = "dense" if layer_views(self.readers[m].config)["mlp_only_layers"][i] else "MoE"
                 raise MoemergeError(f"{self.readers[m].path}: config.json makes layer {i} a {kind} layer, but its "
                                     f"tensors {'do not ' if kind == 'dense' else ''}hold {dense_rel!r}")
+
+    def _moe_span(self, config: dict, fam) -> None:
+        """ernie4_5_moe: the output's MoE layers (those without a dense FFN) as start/end/interval fields."""
+        from mergekit_lite.ops.plan_transforms import moe_span
+
+        dense_rel = fam.dense_mlp["gate"]
+        moe = [o for o, (m, i, _) in enumerate(self.layers)
+               if not any(rel == dense_rel for rel, _ in self.by_layer[m][i])]
+        span = moe_span(moe, len(self.layers))
+        if span is None:
+            raise MoemergeError(f"{fam.moe_span_fields[0]}: {self.model_type} places MoE layers every "
+                                f"{fam.moe_span_fields[2]} layers between a start and an end layer, but this graft "
+                                f"puts MoE layers at output layers {moe}; order the slices so they follow that pattern")
+        config.update(zip(fam.moe_span_fields, span))
 
     def _dense_prefix(self, config: dict, field: str, dense_rel: str) -> None:
         """glm4_moe / dots1: only the first `field` layers are dense; the output must keep them first and count them.

@@ -112,15 +112,16 @@ def _rel(key: str) -> str:
     return parts[1] if parts else key
 
 
-def _moe_span(layers: list[int], n_layers: int) -> tuple[int, int, int]:
-    """(start, end, interval) such that layer i is MoE iff start <= i <= end and (i + 1) % interval == 0."""
+def moe_span(layers: list[int], n_layers: int) -> tuple[int, int, int] | None:
+    """(start, end, interval) such that layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
+    (ERNIE-4.5's placement), or None when no such triple gives exactly `layers` (sorted)."""
+    if not layers:
+        return n_layers, n_layers - 1, 1  # no MoE layer
     lo, hi = layers[0], layers[-1]
     for interval in range(1, n_layers + 1):
         if [i for i in range(lo, hi + 1) if (i + 1) % interval == 0] == layers:
             return lo, hi, interval
-    raise MoemergeError(f"moe_layers={layers}: ernie4_5_moe places MoE layers every moe_layer_interval layers "
-                        "between moe_layer_start_index and moe_layer_end_index, which cannot give these; use "
-                        "dense_layers: k, moe_layers: {every: k} or a contiguous range of layers")
+    return None
 
 
 def _zero_bias(weight: "TensorOp") -> "TensorOp":
@@ -139,9 +140,13 @@ def ernie_layout(plan: "Plan", planner: "UpcyclePlanner") -> None:
     cfg, E = plan.config, planner.r.num_experts
     _explicit_fields(plan, planner)
     cfg.pop("mlp_only_layers", None)
-    start, end, interval = _moe_span(sorted(planner.moe), planner.shapes.n_layers)
-    cfg.update(moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval,
-               moe_k=cfg.pop("num_experts_per_tok"))
+    span = moe_span(sorted(planner.moe), planner.shapes.n_layers)
+    if span is None:
+        raise MoemergeError(f"moe_layers={sorted(planner.moe)}: ernie4_5_moe places MoE layers every "
+                            "moe_layer_interval layers between moe_layer_start_index and moe_layer_end_index, which "
+                            "cannot give these; use dense_layers: k, moe_layers: {every: k} or a contiguous range")
+    cfg.update(zip(planner.fam.moe_span_fields, span))
+    cfg["moe_k"] = cfg.pop("num_experts_per_tok")
     _drop_empty_shared(plan, planner)
     use_bias = any(_rel(op.key) == "self_attn.q_proj.bias" for op in plan.ops)
     cfg["use_bias"] = use_bias

@@ -191,12 +191,12 @@ class TensorPool:
             for part in made if made is not None else tensor_bytes(entry):
                 pwrite_all(shard.fd, part, offset, self.stop)
                 offset += len(part)
-        except OSError as e:  # pwrite's errors (a full disk) do not name the file
+            made = part = None  # the tensor is freed before the heap is trimmed
+            if cost:
+                release_freed_memory()
+            return entry.nbytes, shard.tensor_done()  # the last tensor of a file fsyncs it
+        except OSError as e:  # pwrite's and fsync's errors (a full disk) do not name the file
             raise OSError(e.errno, e.strerror, str(shard.path)) from None
-        made = part = None  # the tensor is freed before the heap is trimmed
-        if cost:
-            release_freed_memory()
-        return entry.nbytes, shard.tensor_done()
 
     def _prefetch(self) -> None:
         """Announce the sources of the tensors coming next, so reading them overlaps writing these."""

@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 
 # Llama-shaped layouts (hidden, intermediate, layers) giving roughly N billion dense parameters;
 # 1.1 is TinyLlama-1.1B's shape (22 layers).
-SHAPES = {1.1: (2048, 5632, 22), 1.0: (2048, 5632, 16), 0.5: (1536, 4096, 14), 0.25: (1024, 2816, 16)}
+SHAPES = {1.1: (2048, 5632, 22), 1.0: (2048, 5632, 16), 0.5: (1536, 4096, 14), 0.25: (1024, 2816, 16),
+          0.05: (512, 1408, 4)}  # 0.05: a smoke run (~0.3 GB out), e.g. of a new --architecture
 VOCAB = 32000
 
 

@@ -334,3 +334,16 @@ def test_graft_expand_keeps_the_upcycled_model(tmp_path, pico_factory, target, f
     assert "self_attn.o_proj.weight" in zeroed
     report = compare_logits(tmp_path / "pro", src, device="cpu")
     assert report.max_abs <= 1e-5 and report.top1_agreement == 1.0, zeroed
+
+
+def test_dry_run_names_ernie_fields(tmp_path, pico_factory):
+    """--dry-run says which ERNIE fields hold the dense layers, and that the experts are identical."""
+    body = {"source": str(pico_factory("qwen2", **DIMS)), "architecture": "ernie4_5_moe", "num_experts": 4,
+            "experts_per_token": 2, "dense_layers": 1}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(body))
+    lines: list[str] = []
+    run_upcycle(path, None, dry_run=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert "dense FFN kept in layers [0] (moe_layer_start_index/moe_layer_end_index/moe_layer_interval)" in text
+    assert "rope_interleave" in text and "identical experts" in text

@@ -161,7 +161,7 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
     if len(lay.moe_layers) < n_layers:
         dense = sorted(set(range(n_layers)) - set(lay.moe_layers))
         field = (fam.dense_prefix_field if fam and fam.dense_prefix_field and not fam.supports_dense_layers
-                 else "mlp_only_layers")
+                 else "/".join(fam.moe_span_fields) if fam and fam.moe_span_fields else "mlp_only_layers")
         notes.append(f"partial MoE: MoE layers {lay.moe_layers}; dense FFN kept in layers {dense} ({field})")
     if r.router.init == "hidden":
         notes.append("router rows: mean hidden state at each FFN input over each expert's prompts (computed on "

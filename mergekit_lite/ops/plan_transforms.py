@@ -49,15 +49,9 @@ def _attention_flags(plan: "Plan", planner: "UpcyclePlanner") -> None:
     """
     from mergekit_lite.arch.config import validate_config
     from mergekit_lite.arch.tables import layer_key
-    from mergekit_lite.errors import MoemergeError
 
     cfg, src, base = plan.config, planner.cfg, planner.base
-    window, positions = src.get("sliding_window"), src.get("max_position_embeddings") or 0
-    slides = src.get("use_sliding_window", src.get("model_type") == "mistral") and window
-    if slides and window < positions:
-        raise MoemergeError(f"{cfg['model_type']} has no sliding-window attention, but {base.path} slides over "
-                            f"{window} of {positions} positions (sliding_window); use architecture: auto, or a "
-                            "source without a sliding window")
+    _refuse_sliding_window(planner)
     cfg.pop("sliding_window", None)
     cfg["attention_bias"] = layer_key(0, "self_attn.q_proj.bias") in base
     cfg["use_qk_norm"] = layer_key(0, "self_attn.q_norm.weight") in base

@@ -83,7 +83,7 @@ def test_tensors_are_computed_one_at_a_time_and_freed(tmp_path):
 
     keys = [f"t{i}" for i in range(6)]
     entries = [TensorEntry(k, (256, 256), torch.float32, lambda k=k: make(k)) for k in keys]
-    out = write_model_folder(tmp_path / "m", entries, shard_size=256 * 256 * 4 * 2 + 1)
+    out = write_model_folder(tmp_path / "m", entries, shard_size=256 * 256 * 4 * 2 + 1, workers=1)
     assert made == keys  # each made exactly once, in order
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 6 * 256 * 256 * 4

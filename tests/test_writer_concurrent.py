@@ -232,3 +232,40 @@ def test_index_and_shards_are_complete_whatever_the_order_shards_finish(tmp_path
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in want.values())
     assert not list(tmp_path.glob(".m.moemerge-*"))
     assert os.listdir(tmp_path) == ["m"]
+
+
+def test_shards_are_written_side_by_side_unless_the_caller_keeps_order(tmp_path):
+    """A file takes one writer at a time (the inode lock), so with N workers the tensors of N shards go out in
+    turn; `interleave=False` (casts sharing one cache slot) keeps declaration order. Bytes are the same."""
+    made: list[str] = []
+    t = torch.ones(256)
+    entries = [TensorEntry(f"t{i}", (256,), torch.float32, lambda i=i: made.append(f"t{i}") or t, cost=0)
+               for i in range(7)]
+    side = write_model_folder(tmp_path / "side", entries, shard_size=2048, workers=2)  # shards t0-1 t2-3 t4-5 t6
+    assert made == ["t0", "t2", "t1", "t3", "t4", "t6", "t5"]
+    made.clear()
+    kept = write_model_folder(tmp_path / "kept", entries, shard_size=2048, workers=2, interleave=False)
+    assert made == [f"t{i}" for i in range(7)]
+    assert folder_bytes(side) == folder_bytes(kept)
+
+
+def test_an_upcycle_that_casts_casts_each_source_once(tmp_path, pico_llama, monkeypatch):
+    """dtype float32 from bf16/fp16 sources: E experts of one FFN are made one after another and share the cast."""
+    import mergekit_lite.ops.execute as execute
+
+    casts: list[str] = []
+    real_get = execute.SourceCache.get
+
+    def counting_get(self, src, dtype):
+        if (src, dtype) not in self.items and self.readers[src.model].info(src.key).dtype != dtype:
+            casts.append(src.key)
+        return real_get(self, src, dtype)
+
+    monkeypatch.setattr(execute.SourceCache, "get", counting_get)
+    source_dtype = CheckpointReader(pico_llama).info("model.layers.0.mlp.up_proj.weight").dtype
+    dtype = "float16" if source_dtype == torch.float32 else "float32"
+    body = {"source": str(pico_llama), "num_experts": 4, "experts_per_token": 2, "dtype": dtype,
+            "shard_size": "20KB", "output": str(tmp_path / "out")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    run_upcycle(tmp_path / "r.yaml", workers=4, progress=False, echo=lambda *_: None)
+    assert casts and len(casts) == len(set(casts)), "a source was cast again: experts of one FFN were split up"

@@ -126,8 +126,11 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
         if finalize:
             finalize(tmp)
 
+    # shards are written side by side unless sources are cast: the cast cache holds one tensor, and E
+    # experts cast from one FFN must come one after another to share it
+    casts = any(readers[s.model].info(s.key).dtype != op.dtype for op in plan.ops for s in op.srcs)
     return write_model_folder(output, entries, shard_size=shard_size, overwrite=overwrite, finish=finish,
-                              progress=progress, echo=echo, workers=workers, written=written)
+                              progress=progress, echo=echo, workers=workers, written=written, interleave=not casts)
 
 
 @contextmanager

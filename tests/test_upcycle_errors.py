@@ -194,15 +194,15 @@ def test_crash_mid_write_leaves_nothing(tmp_path, pico_llama, monkeypatch):
     import mergekit_lite.io.writer as writer
 
     calls = {"n": 0}
-    real = writer.write_shard
+    real = writer.TensorPool.open
 
-    def flaky(path, tensors, metadata=None, pool=None):
+    def flaky(self, path, header, n_tensors):  # the second shard file is being opened
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # what Ctrl-C looks like mid-run
-        return real(path, tensors, metadata, pool)
+        return real(self, path, header, n_tensors)
 
-    monkeypatch.setattr(writer, "write_shard", flaky)
+    monkeypatch.setattr(writer.TensorPool, "open", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_upcycle(recipe(tmp_path, source=pico_llama, shard_size="100KB"), out, echo=lambda s: None)

@@ -1,8 +1,8 @@
 """Size-capped safetensors shards, streamed one tensor at a time into a folder that appears only when complete.
 
 `write_model_folder` is the one writer of model weights (upcycle, graft, the training save). Every
-tensor is declared (name, shape, dtype) before any is computed, so `write_shard` writes a shard's
-header first and then computes, writes and frees the tensors: peak memory is about one largest
+tensor is declared (name, shape, dtype) before any is computed, so each shard's header is written
+first and then the tensors are computed, written and freed: peak memory is about one largest
 tensor, not one shard. A tensor is written straight from its own memory, so entries that share
 memory (E experts copied from one memory-mapped dense FFN) cost no RAM at all. Tensors are written
 at their offsets by a bounded pool of threads (`io.pool`: several streams, reads announced ahead),

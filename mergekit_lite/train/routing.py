@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
 
 POLICIES = ("topk", "noisy_topk", "switch", "gshard")
@@ -153,9 +154,7 @@ def check_routing(moe: Any, cfg: dict[str, Any]) -> None:
         MoemergeError: naming the field, the value and the fix.
     """
     text = cfg.get("text_config") or cfg
-    k = text.get("num_experts_per_tok") or text.get("moe_k")
-    n_exp = next((text[f] for f in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-                  if text.get(f)), None)
+    n_exp, k = moe_counts(text)
     if not n_exp or not k:
         return  # a dense model: the moe section is ignored
     need = {"switch": 1, "gshard": 2}.get(moe.routing)

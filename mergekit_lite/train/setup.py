@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
@@ -116,8 +117,7 @@ def resumable_checkpoint(out: Path) -> Path:
 
 def has_experts(cfg: dict[str, Any]) -> bool:
     """Whether a config.json (text part for multimodal ones) describes routed experts."""
-    text = cfg.get("text_config") or cfg
-    return any(text.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    return moe_counts(cfg.get("text_config") or cfg)[0] is not None
 
 
 def finished_run(out: Path) -> dict[str, Any] | None:

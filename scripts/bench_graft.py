@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_upcycle import (  # noqa: E402 - one synthetic-checkpoint generator, one set of measurements
-    VOCAB, build_dense, evict, files, run_sampled, timed, write_probe, writer_threads,
+    VOCAB, alternating_rounds, build_dense, files, timed, writer_threads,
 )
 
 HIDDEN, INTER = 2048, 5632
@@ -42,18 +41,7 @@ def bench_one(src: Path, work: Path, flag: str, k: int, shard: str, args: argpar
     cmd = [sys.executable, "-m", "mergekit_lite", "graft", str(src), flag, str(k), "-o", str(out),
            "--shard-size", shard] + (["--workers", str(args.workers)] if args.workers else [])
     threads = writer_threads(args.workers, work)
-    grafts, cps, probes, anon = [], [], [], 0
-    for _ in range(args.rounds):  # alternating, so a neighbour's burst of load hits all three alike
-        if not args.warm:
-            evict(src)
-        t, peak = run_sampled(cmd)  # interpreter start-up and imports are part of what a user waits for
-        grafts.append(t)
-        anon = max(anon, peak)
-        out_bytes = sum(os.path.getsize(f) for f in files(out))
-        cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
-        shutil.rmtree(copy)
-        shutil.rmtree(out)
-        probes.append(write_probe(work / "probe", out_bytes, threads))
+    grafts, cps, probes, anon, out_bytes = alternating_rounds(cmd, src, out, copy, threads, args)
     g, c, p = (statistics.median(x) for x in (grafts, cps, probes))
     return {"op": f"{flag} {k}", "shard": shard, "out_GB": out_bytes / 1e9, "threads": threads, "graft_s": g,
             "cp_s": c, "probe_s": p, "anon_GB": anon / 1e9, "rounds": list(zip(grafts, cps, probes))}

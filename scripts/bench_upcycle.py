@@ -179,6 +179,26 @@ def writer_threads(workers: int | None, folder: Path) -> int:
     return workers or default_workers(folder)
 
 
+def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, threads: int,
+                       args: argparse.Namespace) -> tuple[list[float], list[float], list[float], int, int]:
+    """`args.rounds` rounds of (cmd writing `out`, `cp -r` of it + sync, the write probe of its bytes), alternating
+    so a burst of a neighbour's load hits all three alike; returns (cmd, cp, probe) seconds per round, the peak
+    anonymous memory of `cmd` (interpreter start-up and imports included: a user waits for them) and output bytes."""
+    runs, cps, probes, anon, out_bytes = [], [], [], 0, 0
+    for _ in range(args.rounds):
+        if not args.warm:
+            evict(source)
+        t, peak = run_sampled(cmd)
+        runs.append(t)
+        anon = max(anon, peak)
+        out_bytes = sum(os.path.getsize(f) for f in files(out))
+        cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
+        shutil.rmtree(copy)
+        shutil.rmtree(out)
+        probes.append(write_probe(out.parent / "probe", out_bytes, threads))
+    return runs, cps, probes, anon, out_bytes
+
+
 def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
     hidden, inter, layers = SHAPES[size]
     dense = workdir / f"dense-{size}"
@@ -190,18 +210,8 @@ def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
                       + (f"workers: {args.workers}\n" if args.workers else ""))
     out, copy = workdir / f"moe-{size}", workdir / f"copy-{size}"
     threads = writer_threads(args.workers, workdir)
-    ups, cps, probes, anon = [], [], [], 0
-    for _ in range(args.rounds):  # alternating, so a burst of a neighbour's load hits all three alike
-        if not args.warm:
-            evict(dense)
-        t, peak = run_sampled([sys.executable, "-m", "mergekit_lite", "upcycle", str(recipe), "-o", str(out)])
-        ups.append(t)
-        anon = max(anon, peak)
-        out_bytes = sum(os.path.getsize(f) for f in files(out))
-        cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
-        shutil.rmtree(copy)
-        shutil.rmtree(out)
-        probes.append(write_probe(workdir / "probe", out_bytes, threads))
+    cmd = [sys.executable, "-m", "mergekit_lite", "upcycle", str(recipe), "-o", str(out)]
+    ups, cps, probes, anon, out_bytes = alternating_rounds(cmd, dense, out, copy, threads, args)
     t_mk = mergekit_moe(dense, workdir / "mergekit-out", args.experts) if args.mergekit else None
     # interpreter + torch/transformers import, a fixed cost that matters only for small models
     t_start = timed([sys.executable, "-c", "import mergekit_lite.ops.upcycle, transformers.models.mixtral"])

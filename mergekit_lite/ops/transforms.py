@@ -65,19 +65,24 @@ def _ffn_part(xs, shape, dtype, args):
     axis, n_total = args["axis"], xs[0].shape[args["axis"]]
     idx = (torch.arange(args["size"]) + args["start"]) % n_total
     part = w.index_select(axis, idx).float()  # (size, H) or (H, size)
+    # in place where it computes the same numbers: one float32 temporary of the part at a time, not three
+    # (fused experts compute E x 2 parts per tensor; tests/test_memory.py bounds the peak)
     drop = args.get("drop")
     if drop:
         n_drop = int(round(drop["ratio"] * args["size"]))
         chosen = torch.randperm(args["size"], generator=generator({"seed": drop["channel_seed"]}))[:n_drop]
         src = w.float()
+        std, mean = src.std(), src.mean()
+        del src  # the whole source matrix in float32: freed before the fresh values are drawn
         fresh_shape = (n_drop, part.shape[1]) if axis == 0 else (part.shape[0], n_drop)
-        fresh = torch.randn(fresh_shape, generator=generator({"seed": drop["value_seed"]})) * src.std() + src.mean()
+        fresh = torch.randn(fresh_shape, generator=generator({"seed": drop["value_seed"]})).mul_(std).add_(mean)
         part.index_copy_(axis, chosen, fresh)
+        del fresh
     if args.get("scale", 1.0) != 1.0:
-        part = part * args["scale"]
+        part.mul_(args["scale"])
     if args.get("noise"):
         sigma = args["noise"]["sigma"] * part.std()
-        part = part + torch.randn(part.shape, generator=generator(args["noise"])) * sigma
+        part.add_(torch.randn(part.shape, generator=generator(args["noise"])).mul_(sigma))
     return part.to(dtype)
 
 

@@ -159,9 +159,11 @@ class TensorPool:
             self._collect()
         # computed tensors are made here, in order, and only written by the workers: made on many threads,
         # their temporaries spread over glibc's per-thread heaps (measured: +45-120 MB peak with 8 workers)
-        made = tensor_bytes(entry) if cost else None
-        future = self.pool.submit(self._job, shard, entry, offset, cost, made)
-        del made
+        # handed over in a box the job empties: the executor keeps a job's arguments until after its result is
+        # out, and this thread, woken by that result, would make the next tensor with this one still alive
+        box = [tensor_bytes(entry)] if cost else []
+        future = self.pool.submit(self._job, shard, entry, offset, cost, box)
+        del box
         self.inflight[future] = cost
         self.cost += cost
 
@@ -184,7 +186,8 @@ class TensorPool:
             self.shard_done()
 
     def _job(self, shard: ShardFile, entry, offset: int, cost: int,
-             made: list[memoryview] | None = None) -> tuple[int, bool]:
+             box: list[list[memoryview]] | None = None) -> tuple[int, bool]:
+        made = box.pop() if box else None  # `box` is empty from here on: the tensor lives in `made` alone
         if self.stop.is_set():
             raise Stopped
         try:

@@ -10,6 +10,7 @@ import torch
 
 import mergekit_lite.train.loop as loop
 from mergekit_lite.train import routing
+from mergekit_lite.train.checkpoint import model_tensors
 from mergekit_lite.train.moe import NOISE_PARAM, RouterTap
 from test_train import quiet, recipe, world  # noqa: F401  (world is a fixture)
 
@@ -231,7 +232,7 @@ def test_resume_is_exact_for_every_policy(world, tmp_path, monkeypatch, policy):
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(NOISE_PARAM in k for k in a)  # final/ is the plain HF class
-    ckpt = load_file(str(cut / "checkpoints" / "step-0000010" / "model.safetensors"))
+    ckpt = model_tensors(cut / "checkpoints" / "step-0000010")
     noise = {k: v for k, v in ckpt.items() if k.endswith(NOISE_PARAM)}
     if policy == "noisy_topk":
         assert len(noise) == 2 and all(v.abs().sum() > 0 for v in noise.values())  # trained from zero

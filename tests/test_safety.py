@@ -203,22 +203,27 @@ def test_resume_ignores_a_half_written_checkpoint(tmp_path):
 
 
 def test_checkpoint_save_removes_a_killed_runs_half_written_checkpoints(tmp_path):
-    from mergekit_lite.train.save import save_checkpoint
+    import torch
+
+    from mergekit_lite.train.checkpoint import save_checkpoint
 
     class OneProcess:  # the part of accelerate.Accelerator that save_checkpoint uses
-        is_main_process = True
-        _models: list = []
+        is_main_process, num_processes, process_index, scaler = True, 1, 0, None
 
         def wait_for_everyone(self):
             pass
 
-        def save_state(self, path):
-            Path(path).mkdir(parents=True)
+    class Tap:
+        def state_dict(self, reduce):
+            return {}
 
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     stale = tmp_path / "checkpoints" / "step-0000004.tmp"  # kill -9 while step 4 was being saved
     stale.mkdir(parents=True)
     (stale / "optimizer.bin").write_bytes(b"x" * 100)
-    save_checkpoint(OneProcess(), tmp_path, 6, {"step": 6, "tokens": 0}, keep=2)
+    save_checkpoint(OneProcess(), model, optimizer, scheduler, Tap(), tmp_path, 6, {"step": 6, "tokens": 0}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000006"]
 
 

@@ -22,10 +22,10 @@ def run(tmp_path_factory):
     dense = build_pico_model("llama", root / "dense", texts=stdlib_docstrings(), hidden_size=32, intermediate_size=64,
                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
 
-    def recipe(out) -> TrainRecipe:
+    def recipe(out, **kw) -> TrainRecipe:
         return validate_recipe({"model": str(dense), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
                                 "seq_len": 32, "micro_batch_size": 4, "max_steps": 2, "checkpoint_every": 2,
-                                "learning_rate": 1e-3, "eval_batches": 1, "output": str(out)}, TrainRecipe)
+                                "learning_rate": 1e-3, "eval_batches": 1, "output": str(out), **kw}, TrainRecipe)
 
     train(recipe(root / "run"), echo=lambda *_: None)
     return root / "run", recipe
@@ -33,12 +33,12 @@ def run(tmp_path_factory):
 
 @pytest.fixture
 def no_load_state(monkeypatch):
-    from accelerate import Accelerator
+    import mergekit_lite.train.loop as loop
 
-    def refuse(self, *args, **kwargs):
+    def refuse(*args, **kwargs):
         raise AssertionError("load_state was called")
 
-    monkeypatch.setattr(Accelerator, "load_state", refuse)
+    monkeypatch.setattr(loop, "load_checkpoint", refuse)
 
 
 def copy_of(run, tmp_path):
@@ -74,3 +74,37 @@ def test_with_both_load_state_is_reached(run, tmp_path, no_load_state):
     out = copy_of(run, tmp_path)  # the guard, not the patch, is what stopped the two runs above
     with pytest.raises(AssertionError, match="load_state was called"):
         train(run[1](out), resume=True, echo=lambda *_: None)
+
+
+def test_resume_refuses_every_field_that_changes_the_run(run, tmp_path, no_load_state):
+    out = copy_of(run, tmp_path)
+    edited = run[1](out, learning_rate=2e-3, seq_len=16, micro_batch_size=2, trainable="routers",
+                    data={"train": [str(run[0].parent / "corpus" / "val.txt")],
+                          "validation": [str(run[0].parent / "corpus" / "val.txt")]})
+    with pytest.raises(MoemergeError) as e:
+        train(edited, resume=True, echo=lambda *_: None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--resume: the recipe changes the run")
+    for field in ("learning_rate 0.001 -> 0.002", "seq_len 32 -> 16", "micro_batch_size 4 -> 2",
+                  "trainable 'all' -> 'routers'", "data.train", "global batch 4 -> 2"):
+        assert field in msg, (field, msg)
+
+
+def test_resume_refuses_a_shorter_run_and_a_new_global_batch(run, tmp_path, no_load_state):
+    out = copy_of(run, tmp_path)
+    with pytest.raises(MoemergeError, match=r"max_steps 2 -> 1"):
+        train(run[1](out, max_steps=1, warmup_steps=0), resume=True, echo=lambda *_: None)
+    with pytest.raises(MoemergeError, match=r"global batch 4 -> 8 sequences per step .* global_batch_size: 4"):
+        train(run[1](out, gradient_accumulation_steps=2), resume=True, echo=lambda *_: None)
+
+
+def test_resume_accepts_what_only_extends_or_observes_the_run(run, tmp_path):
+    out = copy_of(run, tmp_path)
+    said: list[str] = []
+    # the same global batch given the other way, a longer run, other logging: accepted, and said
+    summary = train(run[1](out, max_steps=3, global_batch_size=4, log_every=2, eval_every=3, keep_checkpoints=3),
+                    resume=True, echo=said.append)
+    assert summary["steps"] == 3
+    notes = [line for line in said if line.startswith("--resume: accepted change")]
+    assert any("max_steps 2 -> 3 (the run is extended)" in n for n in notes), said
+    assert any("log_every 1 -> 2" in n for n in notes) and not any("global_batch" in n for n in notes), said

@@ -11,7 +11,6 @@ import sys
 import weakref
 from collections import namedtuple
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,23 +176,23 @@ def _little_disk(monkeypatch, free: int = 1000):
 
 
 def test_checkpoint_estimate_counts_parameters_and_adam_moments():
-    from mergekit_lite.train.save import checkpoint_bytes
+    from mergekit_lite.train.checkpoint import checkpoint_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5, bias=False).to(torch.bfloat16))
     model[0].weight.requires_grad_(False)  # frozen: stored once, no optimizer moments
     model.register_buffer("bias_E", torch.zeros(8))
     trainable_fp32 = 20 + 100  # model[0].bias + model[1].weight (its moments are fp32 whatever its dtype)
     want = 1_000_000 + (200 + 20) * 4 + 100 * 2 + 8 * trainable_fp32 + 8 * 4
-    assert checkpoint_bytes(SimpleNamespace(_models=[model])) == want
+    assert checkpoint_bytes(model) == want
 
 
 def test_checkpoint_refused_on_a_full_disk_with_the_figure(tiny_moe, tmp_path, monkeypatch):
-    import mergekit_lite.train.save as save
+    import mergekit_lite.train.checkpoint as checkpoint
     from mergekit_lite.plan import format_bytes
 
     seen = {}
-    real = save.checkpoint_bytes
-    monkeypatch.setattr(save, "checkpoint_bytes", lambda acc: seen.setdefault("n", real(acc)))
+    real = checkpoint.checkpoint_bytes
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda model: seen.setdefault("n", real(model)))
     _little_disk(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(MoemergeError, match=r"not enough free disk for .*step-0000001: need about [\d.]+ [KM]B, "

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
 
 
@@ -68,7 +69,11 @@ class TrainRecipe(Strict):
     data: TrainData
     seq_len: int = Field(ge=8)
     micro_batch_size: int = Field(ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1, description="micro-batches per optimizer step "
+                                                    "on each process (default 1); or give global_batch_size")
+    global_batch_size: int | None = Field(None, ge=1, description="sequences per optimizer step over all processes; "
+                                          "accumulation = global_batch_size / (micro_batch_size x processes), so "
+                                          "the run is the same on any process count")
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="alternative to max_steps")
     learning_rate: float = Field(gt=0)
@@ -98,6 +103,11 @@ class TrainRecipe(Strict):
     def _length(self) -> "TrainRecipe":
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps or max_tokens")
+        if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
+            raise ValueError("give one of gradient_accumulation_steps or global_batch_size, not both")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size = {self.global_batch_size} is not a multiple of micro_batch_size = "
+                             f"{self.micro_batch_size}")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}")
         if self.moe.routing == "noisy_topk" and self.trainable == "lora":
@@ -105,3 +115,20 @@ class TrainRecipe(Strict):
                              "weights (W_noise), so the noise could never be learned; use trainable: all or "
                              "routers, or another moe.routing")
         return self
+
+    def accumulation(self, processes: int) -> int:
+        """Micro-batches per optimizer step on each of `processes` processes; a global batch that does not
+        divide is a user error (one line, with the nearest sizes that do)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        per = self.micro_batch_size * processes
+        if self.global_batch_size % per:
+            lo, hi = (self.global_batch_size // per) * per, (self.global_batch_size // per + 1) * per
+            raise MoemergeError(f"global_batch_size = {self.global_batch_size} is not a multiple of micro_batch_size "
+                                f"x processes = {self.micro_batch_size} x {processes} = {per}; set it to "
+                                f"{' or '.join(str(v) for v in (lo, hi) if v)}, or change micro_batch_size")
+        return self.global_batch_size // per
+
+    def global_batch(self, processes: int) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.accumulation(processes) * self.micro_batch_size * processes

@@ -50,6 +50,10 @@ def make_accelerator(**kwargs):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     cpu = wants_cpu_processes()
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise MoemergeError("this launch config asks for DeepSpeed, which `moemerge train` does not drive yet; "
+                            "use recipes/accelerate/fsdp.yaml (FSDP2 shards parameters, gradients and optimizer "
+                            "state as ZeRO-3 does) or ddp.yaml")
     plugin = FullyShardedDataParallelPlugin() if cpu and _flag("ACCELERATE_USE_FSDP") else None  # reads FSDP_*
     if plugin is not None and plugin.fsdp_version != 2:
         raise MoemergeError(f"fsdp_version: {plugin.fsdp_version} cannot run on CPU processes (torch's FSDP1 "
@@ -62,6 +66,50 @@ def make_accelerator(**kwargs):
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def uses_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def load_model(model_dir, accelerator):
+    """The model in fp32 (master weights). Under FSDP2 with `fsdp_cpu_ram_efficient_loading`, only the main
+    process reads the weights: the others build the model on the meta device (buffers computed, e.g. RoPE's
+    inv_freq) and receive their shards from it at `prepare`, so no process but one holds the model whole."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plugin = accelerator.state.fsdp_plugin if uses_fsdp(accelerator) else None
+    if plugin is not None and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def prepare_sharding(accelerator, model) -> None:
+    """Keep FSDP2 off modules whose parameters are all empty (an upcycle's size-0 shared expert: torch's
+    `fully_shard` fails on them with `_chunk_cat expects non-empty tensor`). They hold no number to shard or
+    reduce, so leaving them out changes nothing; a module mixing empty and non-empty parameters is refused."""
+    if not uses_fsdp(accelerator):
+        return
+    empty = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        sizes = [p.numel() for p in own]
+        if own and not any(sizes):
+            empty.append(module)
+        elif 0 in sizes:
+            raise MoemergeError(f"{name} holds empty and non-empty parameters; FSDP2 can shard neither way. "
+                                "Train it with DDP (recipes/accelerate/ddp.yaml)")
+    if empty:
+        plugin = accelerator.state.fsdp_plugin
+        if isinstance(plugin.ignored_modules, str):
+            raise MoemergeError("fsdp_ignored_modules is set in the launch config; moemerge sets it itself for the "
+                                "model's empty modules: remove it from the config")
+        plugin.ignored_modules = [*(plugin.ignored_modules or []), *empty]
 
 
 def describe_engine(accelerator, model) -> dict:
@@ -77,11 +125,19 @@ def describe_engine(accelerator, model) -> dict:
     if dtype == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.numel()]  # empty ones are left out (prepare_sharding)
         sharded = sum(isinstance(p, DTensor) for p in params)
-        version = accelerator.state.fsdp_plugin.fsdp_version
+        plugin = accelerator.state.fsdp_plugin
+        version = plugin.fsdp_version
         if version == 2 and sharded != len(params):
             raise RuntimeError(f"FSDP2 left {len(params) - sharded} of {len(params)} parameters unsharded "
                                f"(model type {type(model).__name__})")
-        info |= {"fsdp_version": version, "sharded_params": sharded}
+        mp = plugin.mixed_precision_policy
+        info |= {"fsdp_version": version, "sharded_params": sharded,
+                 "reshard_after_forward": bool(plugin.reshard_after_forward),
+                 "sharded_loading": bool(plugin.cpu_ram_efficient_loading),
+                 "param_dtype": str(getattr(mp, "param_dtype", None) or "float32").removeprefix("torch."),
+                 "reduce_dtype": str(getattr(mp, "reduce_dtype", None) or getattr(mp, "param_dtype", None)
+                                     or "float32").removeprefix("torch.")}
+    info["mixed_precision"] = accelerator.mixed_precision
     return info

@@ -20,12 +20,13 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
-from mergekit_lite.train.engine import describe_engine, is_main_process, make_accelerator
+from mergekit_lite.train.checkpoint import check_resume, load_checkpoint, save_checkpoint
+from mergekit_lite.train.engine import describe_engine, is_main_process, load_model, make_accelerator, prepare_sharding
 from mergekit_lite.train.moe import RouterTap
-from mergekit_lite.train.save import save_checkpoint, save_final
+from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
-    build_loaders, finished_run, has_experts, keep_empty_tensors_in_checkpoints, latest_checkpoint, lora_targets,
-    param_groups, preflight, steps_for, trainable_parameters, write_run_record)
+    build_loaders, finished_run, has_experts, latest_checkpoint, lora_targets, param_groups, preflight, steps_for,
+    trainable_parameters, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -53,24 +54,42 @@ class Metrics:
             self.acc.log(scalars, step=step)
 
 
+def block_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each block; logits (B, T, V), ids (B, T) -> (B,)."""
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return per_token.view(ids.shape[0], -1).mean(1)  # (B, T - 1) -> (B,)
+
+
 @torch.no_grad()
 def evaluate(model, loader, tap: RouterTap, accelerator, max_batches: int, *, selection_bias: bool = False) -> float:
-    """Mean validation cross-entropy over at most `max_batches` batches per process.
+    """Mean validation cross-entropy per block over the first `max_batches` batches of `loader`, whatever the
+    process count: process p takes batches p, p + N, ... and the block losses are summed over processes.
 
-    Routing follows the saved model (plain top-k, no noise, no capacity; no tap-held selection bias unless
-    `selection_bias`); the model's train/eval mode and the tap's settings are restored on the way out.
+    Processes with one batch fewer run one more forward whose result is dropped (FSDP2 gathers in every
+    forward, so all processes must run as many). Routing follows the saved model (plain top-k, no noise, no
+    capacity; no tap-held selection bias unless `selection_bias`); the model's train/eval mode and the tap's
+    settings are restored on the way out.
     """
     was_training, was_active, had_bias = model.training, tap.active, tap.use_bias
     model.eval()
     tap.active, tap.use_bias = False, had_bias and selection_bias
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
+    rank, procs = accelerator.process_index, accelerator.num_processes
     try:
+        seen, first = 0, None
         for n, batch in enumerate(loader):
             if n >= max_batches:
                 break
-            total += causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
-            count += 1
+            seen, first = n + 1, first if first is not None else batch
+            if n % procs == rank:
+                ids = batch["input_ids"].to(accelerator.device)
+                losses = block_losses(model(input_ids=ids).logits, ids)
+                total += losses.sum()
+                count += losses.numel()
+        mine = len(range(rank, seen, procs))
+        for _ in range(-(-seen // procs) - mine):  # as many forwards as the busiest process
+            model(input_ids=first["input_ids"].to(accelerator.device))
     finally:
         model.train(was_training)
         tap.active, tap.use_bias = was_active, had_bias
@@ -113,7 +132,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     from accelerate import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     r = recipe
     out = Path(r.output)
@@ -125,7 +144,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     model_dir = resolve_model_path(r.model, r.revision)
     config = preflight(r, model_dir, resume, overwrite)
     accelerator = make_accelerator(  # CPU processes over gloo under torchrun without GPUs; FSDP2 there too
-        gradient_accumulation_steps=r.gradient_accumulation_steps, mixed_precision=r.mixed_precision,
+        mixed_precision=r.mixed_precision,
         log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
         # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
         # num_processes times per call, which fits a schedule counted in per-process batches, not ours
@@ -133,6 +152,11 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         # experts that get no token in a micro-batch have no gradient: DDP must not wait for them (a dense
         # model has none, and DDP warns that the search for unused parameters costs time)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=has_experts(config))])
+    # the recipe's global batch (or its accumulation) over this run's processes; refused when it does not divide
+    accelerator.gradient_accumulation_steps = accum = r.accumulation(accelerator.num_processes)
+    if resume:  # a resume that changes the run is refused before anything is loaded
+        for note in check_resume(latest_checkpoint(out), r, accelerator.num_processes):
+            say(f"--resume: accepted change {note}")
     set_seed(r.seed)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -142,7 +166,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.eos_token_id is None:
         raise MoemergeError(f"the tokenizer in {model_dir} has no eos token; documents cannot be joined")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)  # fp32 master weights
+    model = load_model(model_dir, accelerator)  # fp32 master weights; under FSDP2 read by the main process only
     if r.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -160,18 +184,17 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     # --- data -----------------------------------------------------------------------------------
     max_steps = steps_for(r, accelerator.num_processes)
     train_dl, val_dl = build_loaders(r, tokenizer, model_dir, accelerator, max_steps)
-    tokens_per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * accelerator.num_processes
+    tokens_per_step = r.seq_len * r.global_batch(accelerator.num_processes)
     for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
         say(line)
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
-    # prepared, so save_state/load_state checkpoint it with the optimizer
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
                                                             min_lr_rate=r.min_lr_ratio)
-    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    prepare_sharding(accelerator, model)  # FSDP2: empty modules (size-0 shared experts) stay out of the shards
+    # the validation loader stays unprepared: evaluate() splits its batches over the processes
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded
     tap.to(accelerator.device)
-    accelerator.register_for_checkpointing(tap)
-    keep_empty_tensors_in_checkpoints(accelerator)
     if r.tracker != "none":
         accelerator.init_trackers("moemerge", config=json.loads(r.model_dump_json()))
 
@@ -181,7 +204,8 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         ckpt = latest_checkpoint(out)
         state = json.loads((ckpt / "trainer_state.json").read_text())
         step, tokens = state["step"], state["tokens"]
-        train_dl = accelerator.skip_first_batches(train_dl, step * r.gradient_accumulation_steps)
+        # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
+        train_dl = accelerator.skip_first_batches(train_dl, step * accum)
         say(f"resumed from {ckpt} at step {step}")
     metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
     if step == 0:
@@ -192,7 +216,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     sums = torch.zeros(3, device=accelerator.device)
     if accelerator.is_main_process and "log_sums" in state:
         sums += torch.tensor(state["log_sums"], device=accelerator.device)
-    micro = state.get("log_micro", 0)  # micro-steps per process since the last log line
+    micro = state.get("log_micro_batches", 0) // accelerator.num_processes  # micro-steps per process since the last log line
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc=progress_label, unit="step")
     t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
@@ -200,7 +224,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     if resume:
         # last thing before the first step: the RNG states (jitter, dropout) are the checkpoint's, whatever
         # starting the data loader drew
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt)
     model.train()  # from_pretrained returns eval mode; evaluate() restores the mode it found
     for batch in batches:
         ids = batch["input_ids"]
@@ -243,9 +267,10 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         if r.eval_every and step % r.eval_every == 0 and step != max_steps:
             metrics.log("val", step, **validate(model, val_dl, tap, accelerator, r.eval_batches))
         if r.checkpoint_every and step % r.checkpoint_every == 0:
-            state = {"step": step, "tokens": tokens,
-                     "log_sums": accelerator.reduce(sums, "sum").tolist(), "log_micro": micro}
-            save_checkpoint(accelerator, out, step, state, r.keep_checkpoints)
+            state = {"step": step, "tokens": tokens, "log_sums": accelerator.reduce(sums, "sum").tolist(),
+                     "log_micro_batches": micro * accelerator.num_processes, "global_batch": r.global_batch(accelerator.num_processes),
+                     "recipe": json.loads(r.model_dump_json())}
+            save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints)
         if step >= max_steps:
             break
     bar.close()

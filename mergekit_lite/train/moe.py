@@ -94,11 +94,12 @@ class RouterTap:
         self.capacity_factor = getattr(moe, "capacity_factor", None)
         self.drop_policy = getattr(moe, "drop_policy", "position")
         self.use_bias = bias_update_rate > 0
-        self.native = [native_bias(r) for r in self.routers]
-        self.native_bias = bool(self.routers) and all(b is not None for b in self.native)
+        self.native_bias = bool(self.routers) and all(native_bias(r) is not None for r in self.routers)
         self.active = True  # off during evaluation: validation batches are not training statistics
         n_exp = self.routers[0].num_experts if self.routers else 0
-        device = self.routers[0].weight.device if self.routers else "cpu"
+        device = self.routers[0].weight.device if self.routers else torch.device("cpu")
+        if device.type == "meta":  # a process that receives its weights when the model is sharded
+            device = torch.device("cpu")
         n = len(self.routers)
         self.bias = torch.zeros(n, n_exp, device=device)  # the tap's own, for families without a native one
         self._seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * n
@@ -123,14 +124,14 @@ class RouterTap:
         return bool(self.routers)
 
     def _selection_bias(self, router: nn.Module) -> torch.Tensor | None:
-        i = router._moemerge_index
-        if self.native[i] is not None:
-            return self.native[i].view(-1)
-        return self.bias[i] if self.use_bias else None
+        own = native_bias(router)  # looked up each time: sharding (FSDP2) replaces the model's tensors
+        if own is not None:
+            return own.view(-1)
+        return self.bias[router._moemerge_index] if self.use_bias else None
 
     def reroutes(self, router: nn.Module) -> bool:
         """Whether this forward needs routing other than the router's own (policy, train_top_k, own bias)."""
-        own_bias = self.use_bias and self.native[router._moemerge_index] is None
+        own_bias = self.use_bias and not self.native_bias
         if not router.training:
             return own_bias  # evaluation: the saved routing, plus our bias only when asked (val_loss_with_...)
         return own_bias or self.policy != "topk" or self.train_top_k not in (None, router.top_k)
@@ -209,8 +210,8 @@ class RouterTap:
             load = reduce(self.step_load)
             step = self.rate * torch.sign(load.mean(-1, keepdim=True) - load)
             if self.native_bias:
-                for b, row in zip(self.native, step):
-                    b.add_(row.to(b.device, b.dtype).view_as(b))
+                for router, row in zip(self.routers, step):
+                    _add_to(native_bias(router), row)
             else:
                 self.bias += step
         self.step_load.zero_()
@@ -245,13 +246,29 @@ class RouterTap:
     # native bias and W_noise live in the model and are checkpointed with it.
     _STATE = ("bias", "load_sum", "entropy_sum", "tokens", "assigned_sum", "dropped_sum")
 
-    def state_dict(self) -> dict:
-        return {name: getattr(self, name).cpu() for name in self._STATE}
+    def state_dict(self, reduce=lambda t: t) -> dict:
+        """The bias (equal on every process) and the statistics counters summed over processes by `reduce`
+        (every process must call it)."""
+        return {name: (self.bias if name == "bias" else reduce(getattr(self, name))).cpu() for name in self._STATE}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, counters: bool = True) -> None:
+        """Restore the bias; the counters too where `counters` (one process of several gets the sums)."""
         for name in self._STATE:
-            if name in state:  # checkpoints written before the statistics were saved hold the bias only
+            if name in state and (counters or name == "bias"):
                 getattr(self, name).copy_(state[name].to(self.bias.device))
+            elif name != "bias":
+                getattr(self, name).zero_()
+
+
+def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
+    """`bias += row` in place, also where `bias` is a DTensor shard (FSDP2 shards ERNIE's parameter): every
+    process holds the same `row` and adds its own slice of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    row = row.to(bias.device, bias.dtype).view(bias.shape)
+    if isinstance(bias, DTensor):
+        row = distribute_tensor(row, bias.device_mesh, bias.placements, src_data_rank=None)  # local slice only
+    bias.add_(row)
 
 
 def _allow_no_expert_index(model: nn.Module, router: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Checkpoints (accelerate state, written atomically) and the final plain Hugging Face model.
+"""The final plain Hugging Face model of a training run (checkpoints: `checkpoint.py`).
 
 The final model goes through the project's one model writer (`io.write_model_folder`: size-capped
 shards streamed one tensor at a time, atomic folder; then config/tokenizer/sidecar/card), in the
@@ -9,9 +9,10 @@ Both saves check free disk first, so a full disk fails before anything is writte
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
+import threading
 from functools import partial
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,37 +25,6 @@ from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.plan import DTYPES
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.train.moe import NOISE_PARAM
-
-
-def save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed when complete; keeps the last `keep`."""
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    preflight_disk(final, checkpoint_bytes(accelerator))  # every process: all raise together, none waits
-    if accelerator.is_main_process:  # this step's, and any a killed run left (a .tmp is never resumed from)
-        for stale in (out / "checkpoints").glob("step-???????.tmp"):
-            shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        tmp.rename(final)
-        for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def checkpoint_bytes(accelerator) -> int:
-    """Estimated size of `save_state`: each prepared model's parameters and buffers in their dtype,
-    two fp32 Adam moments per trainable parameter, and 1 MB for RNG, scheduler and sampler states."""
-    total = 1_000_000
-    for model in accelerator._models:  # what save_state itself walks (no public accessor)
-        for p in model.parameters():
-            total += p.numel() * (p.element_size() + (8 if p.requires_grad else 0))
-        total += sum(b.numel() * b.element_size() for b in model.buffers())
-    return total
 
 
 def hub_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,47 +41,136 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
                echo: Callable[[str], None] = print, workers: int | None = None) -> Path | None:
     """Write OUTPUT/final: a plain HF folder (LoRA merged; the adapter also in OUTPUT/adapter), with a card.
 
-    `workers` writer threads (None: the writer's default for the disk); tensors already on the CPU in the
-    save dtype are written from the model's own memory, so any number of them go at once.
+    Streamed on every engine: the tensors are gathered one at a time (under FSDP2 each process takes part in
+    every gather, in the same order) and the main process writes each one as it comes, so no process holds
+    the whole model. `workers` writer threads (None: the writer's default for the disk).
     """
-    state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards onto the main process
-    # training-only parameters (noisy top-k's W_noise) are not part of the saved HF class
-    state = {k: v for k, v in state.items() if not k.endswith(NOISE_PARAM)}
+    dtype = None if save_dtype == "source" else DTYPES[save_dtype]
+    dtype = dtype or DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+    model = accelerator.unwrap_model(model)  # FSDP2 shards in place: the same module, its tensors DTensors
+    hf = model.get_base_model() if lora else model
+    tied = bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
+    sources = final_sources(model, lora, tied)
+    # the Hub's per-expert names and shapes, from the in-memory shapes alone (meta tensors: nothing gathered)
+    plan = [(name, [(k, tuple(v.shape)) for k, v in hub_state_dict(hf, {name: _meta(t)}).items()])
+            for name, t, _ in sources]
+    entries_bytes = sum(math.prod(shape) for _, outs in plan for _, shape in outs) * dtype.itemsize
+    preflight_disk(out / "final", entries_bytes)  # every process: all raise together, before any gather
+    if lora:
+        adapter = {k: _full(v) for k, v in model.state_dict().items() if ".lora_" in k}  # small: gathered whole
+        if accelerator.is_main_process:
+            model.save_pretrained(str(out / "adapter"), state_dict=adapter)
+    sharded = any(_is_shard(t) for _, t, _ in sources)
+    if sharded and not accelerator.is_main_process:
+        for _ in _gathered(hf, sources, dtype):  # take part in every gather the main process's writer asks for
+            pass
+        return None
     if not accelerator.is_main_process:
         return None
-    dtype = None if save_dtype == "source" else DTYPES[save_dtype]
-    src_dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
-    dtype = dtype or src_dtype
-    target = out / "final"
-    # Before the adapter is written: the unmerged state (base + LoRA) in the save dtype covers both folders.
-    preflight_disk(target, sum(v.numel() for v in state.values()) * dtype.itemsize)
-    base = accelerator.unwrap_model(model)
-    if lora:
-        base.save_pretrained(str(out / "adapter"))  # the LoRA adapter alone, before it is merged
-        base = base.merge_and_unload()
-        state = base.state_dict()
-    state = hub_state_dict(base, state)
-    if config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
+    if sharded:  # gathers are collectives: the writer asks in declaration order (one dtype, interleave=False)
+        stream = _gathered(hf, sources, dtype)
+
+        def make(key: str) -> torch.Tensor:
+            got, tensor = next(stream)
+            while tensor.numel() == 0:  # empty tensors are made apart (below), on whatever thread writes them
+                got, tensor = next(stream)
+            if got != key:
+                raise AssertionError(f"save_final: the writer asked for {key}, the gather stream holds {got}")
+            return tensor
+    else:  # whole tensors in this process: any order, made on the writer's threads for several shards at once
+        made: dict[str, dict[str, torch.Tensor]] = {}  # source name -> its Hub tensors not yet taken
+        lock = threading.Lock()
+
+        def make(key: str) -> torch.Tensor:
+            src = by_key[key]
+            with lock:
+                if src[0] not in made:
+                    made[src[0]] = dict(_gathered(hf, [src], dtype))
+                outs = made[src[0]]
+                tensor = outs.pop(key)
+                if not outs:
+                    del made[src[0]]
+            return tensor
+
+        by_key = {k: src for src, (_, outs) in zip(sources, plan) for k, _ in outs}
+    # a tensor already whole, on the CPU, in the save dtype is written from the model's own memory
+    free = {k for src, (_, outs) in zip(sources, plan) for k, _ in outs
+            if not sharded and not src[2] and src[1].dtype == dtype and src[1].device.type == "cpu"}
+    entries = [TensorEntry(k, shape, dtype, partial(torch.empty, shape, dtype=dtype) if 0 in shape else
+                           partial(make, k), cost=0 if k in free else None)
+               for _, outs in plan for k, shape in outs]
     config = {**config, "dtype": str(dtype).removeprefix("torch.")}
-    # Each tensor is moved/cast only when the writer reaches it: one tensor at a time, not a model copy.
-    entries = [TensorEntry(k, tuple(v.shape), dtype, partial(_to_cpu, v, dtype), cost=_new_bytes(v, dtype))
-               for k, v in state.items()]
     record = recipe_record("train", recipe_text, [tokenizer_dir], {"training": training})
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, config, tokenizer_dir, record)
         write_card(tmp, record, config, tokenizer_dir)
 
-    return write_model_folder(target, entries, shard_size=shard_size, overwrite=True, finish=finish, echo=echo,
-                              workers=workers)
+    return write_model_folder(out / "final", entries, shard_size=shard_size, overwrite=True, finish=finish,
+                              echo=echo, workers=workers, interleave=not sharded)
 
 
-def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to("cpu", dtype)
+def final_sources(model, lora: bool, tied: bool) -> list[tuple[str, torch.Tensor, list]]:
+    """(in-memory HF name, the model's tensor (a DTensor shard under FSDP2), LoRA layers adding to it), in
+    state-dict order: training-only parameters (W_noise), LoRA factors and a tied lm_head left out."""
+    deltas: dict[int, list] = {}
+    if lora:
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                target = (module.get_param() if hasattr(module, "get_param")
+                          else module.get_base_layer().weight)
+                deltas.setdefault(id(target), []).append(module)
+    sources = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        name = key.removeprefix("base_model.model.").replace(".base_layer", "") if lora else key
+        if ".lora_" in key or name.endswith(NOISE_PARAM) or (tied and name == "lm_head.weight"):
+            continue
+        sources.append((name, t, deltas.get(id(t), [])))
+    return sources
 
 
-def _new_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
-    """Memory `_to_cpu` allocates: none when the tensor already is a contiguous CPU tensor in `dtype`."""
-    same = t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-    return 0 if same else t.numel() * dtype.itemsize
+def _gathered(hf, sources, dtype: torch.dtype):
+    """Yield (Hub key, CPU tensor in `dtype`) for every source in order, LoRA merged; one source whole at a time.
+
+    Every process runs it to the end: each gather is a collective under FSDP2."""
+    for name, t, layers in sources:
+        full = _full(t).detach()
+        for layer in layers:
+            full = full + _lora_delta(layer).to(full.dtype)
+        for key, v in hub_state_dict(hf, {name: full}).items():
+            yield key, v.to("cpu", dtype).contiguous()
+        del full
+
+
+def _lora_delta(layer) -> torch.Tensor:
+    """peft's own `get_delta_weight` of one LoRA layer, run on gathered (whole) factors: a stand-in holding
+    them replaces the layer, whose factors may be FSDP2 shards."""
+    adapter = layer.active_adapters[0]
+    whole = SimpleNamespace(**{attr: getattr(layer, attr) for attr in
+                               ("fan_in_fan_out", "num_experts", "_did_swap_in_out_features", "scaling")
+                               if hasattr(layer, attr)})
+    whole.lora_A = {adapter: SimpleNamespace(weight=_full(layer.lora_A[adapter].weight))}
+    whole.lora_B = {adapter: SimpleNamespace(weight=_full(layer.lora_B[adapter].weight))}
+    if hasattr(layer, "get_param"):
+        param = _meta(layer.get_param())
+        whole.get_param = lambda: SimpleNamespace(dtype=param.dtype, device=torch.device("cpu"))
+    return type(layer).get_delta_weight(whole, adapter)
+
+
+def _is_shard(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process when it is a DTensor shard (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")  # a DTensor's shape is the whole one

@@ -206,24 +206,6 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     return {"target_modules": modules, "target_parameters": sorted(params) or None}
 
 
-def keep_empty_tensors_in_checkpoints(accelerator) -> None:
-    """Make `accelerator.save_state` keep every zero-element tensor of the model.
-
-    Qwen2-MoE's size-0 shared expert (upcycled without one) loads as views of one storage.
-    accelerate's writer keeps one name per (storage, size) and drops the rest, while safetensors'
-    loader ignores size-0 storages, so `--resume` failed with "Missing key(s)". Each size-0 entry of
-    the state being saved gets a private one-element storage (a few bytes); the model is untouched.
-    """
-
-    def give_own_storage(models, weights, output_dir) -> None:
-        for state in weights:
-            for key, t in state.items():
-                if isinstance(t, torch.Tensor) and t.numel() == 0:
-                    state[key] = t.new_empty(1)[:0].reshape(t.shape)  # same (.., 0, ..) shape, own storage
-
-    accelerator.register_save_state_pre_hook(give_own_storage)
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and other 1-D parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -232,10 +214,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_steps: int):
-    """(train loader yielding every micro-batch of the run in order, validation loader)."""
+    """(train loader yielding every micro-batch of the run in order, validation loader).
+
+    The train order is one list of micro-batches for the whole run, a function of the seed only; accelerate
+    deals micro-batch j to process j % N, so each optimizer step takes the same `global_batch` sequences in
+    the same micro-batches on any process count. The validation loader is left unprepared: `evaluate`
+    splits its batches over the processes itself, so validation does not depend on the process count.
+    """
     cache = Path(r.output) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    micro_batches = max_steps * r.gradient_accumulation_steps * accelerator.num_processes
+    micro_batches = max_steps * r.global_batch(accelerator.num_processes) // r.micro_batch_size
     collate = _collate
     if r.data.streaming:
         train = StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len,
@@ -285,5 +273,5 @@ def steps_for(r: TrainRecipe, num_processes: int) -> int:
     """max_steps, or enough optimizer steps to see max_tokens."""
     if r.max_steps is not None:
         return r.max_steps
-    per_step = r.seq_len * r.micro_batch_size * r.gradient_accumulation_steps * num_processes
+    per_step = r.seq_len * r.global_batch(num_processes)
     return max(1, math.ceil(r.max_tokens / per_step))

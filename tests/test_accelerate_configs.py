@@ -18,7 +18,8 @@ from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 EXPECTED = {"cpu-2proc.yaml": DistributedType.MULTI_GPU, "ddp.yaml": DistributedType.MULTI_GPU,
-            "fsdp.yaml": DistributedType.FSDP, "deepspeed-zero3.yaml": DistributedType.DEEPSPEED}
+            "fsdp.yaml": DistributedType.FSDP, "deepspeed-zero2.yaml": DistributedType.DEEPSPEED,
+            "deepspeed-zero3.yaml": DistributedType.DEEPSPEED}
 
 
 def launch_env(name: str) -> tuple[object, dict[str, str]]:
@@ -77,22 +78,49 @@ def test_fsdp_wraps_each_family_decoder_layer():
         assert get_module_class_from_name(model, layer) is type(model.model.layers[0])
 
 
-def test_deepspeed_moe_leaves_exist_in_the_model():
-    """accelerate's set_moe_leaf_modules raises for a listed class the model lacks: every name must be found."""
-    _, env = launch_env("deepspeed-zero3.yaml")
-    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
-    # left out so that accelerate takes the recipe's gradient_accumulation_steps ("auto")
-    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
-    mixtral = meta_model("mixtral")
-    for name in env["ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES"].split(","):
-        assert get_module_class_from_name(mixtral, name) is type(mixtral.model.layers[0].mlp)
-    # the per-family overrides named in the header
-    header = (ROOT / "deepspeed-zero3.yaml").read_text()
-    for family, block in [("qwen2_moe", "Qwen2MoeSparseMoeBlock"), ("qwen3_moe", "Qwen3MoeSparseMoeBlock")]:
-        assert block in header
-        model = meta_model(family)
-        assert get_module_class_from_name(model, block) is type(model.model.layers[0].mlp)
-        assert get_module_class_from_name(model, "MixtralSparseMoeBlock") is None
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_leave_batch_clipping_and_moe_classes_to_the_recipe(stage):
+    """The batch, clipping and precision come from the recipe (engine.configure_deepspeed) and the ZeRO-3 leaves
+    from the model, so no value here can silently disagree with the recipe or name a class a family lacks."""
+    _, env = launch_env(f"deepspeed-zero{stage}.yaml")
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
+    for name in ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING",
+                 "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES"):
+        assert name not in env, name
+    if stage == 3:
+        assert env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "false"
+
+
+def test_deepspeed_not_installed_is_one_line(monkeypatch):
+    import importlib.util
+
+    from mergekit_lite.errors import MoemergeError
+    from mergekit_lite.train.engine import make_accelerator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(MoemergeError, match=r"asks for DeepSpeed, which is not installed; pip install deepspeed"):
+        make_accelerator()
+
+
+def test_deepspeed_clipping_of_its_own_is_refused_and_the_batch_is_the_recipes():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mergekit_lite.errors import MoemergeError
+    from mergekit_lite.train.engine import configure_deepspeed
+
+    cfg = {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": "auto"}
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=4,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=cfg)))
+    with pytest.raises(MoemergeError, match=r"gradient_clipping: 0.5 but the recipe's max_grad_norm is 1.0"):
+        configure_deepspeed(acc, 2, 3, 1.0)
+    cfg["gradient_clipping"] = "auto"
+    configure_deepspeed(acc, 2, 3, 1.0)
+    assert cfg == {"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3,
+                   "train_batch_size": 24}
 
 
 PROBE = """

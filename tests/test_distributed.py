@@ -300,3 +300,16 @@ def test_resume_on_another_process_count_continues_the_same_run(world, engine, d
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-0000003"]
     launch(world, name, "moe", [*then, "-m", "mergekit_lite"], "cpu", "--resume")
     assert_same_run(reference(world, "moe", "cpu"), cut)
+
+
+def test_fsdp2_peak_memory_per_process_is_well_under_one_process(tmp_path):
+    """scripts/bench_memory.py at a test size (a ~60M-parameter Llama, 3 steps, a checkpoint, the final save):
+    every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (the README's figures: 0.59 at 269M)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_memory
+
+    model = bench_memory.build(tmp_path / "dense", hidden=768, layers=8, ffn=2048)
+    peaks = bench_memory.compare(model, tmp_path)
+    assert sorted(peaks["fsdp2"]) == [0, 1]
+    ratios = {rank: peak / peaks["one"] for rank, peak in peaks["fsdp2"].items()}
+    assert all(r <= 0.8 for r in ratios.values()), (peaks, ratios)

@@ -208,7 +208,7 @@ def test_checkpoint_save_removes_a_killed_runs_half_written_checkpoints(tmp_path
     from mergekit_lite.train.checkpoint import save_checkpoint
 
     class OneProcess:  # the part of accelerate.Accelerator that save_checkpoint uses
-        is_main_process, num_processes, process_index, scaler = True, 1, 0, None
+        is_main_process, num_processes, process_index, scaler, distributed_type = True, 1, 0, None, "NO"
 
         def wait_for_everyone(self):
             pass

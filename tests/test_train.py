@@ -241,3 +241,35 @@ def test_lr_schedule_logged_is_warmup_then_cosine_to_floor(world, tmp_path):
     # peak at s = 2 toward the 1e-4 floor, which step s = 10 would reach
     floor = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert lrs == pytest.approx([0.0, 5e-4] + [1e-3 * f for f in floor], rel=1e-6)
+
+
+def test_global_batch_size_sets_accumulation_per_process_count(world, tmp_path):
+    r = recipe(world, tmp_path / "g", micro_batch_size=4, global_batch_size=24)
+    assert [r.accumulation(p) for p in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert r.global_batch(2) == 24
+    with pytest.raises(MoemergeError, match=r"^global_batch_size = 24 is not a multiple of micro_batch_size x "
+                                            r"processes = 4 x 4 = 16; set it to 16 or 32, or change micro_batch_size$"):
+        r.accumulation(4)
+    with pytest.raises(Exception, match="one of gradient_accumulation_steps or global_batch_size, not both"):
+        recipe(world, tmp_path / "g", global_batch_size=16, gradient_accumulation_steps=2)
+    with pytest.raises(Exception, match="global_batch_size = 10 is not a multiple of micro_batch_size = 4"):
+        recipe(world, tmp_path / "g", micro_batch_size=4, global_batch_size=10)
+    classic = recipe(world, tmp_path / "g", micro_batch_size=4, gradient_accumulation_steps=2)
+    assert classic.global_batch(1) == 8 and classic.global_batch(2) == 16  # accumulation fixed, batch grows
+
+
+def test_empty_linears_are_parked_as_buffers_with_the_same_output():
+    from mergekit_lite.train.setup import EmptyLinear, park_empty_linears
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 0, bias=False), torch.nn.Linear(0, 8, bias=False),
+                                torch.nn.Linear(8, 8))
+    x = torch.randn(3, 5, 8)
+    before = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    want = [block[0](x), block[1](x[..., :0]), block[2](x)]
+    assert park_empty_linears(block) == 2
+    assert isinstance(block[0], EmptyLinear) and isinstance(block[1], EmptyLinear) and type(block[2]) is torch.nn.Linear
+    assert [n for n, _ in block.named_parameters()] == ["2.weight", "2.bias"]  # nothing empty left to shard
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == before  # still saved, same names
+    got = [block[0](x), block[1](x[..., :0]), block[2](x)]
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(want, got))

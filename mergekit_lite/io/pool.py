@@ -259,6 +259,18 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS when freed
+    (glibc only; elsewhere a no-op). Fixing the threshold also stops glibc from raising it after large frees.
+
+    For training on CPU processes: FSDP2 all-gathers each layer's weights (and sharded loading receives
+    each whole tensor) into temporaries of 1-70 MB; served from the heap, their freed holes stayed resident
+    (measured, 2 FSDP2 processes of a 269M model: +0.9 GB per process after one validation pass).
+    """
+    if _MALLOPT is not None:
+        _MALLOPT(-3, threshold)  # M_MMAP_THRESHOLD
+
+
 def _libc_malloc_trim():
     import ctypes
 
@@ -269,3 +281,15 @@ def _libc_malloc_trim():
 
 
 _MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _libc_mallopt():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOPT = _libc_mallopt()

@@ -1,9 +1,11 @@
 """Training checkpoints: sharded, written by every process, resumable on any process count.
 
-One format for every engine (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the model
+One format for every engine but DeepSpeed (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the model
 and the optimizer state; each process writes only the tensors (or shards of them) it owns, so no process
 gathers the model or the optimizer state, and a checkpoint written by N processes loads on M (DCP reshards
-on load: FSDP2 shards of 2 processes load into one plain model, and back). Beside it, small files hold what
+on load: FSDP2 shards of 2 processes load into one plain model, and back). DeepSpeed keeps its ZeRO
+partitions in its engine, so its checkpoints are the engine's own (same stage, same process count to resume;
+`check_resume` says so in one line). Beside it, small files hold what
 is not a model tensor: the scheduler, the router tap (its selection bias and the statistics since the last
 log line, summed over processes), the RNG state of each process, and `trainer_state.json` (step, tokens,
 the resolved recipe and batch the run was trained with), written last: a checkpoint without it is not whole.
@@ -24,10 +26,20 @@ import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.writer import preflight_disk
+from mergekit_lite.train.engine import uses_deepspeed, zero_stage
 
 MODEL_STATE = "state"  # the DCP folder inside a checkpoint
 EXTRA = "extra.pt"  # scheduler, tap, scaler (main process)
 TRAINER_STATE = "trainer_state.json"
+DS_TAG = "zero"  # DeepSpeed's checkpoint tag (a sub-folder of MODEL_STATE)
+
+
+def checkpoint_format(accelerator) -> str:
+    """`dcp` (any engine but DeepSpeed; loads on any process count) or `deepspeed-zeroN-P` (DeepSpeed's own
+    per-process partitions: they load under the same stage on the same number of processes)."""
+    if uses_deepspeed(accelerator):
+        return f"deepspeed-zero{zero_stage(accelerator)}-{accelerator.num_processes}"
+    return "dcp"
 
 
 def _rng_file(rank: int) -> str:
@@ -59,8 +71,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with _one_process_is_fine():
-        dcp.save(_model_and_optim(model, optimizer), checkpoint_id=str(tmp / MODEL_STATE))
+    if uses_deepspeed(accelerator):  # ZeRO partitions live in the engine: its own per-process files
+        model.save_checkpoint(str(tmp / MODEL_STATE), tag=DS_TAG)
+    else:
+        with _one_process_is_fine():
+            dcp.save(_model_and_optim(model, optimizer), checkpoint_id=str(tmp / MODEL_STATE))
     torch.save(_rng_state(), tmp / _rng_file(accelerator.process_index))
     tap_state = tap.state_dict(reduce=lambda t: accelerator.reduce(t, "sum"))  # every process takes part
     if accelerator.is_main_process:
@@ -69,7 +84,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / EXTRA)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "processes": accelerator.num_processes}, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "processes": accelerator.num_processes,
+                                                     "format": checkpoint_format(accelerator)}, indent=2))
         tmp.rename(final)
         for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
             shutil.rmtree(old)
@@ -90,15 +106,20 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
     if not (ckpt / MODEL_STATE).is_dir() or not (ckpt / EXTRA).is_file():
         raise MoemergeError(f"--resume: {ckpt} is not a checkpoint of this moemerge version (no {MODEL_STATE}/ "
                             f"or {EXTRA}); resume it with the version that wrote it, or start again")
-    state = _model_and_optim(model, optimizer)
     try:
-        with _one_process_is_fine():
-            dcp.load(state, checkpoint_id=str(ckpt / MODEL_STATE))
-    except Exception as e:  # noqa: BLE001 - DCP wraps the real error (missing key, shape) in its own
+        if uses_deepspeed(accelerator):
+            path, _ = model.load_checkpoint(str(ckpt / MODEL_STATE), tag=DS_TAG, load_lr_scheduler_states=False)
+            if path is None:
+                raise ValueError(f"no DeepSpeed checkpoint under {ckpt / MODEL_STATE}")
+        else:
+            state = _model_and_optim(model, optimizer)
+            with _one_process_is_fine():
+                dcp.load(state, checkpoint_id=str(ckpt / MODEL_STATE))
+            set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
+    except Exception as e:  # noqa: BLE001 - DCP and DeepSpeed wrap the real error (missing key, shape) in their own
         first = str(e).strip().splitlines()
         raise MoemergeError(f"--resume: {ckpt} does not fit this model ({type(e).__name__}: "
                             f"{first[-1] if first else ''}); was it written for another model?") from None
-    set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(ckpt / EXTRA, weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -134,7 +155,7 @@ def checkpoint_bytes(model) -> int:
     two fp32 Adam moments per trainable parameter, and 1 MB for the small files."""
     total = 1_000_000
     for p in model.parameters():
-        total += p.numel() * (p.element_size() + (8 if p.requires_grad else 0))
+        total += getattr(p, "ds_numel", p.numel()) * (p.element_size() + (8 if p.requires_grad else 0))
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     return total
 
@@ -178,7 +199,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(ckpt: Path, recipe, processes: int) -> list[str]:
+def check_resume(ckpt: Path, recipe, processes: int, fmt: str = "dcp") -> list[str]:
     """Refuse, in one line naming each field with old -> new, a resume whose recipe changes the run the
     checkpoint belongs to; returns notes on the accepted changes (observing or extending fields).
 
@@ -206,6 +227,10 @@ def check_resume(ckpt: Path, recipe, processes: int) -> list[str]:
     if global_batch != state["global_batch"]:
         changed.append(f"global batch {state['global_batch']} -> {global_batch} sequences per step (on {processes} "
                        f"process(es)); set global_batch_size: {state['global_batch']} to keep it on any count")
+    if state.get("format", "dcp") != fmt:
+        changed.append(f"checkpoint format {state.get('format', 'dcp')} -> {fmt} (DeepSpeed's partitions resume "
+                       "under the same ZeRO stage on as many processes; other engines' checkpoints resume anywhere "
+                       "but under DeepSpeed)")
     if changed:
         raise MoemergeError(f"--resume: the recipe changes the run in {ckpt}: {'; '.join(changed)}. Put them back, "
                             "or train into a new output")

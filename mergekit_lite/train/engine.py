@@ -1,4 +1,4 @@
-"""Which accelerate engine a training run gets (one process, DDP, FSDP2), on GPUs or on CPU processes.
+"""Which accelerate engine a training run gets (one process, DDP, FSDP2, DeepSpeed), on GPUs or on CPU processes.
 
 Under torchrun on a machine without GPUs, processes can only talk over gloo, and accelerate 1.15 asks for
 `Accelerator(cpu=True)` for that. Its `AcceleratorState` then settles on MULTI_CPU and never reaches the branch
@@ -51,9 +51,7 @@ def make_accelerator(**kwargs):
 
     cpu = wants_cpu_processes()
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        raise MoemergeError("this launch config asks for DeepSpeed, which `moemerge train` does not drive yet; "
-                            "use recipes/accelerate/fsdp.yaml (FSDP2 shards parameters, gradients and optimizer "
-                            "state as ZeRO-3 does) or ddp.yaml")
+        return _deepspeed_accelerator(cpu, **kwargs)
     plugin = FullyShardedDataParallelPlugin() if cpu and _flag("ACCELERATE_USE_FSDP") else None  # reads FSDP_*
     if plugin is not None and plugin.fsdp_version != 2:
         raise MoemergeError(f"fsdp_version: {plugin.fsdp_version} cannot run on CPU processes (torch's FSDP1 "
@@ -66,6 +64,56 @@ def make_accelerator(**kwargs):
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def _deepspeed_accelerator(cpu: bool, **kwargs):
+    """An Accelerator whose state is DEEPSPEED, on GPUs or on CPU processes.
+
+    accelerate's `cpu=True` never becomes DEEPSPEED (it settles on MULTI_CPU: a silent DDP run), so CPU
+    processes are started as non-CPU ones with a gloo process group, which DeepSpeed's CPU accelerator uses.
+    DeepSpeed's shared-memory all-reduce op (`deepspeed_shm_comm`) is not built there: it serves inference
+    all-reduce only, and building it compiles C++ for minutes on first start.
+    """
+    import importlib.util
+    import sys
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MoemergeError("this launch config asks for DeepSpeed, which is not installed; pip install deepspeed "
+                            "(or pip install 'mergekit-lite[deepspeed]'), or launch with recipes/accelerate/fsdp.yaml")
+    if cpu:
+        import deepspeed.comm.torch  # noqa: F401  (the module, not torch, which deepspeed.comm also names `torch`)
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(cpu=False, **kwargs)
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float) -> None:
+    """Hand DeepSpeed the recipe's batch and clipping (its config cannot read them from a loader built from a
+    batch sampler, and a clipping value of its own would silently differ from the recipe's)."""
+    if not uses_deepspeed(accelerator):
+        return
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    clip = cfg.get("gradient_clipping", "auto")
+    if clip not in ("auto", None) and float(clip) != float(max_grad_norm):
+        raise MoemergeError(f"the launch config sets DeepSpeed gradient_clipping: {clip} but the recipe's max_grad_norm "
+                            f"is {max_grad_norm}; remove gradient_clipping from the launch config (moemerge sets it "
+                            "from the recipe)")
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=accumulation,
+               train_batch_size=micro_batch_size * accumulation * accelerator.num_processes,
+               gradient_clipping=max_grad_norm)
 
 
 def uses_fsdp(accelerator) -> bool:
@@ -86,30 +134,38 @@ def load_model(model_dir, accelerator):
     if plugin is not None and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process:
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+    ds = accelerator.state.deepspeed_plugin if uses_deepspeed(accelerator) else None
+    if ds is not None and zero_stage(accelerator) == 3 and not ds.zero3_init_flag:
+        # accelerate registers the ZeRO-3 config with transformers, whose from_pretrained then loads under
+        # zero.Init even with zero3_init_flag false: load whole (as the launch config says), shard at prepare
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        finally:
+            set_hf_deepspeed_config(ds.dschf)
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
 def prepare_sharding(accelerator, model) -> None:
-    """Keep FSDP2 off modules whose parameters are all empty (an upcycle's size-0 shared expert: torch's
-    `fully_shard` fails on them with `_chunk_cat expects non-empty tensor`). They hold no number to shard or
-    reduce, so leaving them out changes nothing; a module mixing empty and non-empty parameters is refused."""
-    if not uses_fsdp(accelerator):
-        return
-    empty = []
-    for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
-        sizes = [p.numel() for p in own]
-        if own and not any(sizes):
-            empty.append(module)
-        elif 0 in sizes:
-            raise MoemergeError(f"{name} holds empty and non-empty parameters; FSDP2 can shard neither way. "
-                                "Train it with DDP (recipes/accelerate/ddp.yaml)")
-    if empty:
-        plugin = accelerator.state.fsdp_plugin
-        if isinstance(plugin.ignored_modules, str):
-            raise MoemergeError("fsdp_ignored_modules is set in the launch config; moemerge sets it itself for the "
-                                "model's empty modules: remove it from the config")
-        plugin.ignored_modules = [*(plugin.ignored_modules or []), *empty]
+    """What an engine needs from the model before `prepare`: ZeRO-3 leaves for the MoE blocks."""
+    if zero_stage(accelerator) == 3:
+        _zero3_leaves(model)
+
+
+def _zero3_leaves(model) -> None:
+    """Make every MoE block (the module holding a router) a ZeRO-3 leaf: its experts are fetched as one unit,
+    so processes whose tokens chose different experts never wait on each other's parameter fetches. Read from
+    the model itself, so every family gets its own block class (a launch config naming one class fails on
+    the others)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from mergekit_lite.train.moe import find_routers
+
+    blocks = {type(model.get_submodule(name.rpartition(".")[0])) for name, _ in find_routers(model)}
+    if blocks:
+        set_z3_leaf_modules(model, sorted(blocks, key=lambda c: c.__name__))
 
 
 def describe_engine(accelerator, model) -> dict:
@@ -125,7 +181,7 @@ def describe_engine(accelerator, model) -> dict:
     if dtype == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in model.parameters() if p.numel()]  # empty ones are left out (prepare_sharding)
+        params = list(model.parameters())
         sharded = sum(isinstance(p, DTensor) for p in params)
         plugin = accelerator.state.fsdp_plugin
         version = plugin.fsdp_version
@@ -139,5 +195,11 @@ def describe_engine(accelerator, model) -> dict:
                  "param_dtype": str(getattr(mp, "param_dtype", None) or "float32").removeprefix("torch."),
                  "reduce_dtype": str(getattr(mp, "reduce_dtype", None) or getattr(mp, "param_dtype", None)
                                      or "float32").removeprefix("torch.")}
+    if dtype == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin
+        zero = ds.deepspeed_config.get("zero_optimization", {})
+        info |= {"zero_stage": ds.zero_stage, "zero3_init": bool(ds.zero3_init_flag),
+                 "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+                 "offload_param": zero.get("offload_param", {}).get("device", "none")}
     info["mixed_precision"] = accelerator.mixed_precision
     return info

@@ -18,15 +18,17 @@ import yaml
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
+from mergekit_lite.io.pool import map_large_allocations
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
-from mergekit_lite.train.checkpoint import check_resume, load_checkpoint, save_checkpoint
-from mergekit_lite.train.engine import describe_engine, is_main_process, load_model, make_accelerator, prepare_sharding
+from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
+from mergekit_lite.train.engine import (
+    configure_deepspeed, describe_engine, is_main_process, load_model, make_accelerator, prepare_sharding)
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
-    build_loaders, finished_run, has_experts, latest_checkpoint, lora_targets, param_groups, preflight, steps_for,
-    trainable_parameters, write_run_record)
+    build_loaders, finished_run, has_experts, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
+    preflight, steps_for, trainable_parameters, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -152,10 +154,13 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         # experts that get no token in a micro-batch have no gradient: DDP must not wait for them (a dense
         # model has none, and DDP warns that the search for unused parameters costs time)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=has_experts(config))])
+    if accelerator.device.type == "cpu":  # training state lives in host memory: give freed tensors back
+        map_large_allocations()
     # the recipe's global batch (or its accumulation) over this run's processes; refused when it does not divide
     accelerator.gradient_accumulation_steps = accum = r.accumulation(accelerator.num_processes)
+    configure_deepspeed(accelerator, r.micro_batch_size, accum, r.max_grad_norm)
     if resume:  # a resume that changes the run is refused before anything is loaded
-        for note in check_resume(latest_checkpoint(out), r, accelerator.num_processes):
+        for note in check_resume(latest_checkpoint(out), r, accelerator.num_processes, checkpoint_format(accelerator)):
             say(f"--resume: accepted change {note}")
     set_seed(r.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +182,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
         targets = lora_targets(model, r.lora)  # refuses names that reach nothing (or only empty modules)
         model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                                  task_type="CAUSAL_LM", **targets))
+    park_empty_linears(model)  # size-0 shared experts: no engine can shard an empty parameter
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
     trainable_parameters(model, r.trainable, tap.routers, new_layers)
     optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)
@@ -190,7 +196,7 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
                                                             min_lr_rate=r.min_lr_ratio)
-    prepare_sharding(accelerator, model)  # FSDP2: empty modules (size-0 shared experts) stay out of the shards
+    prepare_sharding(accelerator, model)  # ZeRO-3: MoE blocks as leaves
     # the validation loader stays unprepared: evaluate() splits its batches over the processes
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded

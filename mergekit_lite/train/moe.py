@@ -265,6 +265,12 @@ def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
     process holds the same `row` and adds its own slice of it."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if hasattr(bias, "ds_id"):  # a ZeRO-3 partition: gathered, changed, and partitioned again
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
+            bias.data.add_(row.to(bias.device, bias.dtype).view(bias.ds_shape))
+        return
     row = row.to(bias.device, bias.dtype).view(bias.shape)
     if isinstance(bias, DTensor):
         row = distribute_tensor(row, bias.device_mesh, bias.placements, src_data_rank=None)  # local slice only

@@ -160,17 +160,26 @@ def _lora_delta(layer) -> torch.Tensor:
 
 
 def _is_shard(t: torch.Tensor) -> bool:
+    """A part of a tensor spread over processes: an FSDP2 DTensor, or a parameter ZeRO-3 partitioned."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return isinstance(t, DTensor) or hasattr(t, "ds_id")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from every process when it is a DTensor shard (a collective)."""
+    """The whole tensor: gathered from every process when it is a shard (a collective: every process calls it)."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    if hasattr(t, "ds_id"):  # ZeRO-3: gathered for the duration of the block, copied out
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.data.detach().clone()
+    return t
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")  # a DTensor's shape is the whole one
+    """A meta tensor of `t`'s whole shape (a DTensor's shape is the whole one; ZeRO-3 keeps it in ds_shape)."""
+    return torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")

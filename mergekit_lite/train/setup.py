@@ -206,10 +206,42 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
     return {"target_modules": modules, "target_parameters": sorted(params) or None}
 
 
+class EmptyLinear(nn.Module):
+    """Stands in for an `nn.Linear` with no weights (an upcycle's size-0 shared expert): the same zeros out, its
+    size-0 tensors kept as buffers, so the saved model still holds them, and no engine has to shard, partition
+    or reduce an empty parameter (FSDP2's `fully_shard` fails on one with `_chunk_cat expects non-empty tensor`,
+    ZeRO-3's fetch with `torch.cat(): expected a non-empty list`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach())  # (out, in), one of them 0
+        if linear.bias is not None:
+            self.register_buffer("bias", linear.bias.detach())
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)  # x @ W.T with W (out, 0) or (0, in)
+
+
+def park_empty_linears(model) -> int:
+    """Replace every `nn.Linear` holding no weight by an `EmptyLinear`; returns how many. Before the optimizer
+    is built (its parameters must be the model's) and before any engine wraps the model."""
+    empty = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and m.weight.numel() == 0 and not hasattr(m.weight, "ds_id")]
+    for name in empty:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, child, EmptyLinear(getattr(holder, child)))
+    return len(empty)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and other 1-D parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def dims(p) -> int:  # a parameter partitioned by ZeRO-3's zero.Init is 1-D in memory; ds_shape is its own
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in model.parameters() if p.requires_grad and dims(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and dims(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

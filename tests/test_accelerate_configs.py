@@ -69,7 +69,8 @@ def test_fsdp_wraps_each_family_decoder_layer():
     _, env = launch_env("fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"  # FSDP2: the only one that runs on CPU
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
-    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # only the main process reads the weights
     assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env
     for family, layer in [("mixtral", "MixtralDecoderLayer"), ("qwen2_moe", "Qwen2MoeDecoderLayer"),
                           ("qwen3_moe", "Qwen3MoeDecoderLayer"), ("llama", "LlamaDecoderLayer")]:

@@ -94,10 +94,10 @@ def engine_cmd(device: str, engine: str) -> list[str]:
 
 def model_path(world, model: str) -> Path:
     """`dense`/`moe` (Llama, Mixtral), or an upcycle of the dense pico model into `model` (built once): a
-    Qwen3 source for dots1, which needs its q/k norms."""
+    Qwen3 source for dots1 and qwen3_moe, which need its q/k norms."""
     if model not in world:
         src = world["dense"]
-        if model == "dots1":
+        if model in ("dots1", "qwen3_moe"):
             src = world.get("qwen3") or build_pico_model("qwen3", world["root"] / "qwen3", texts=stdlib_docstrings(),
                                                          head_dim=8, **SMALL)
             world["qwen3"] = src
@@ -227,8 +227,9 @@ def test_only_rank_zero_speaks(world):
 
 # Every family the project writes, with aux-loss-free balancing on: glm4_moe, dots1 and ernie4_5_moe move the
 # model's own e_score_correction_bias (ERNIE's a parameter, FSDP2 shards it); Mixtral and Qwen2-MoE the tap's
-# training-only bias. qwen2_moe, glm4_moe and dots1 upcycles hold size-0 shared experts; granitemoe fused experts.
-FAMILIES = ["moe", "qwen2_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe"]
+# training-only bias (as Qwen3-MoE and Granite). qwen2_moe, glm4_moe and dots1 upcycles hold size-0 shared experts;
+# granitemoe(shared) stores its experts fused on disk.
+FAMILIES = ["moe", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "granitemoeshared"]
 SAVED_BIAS = {"glm4_moe", "dots1", "ernie4_5_moe"}
 
 

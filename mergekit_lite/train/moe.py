@@ -265,11 +265,23 @@ def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
     process holds the same `row` and adds its own slice of it."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if hasattr(bias, "ds_id"):  # a ZeRO-3 partition: gathered, changed, and partitioned again
-        import deepspeed
+    if hasattr(bias, "ds_id"):  # ZeRO-3: this process's slice of the flattened parameter (padded at the end), where
+        # the optimizer keeps it
+        import torch.distributed as dist
 
-        with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
-            bias.data.add_(row.to(bias.device, bias.dtype).view(bias.ds_shape))
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        part = bias.ds_tensor  # (partition size,)
+        flat = row.to(part.device, part.dtype).reshape(-1)
+        start = dist.get_rank() * part.numel()
+        piece = torch.zeros_like(part)
+        piece[:len(flat[start:start + part.numel()])] = flat[start:start + part.numel()]
+        part.add_(piece)
+        master = safe_get_local_fp32_param(bias) if getattr(bias, "_z3_optimizer", None) is not None else None
+        if master is not None:  # in the optimizer: its fp32 master is copied over the partition after each step
+            safe_set_local_fp32_param(bias, master + piece.to(master.dtype).view_as(master))
+        if bias.data.numel() == flat.numel():  # a small ("persistent") parameter stays whole between steps too
+            bias.data.add_(flat.view(bias.data.shape))
         return
     row = row.to(bias.device, bias.dtype).view(bias.shape)
     if isinstance(bias, DTensor):

@@ -135,7 +135,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int]) -> list:
-    """Freeze everything outside `mode` and return the parameters left trainable."""
+    """Freeze everything outside `mode` and return the parameters left trainable.
+
+    ERNIE's selection bias (a parameter, not a buffer) is never trained: it gets no gradient, and the
+    balancing rule moves it (RouterTap.update_bias). Left trainable, DeepSpeed would decay it like a weight
+    (ZeRO treats a missing gradient as zero; torch's AdamW skips the parameter)."""
+    for name, p in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            p.requires_grad_(False)
     if mode in ("all", "lora"):  # peft has already frozen the base for lora
         return [p for p in model.parameters() if p.requires_grad]
     router_ids = {id(p) for r in routers for p in r.parameters()}
@@ -242,7 +249,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     decay = [p for p in model.parameters() if p.requires_grad and dims(p) >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and dims(p) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, and the scheduler must count the same
 
 
 def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_steps: int):

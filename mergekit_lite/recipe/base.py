@@ -40,9 +40,9 @@ ByteSize = Annotated[Union[int, str], AfterValidator(parse_size)]
 
 
 class Strict(BaseModel):
-    """Base of every recipe section: unknown keys are errors."""
+    """Base of every recipe section: unknown keys are errors, and so are inf and nan (`noise: .inf`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -127,7 +127,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], where:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "" if err["type"] == "missing" or not err["loc"] else f" = {value!r}"
+        shown = "" if err["type"] == "missing" or not err["loc"] else f" = {excerpt(value)}"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -137,13 +137,46 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], where:
     return "\n".join(lines)
 
 
+def excerpt(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: an error never echoes a whole (maybe huge) value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, without aliases (`*ref`: a few lines can expand to gigabytes, the "billion laughs")
+    and without duplicate keys (YAML keeps the last silently; in a recipe that is a setting lost)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem=f"an alias (*{event.anchor}) is not allowed in a recipe; write the "
+                                               "value out", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key {excerpt(key, 40)} is given twice (first at line "
+                                                   f"{seen[key] + 1}); keep one", problem_mark=key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning syntax errors into a one-line message with the line number."""
     path = Path(path)
     if not path.is_file():
         raise MoemergeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MoemergeError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
 
 
+def _one_or_many(value):
+    """`train: corpus.txt` as well as `train: [corpus.txt]`."""
+    return [value] if isinstance(value, str) else value
+
+
 class TrainData(Strict):
     """Where the training text comes from (local files through the `datasets` library, or a Hub dataset)."""
 
-    train: list[str] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
+    train: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
                                                       "or a Hub dataset name when online")
-    validation: list[str] | None = Field(None, description="held-out files; default: a split of `train`")
+    validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(None, description="held-out files; default: a split of `train`")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,
                                        description="share of documents held out (split before packing)")
     text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
@@ -82,7 +87,8 @@ class TrainRecipe(Strict):
     weight_decay: float = Field(0.1, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # YAML 1.1 reads an unquoted `no` as false: the documented default must still be accepted as written
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
     trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"

@@ -13,12 +13,17 @@ Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "erni
                  "granitemoeshared", "auto"]
 
 
+
+# Routed experts per MoE layer: 4096 is 8x today's largest released MoE layers (DeepSeek-V3 256, Qwen3-Next 512);
+# a typo such as 1000000000 would otherwise build a plan of billions of tensors before failing.
+MAX_EXPERTS = 4096
+
 class RouterInit(Strict):
     """How fresh router (gate) weights are initialised."""
 
     init: Literal["random", "zeros", "uniform", "hidden"] = "random"
-    std: float | None = Field(None, gt=0, description="normal std for `random`; default: the source's initializer_range")
-    bound: float | None = Field(None, gt=0, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
+    std: float | None = Field(None, gt=0, le=100, description="normal std for `random`; default: the source's initializer_range")
+    bound: float | None = Field(None, gt=0, le=100, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
     prompts: list[list[str]] | None = Field(
         None, description="`hidden`: one list of prompts per expert copy (num_experts / granularity lists); "
                           "with `experts:` give them per expert instead")
@@ -42,7 +47,7 @@ class ExpertSource(Strict):
 
     source: str = Field(description="dense model whose FFNs become this expert (same architecture and shapes)")
     revision: str | None = Field(None, description="Hub revision when `source` is a Hub id")
-    noise: float | None = Field(None, ge=0, description="overrides the top-level `noise` for this expert")
+    noise: float | None = Field(None, ge=0, le=10, description="overrides the top-level `noise` for this expert")
     drop_ratio: float | None = Field(None, ge=0, lt=1, description="overrides the top-level `drop_ratio`")
     prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts this expert should get")
     negative_prompts: list[str] | None = Field(None, description="`router.init: hidden`: prompts it should not get")
@@ -61,14 +66,14 @@ class UpcycleRecipe(Strict):
                                                   "(required unless `experts:` is given)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a Hub id")
     architecture: Target = "auto"
-    num_experts: int | None = Field(None, ge=1, description="fine experts per MoE layer; with `experts:` it "
+    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="fine experts per MoE layer; with `experts:` it "
                                                             "defaults to len(experts) * granularity")
-    experts_per_token: int = Field(ge=1)
+    experts_per_token: int = Field(ge=1, le=MAX_EXPERTS)
     router: RouterInit = RouterInit()
     # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
-    granularity: int = Field(1, ge=1, description="split each FFN into this many fine experts (slices of I/G)")
+    granularity: int = Field(1, ge=1, le=MAX_EXPERTS, description="split each FFN into this many fine experts (slices of I/G)")
     drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
-    noise: float = Field(0.0, ge=0, description="relative gaussian noise per expert (times each matrix's std)")
+    noise: float = Field(0.0, ge=0, le=10, description="relative gaussian noise per expert (times each matrix's std)")
     shared_experts: int = Field(0, ge=0, description="shared expert size in units of one routed expert "
                                                      "(qwen2_moe, glm4_moe, dots1)")
     shared_split: bool = Field(False, description="split the dense FFN between shared and routed experts (parity)")

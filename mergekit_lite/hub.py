@@ -30,6 +30,20 @@ ALWAYS_EXCLUDED = ("*.moemerge-tmp-*", "*.moemerge-old-*", ".git", ".cache", "__
 # Training state: large and useless to someone loading the model; uploaded only with --include-checkpoints.
 CHECKPOINT_EXCLUDED = ("checkpoints", "checkpoint-*", "optimizer*.pt", "optimizer*.bin", "optimizer*.safetensors",
                        "scheduler*.pt", "rng_state*.pth", "rng_state*.pt", "accelerator_state*", "training_state*")
+# What a model folder is made of: all that push uploads (checkpoints too with --include-checkpoints). Anything else
+# (notes, eval dumps, core files) is left out and listed, so a folder used as a workspace publishes no stray file.
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+               "*.gguf", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "tokenizer.model", "*.tiktoken", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+               "processor_config.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "README.md",
+               "moemerge.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+               ".gitattributes")
+# Files that look like credentials: push refuses the folder rather than upload one (Hub repos are public by default).
+SECRETS = (".env", ".env.*", "*.env", "token", "hf_token", "*_token", "*.token", "*access_token*", ".netrc",
+           "_netrc", ".git-credentials", "credentials", "credentials.*", "*.pem", "*.key", "*.p12", "*.pfx",
+           "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.kdbx", ".ssh", ".aws", ".gnupg", "secrets",
+           ".secrets")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -44,6 +58,7 @@ def upload_files(folder: str | Path, include_checkpoints: bool = False) -> list[
     """
     folder = Path(folder)
     skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
+    _refuse_secrets(folder)
     files = []
     for root, dirs, names in os.walk(folder):
         # Prune excluded folders in place so a large checkpoints/ tree is never even listed.
@@ -56,7 +71,7 @@ def upload_files(folder: str | Path, include_checkpoints: bool = False) -> list[
         for name in names:
             p = Path(root) / name
             rel = p.relative_to(folder).as_posix()
-            if _excluded(name, skip):
+            if _excluded(name, skip) or not _model_file(rel, include_checkpoints):
                 continue
             if p.is_symlink():
                 file_in_folder(folder, rel, f"push: the link {folder / rel}")
@@ -89,6 +104,39 @@ def _refuse_missing_index_entries(folder: Path, files: list[tuple[str, int]], in
                                 f"plain name and regenerate the index{fix}")
 
 
+def _model_file(rel: str, include_checkpoints: bool) -> bool:
+    """A file a model folder is made of (at its top level), or, with --include-checkpoints, of its checkpoints."""
+    parts = PurePosixPath(rel).parts
+    if include_checkpoints and any(_excluded(part, CHECKPOINT_EXCLUDED) for part in parts):
+        return True
+    return len(parts) == 1 and _excluded(parts[0], MODEL_FILES)
+
+
+def left_out_files(folder: str | Path, include_checkpoints: bool = False) -> list[str]:
+    """Files in `folder` that are not part of a model folder, so push leaves them out (not the excluded
+    temporary/checkpoint paths, which push never lists)."""
+    folder = Path(folder)
+    skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _excluded(d, skip))
+        for name in names:
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if not _excluded(name, skip) and not _model_file(rel, include_checkpoints):
+                out.append(rel)
+    return sorted(out)
+
+
+def _refuse_secrets(folder: Path) -> None:
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _excluded(d, ALWAYS_EXCLUDED))
+        for name in sorted(dirs) + sorted(names):
+            if _excluded(name, SECRETS) or _excluded(name.lower(), SECRETS):
+                rel = (Path(root) / name).relative_to(folder).as_posix()
+                raise MoemergeError(f"push: {folder / rel} looks like a credential (matches one of {', '.join(SECRETS[:6])}, "
+                                    "...); move it out of the model folder: push refuses to publish a folder holding one")
+
+
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -114,8 +162,13 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     for rel, n in files:
         link = "  (link: its target's bytes)" if (folder / rel).is_symlink() else ""
         echo(f"  {rel:<48} {format_bytes(n):>10}{link}")
+    left = left_out_files(folder, include_checkpoints)
+    if left:
+        echo(f"left out ({len(left)} files that are not part of a model folder): {', '.join(left[:8])}"
+             + (" ..." if len(left) > 8 else ""))
     if dry_run:
-        echo("dry run: nothing was sent")
+        echo("dry run: nothing was sent; the repo would be " + ("private" if private else
+             "PUBLIC if it is new (pass --private to keep it private)"))
         return ""
     url = _upload(folder, repo, files, private=private, revision=revision)
     echo(f"pushed: {url}")

@@ -246,17 +246,32 @@ def test_push_dry_run_lists_the_right_files_without_network(upcycled, tmp_path, 
     lines: list[str] = []
     assert push_folder(d, "my-org/pico-moe", dry_run=True, echo=lines.append) == ""
     start = next(i for i, ln in enumerate(lines) if ln.startswith("would upload"))
-    listed = {ln.split()[0] for ln in lines[start + 1:-1]}
+    listed = {ln.split()[0] for ln in lines[start + 1:-1] if ln.startswith("  ")}
     weights = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())
     expected = {"README.md", "config.json", "generation_config.json", "moemerge.json", "tokenizer.json",
-                "tokenizer_config.json", "model.safetensors.index.json", "extras/eval.json", *weights}
+                "tokenizer_config.json", "model.safetensors.index.json", *weights}
     assert listed == expected
     assert {r for r, _ in upload_files(d)} == expected
+    assert any(ln.startswith("left out (1 files that are not part of a model folder): extras/eval.json")
+               for ln in lines), lines
+    assert "the repo would be PUBLIC if it is new (pass --private" in lines[-1]
     sizes = dict(upload_files(d))
-    assert sizes["extras/eval.json"] == 2 and sizes["config.json"] == (d / "config.json").stat().st_size
+    assert sizes["config.json"] == (d / "config.json").stat().st_size
     with_ckpt = {r for r, _ in upload_files(d, include_checkpoints=True)}
     assert with_ckpt - expected == {"checkpoints/step-10/model.safetensors", "optimizer.pt"}
     assert any("dry run: nothing was sent" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("secret", [".env", "hf_token", "id_rsa", ".netrc", "secrets/db.json", "deploy.pem",
+                                    "credentials.json", ".aws/config"])
+def test_push_refuses_a_folder_holding_a_credential(upcycled, tmp_path, secret):
+    d = tmp_path / "pub"
+    shutil.copytree(upcycled[0], d)
+    (d / secret).parent.mkdir(parents=True, exist_ok=True)
+    (d / secret).write_text("hf_abcdefghijklmnop")
+    with pytest.raises(MoemergeError, match=r"looks like a credential .* push refuses to publish") as e:
+        push_folder(d, "my-org/pico-moe", dry_run=True, echo=lambda _: None)
+    assert "\n" not in str(e.value) and "hf_abcdefgh" not in str(e.value)
 
 
 def test_push_refuses_a_failing_folder(upcycled, tmp_path):
@@ -411,9 +426,9 @@ def test_push_refuses_a_link_leaving_the_folder_and_the_cache(upcycled, tmp_path
     snap = _snapshot(upcycled[0], tmp_path / "hub")
     secret = tmp_path / "secret.txt"
     secret.write_text("not part of the model")
-    (snap / "notes.txt").symlink_to(secret)
+    (snap / "LICENSE").symlink_to(secret)
     for run in (lambda: check_folder(snap), lambda: push_folder(snap, "my-org/x", echo=lambda s: None)):
-        with pytest.raises(MoemergeError, match=r"the link .*notes\.txt names 'notes\.txt', which resolves to "
+        with pytest.raises(MoemergeError, match=r"the link .*LICENSE names 'LICENSE', which resolves to "
                                                 r".*secret\.txt, outside .* and its Hub cache"):
             run()
     assert fake_hub == {}
@@ -422,10 +437,10 @@ def test_push_refuses_a_link_leaving_the_folder_and_the_cache(upcycled, tmp_path
 def test_push_refuses_a_broken_link_and_a_folder_link(upcycled, tmp_path, fake_hub):
     d = tmp_path / "pub"
     shutil.copytree(upcycled[0], d)
-    (d / "notes.md").symlink_to(d / "gone.md")
-    with pytest.raises(MoemergeError, match=r"notes\.md is a broken link; restore its target or delete it"):
+    (d / "LICENSE.md").symlink_to(d / "gone.md")
+    with pytest.raises(MoemergeError, match=r"LICENSE\.md is a broken link; restore its target or delete it"):
         push_folder(d, "my-org/x", dry_run=True, echo=lambda s: None)
-    (d / "notes.md").unlink()
+    (d / "LICENSE.md").unlink()
     (tmp_path / "extras").mkdir()
     (d / "extras").symlink_to(tmp_path / "extras")
     with pytest.raises(MoemergeError, match=r"extras is a link to a folder, which push does not follow"):

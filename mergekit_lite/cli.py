@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from mergekit_lite.errors import MoemergeError
 
@@ -42,6 +43,20 @@ def _nothing_written() -> str:
 INTERRUPTED = {"message": _nothing_written}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mergekit_lite import __version__
+
+        out.print(f"moemerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _setup(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="print the version and exit")) -> None:
+    """Options of `moemerge` itself."""
+
+
 def echo(line: str) -> None:
     """Print on the main process only (rank 0 under torchrun / accelerate launch)."""
     from mergekit_lite.train.engine import is_main_process
@@ -61,6 +76,9 @@ def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle r
                                                      "the recipe's shard_size, default 5GB)"),
             workers: Optional[int] = WORKERS) -> None:
     """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    from mergekit_lite.recipe import UpcycleRecipe, load_recipe
+
+    load_recipe(recipe, UpcycleRecipe)  # before torch is imported: a recipe error answers at once
     from mergekit_lite.ops.upcycle import run_upcycle
 
     run_upcycle(recipe, output, dry_run=dry_run, overwrite=overwrite, verbose=verbose, device=device,
@@ -94,9 +112,10 @@ def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recip
           ) -> None:
     """Continued pretraining with accelerate (CPU, one GPU, or `accelerate launch` for many)."""
     from mergekit_lite.recipe import TrainRecipe, load_recipe
+
+    spec = load_recipe(recipe, TrainRecipe)  # before torch is imported: a recipe error answers at once
     from mergekit_lite.train.loop import train as run_train
 
-    spec = load_recipe(recipe, TrainRecipe)
     if output is not None:  # like upcycle/graft: one recipe, several runs side by side
         spec = spec.model_copy(update={"output": str(output)})
     INTERRUPTED["message"] = partial(_train_interrupted, Path(spec.output))
@@ -227,19 +246,18 @@ def main() -> None:
     from mergekit_lite.threads import apply_default_threads
 
     apply_default_threads()  # before torch starts: one thread per usable core, shared among local ranks
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()  # our own output says what is happening; keep logs readable
+    # our own output says what is happening: no transformers/datasets/hub bars. Read by those libraries when
+    # imported, so --help, --version and recipe errors answer without importing them (a user's setting wins)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     INTERRUPTED["message"] = _nothing_written  # until a command says otherwise
     try:
         app()
     except MoemergeError as e:
         # under torchrun / accelerate launch every process meets the same user error: print it once per machine
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            # the message is plain text: a path or value with [brackets] must not be read as rich markup
+            err.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         _say_interrupted()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -75,3 +79,35 @@ def test_non_power_of_two_experts_warns(tmp_path, pico_llama):
     lines: list[str] = []
     run_upcycle(_recipe(tmp_path, pico_llama, num_experts=6), None, dry_run=True, echo=lines.append)
     assert any("not a power of two" in line and "llama.cpp" in line for line in lines)
+
+
+LIGHT = """
+import sys
+from mergekit_lite.cli import main
+sys.argv = ["moemerge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+heavy = any(m in sys.modules for m in ("torch", "transformers", "datasets"))
+print("torch imported:", heavy, "exit:", code)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--version"], 0), (["upcycle", "--help"], 0),
+                                        (["train", "--help"], 0), (["upcycle", "BAD"], 2), (["train", "BAD"], 2)])
+def test_help_version_and_recipe_errors_answer_without_importing_torch_transformers_or_datasets(tmp_path, args, code):
+    (tmp_path / "bad.yaml").write_text("source: x\nnum_experts: 4\nexperts_per_tok: 2\n")
+    args = [str(tmp_path / "bad.yaml") if a == "BAD" else a for a in args]
+    proc = subprocess.run([sys.executable, "-c", LIGHT, *args], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().endswith(f"torch imported: False exit: {code}"), proc.stdout[-500:] + proc.stderr[-500:]
+    if args[0] == "--version":
+        assert proc.stdout.startswith("moemerge 0.1.0")
+
+
+def test_an_error_naming_a_path_with_brackets_prints_it_as_written(tmp_path):
+    weird = tmp_path / "[bold red]run[dim]"
+    weird.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "mergekit_lite", "train", str(weird / "missing.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"recipe file not found: {weird / 'missing.yaml'}" in proc.stderr, proc.stderr

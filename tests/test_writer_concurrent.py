@@ -269,3 +269,63 @@ def test_an_upcycle_that_casts_casts_each_source_once(tmp_path, pico_llama, monk
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
     run_upcycle(tmp_path / "r.yaml", workers=4, progress=False, echo=lambda *_: None)
     assert casts and len(casts) == len(set(casts)), "a source was cast again: experts of one FFN were split up"
+
+
+# ---- one rule for every write (issue 23, item 1) --------------------------------------------------------------
+def _entries():
+    return [TensorEntry("w", (4,), torch.float32, lambda: torch.ones(4))]
+
+
+def test_a_folder_that_appears_at_the_output_while_writing_is_never_removed(tmp_path):
+    out = tmp_path / "out"
+
+    def user_makes_it(tmp):  # the user (or another command) creates the output while we write
+        (out / "thesis").mkdir(parents=True)
+        (out / "thesis" / "thesis.tex").write_text("years of work")
+
+    with pytest.raises(MoemergeError, match=r"output folder .*out already exists; pass --overwrite .*\(it appeared "
+                                            r"while this command was writing; nothing of it was touched\)"):
+        write_model_folder(out, _entries(), shard_size=1 << 20, finish=user_makes_it, workers=1)
+    assert (out / "thesis" / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # our temporary folder and lock are gone
+
+
+def test_a_second_command_on_the_same_output_fails_at_once(tmp_path):
+    out = tmp_path / "out"
+    held = writer.OutputLock(out.resolve())
+    held.acquire()
+    try:
+        with pytest.raises(MoemergeError, match=r"another moemerge command is writing .*out right now"):
+            write_model_folder(out, _entries(), shard_size=1 << 20, workers=1)
+    finally:
+        held.release()
+    write_model_folder(out, _entries(), shard_size=1 << 20, workers=1)  # free again: the lock left with its holder
+    assert not any(p.name.endswith("moemerge-lock") for p in tmp_path.iterdir())
+
+
+def test_overwrite_knows_its_files_by_kind_too(tmp_path):
+    out = tmp_path / "out"
+    write_model_folder(out, _entries(), shard_size=1 << 20, workers=1,
+                       finish=lambda tmp: (tmp / "moemerge.json").write_text("{}"))
+    (out / "model-bk.safetensors").mkdir()  # a user's folder named like a shard
+    (out / "model-bk.safetensors" / "thesis.tex").write_text("mine")
+    with pytest.raises(MoemergeError, match=r"--overwrite: .*model-bk.safetensors .* that moemerge did not write"):
+        write_model_folder(out, _entries(), shard_size=1 << 20, overwrite=True, workers=1)
+    assert (out / "model-bk.safetensors" / "thesis.tex").read_text() == "mine"
+
+
+def test_two_trains_into_one_output_the_second_fails_before_any_check(tmp_path):
+    from mergekit_lite.recipe import TrainRecipe, validate_recipe
+    from mergekit_lite.train.loop import train
+
+    out = tmp_path / "run"
+    held = writer.OutputLock(out.resolve())
+    held.acquire()
+    try:
+        r = validate_recipe({"model": str(tmp_path / "nowhere"), "data": {"train": ["x.txt"]}, "seq_len": 32,
+                             "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3, "output": str(out)},
+                            TrainRecipe)
+        with pytest.raises(MoemergeError, match=r"another moemerge command is writing .*run right now"):
+            train(r, echo=lambda *_: None)
+    finally:
+        held.release()

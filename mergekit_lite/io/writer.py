@@ -28,6 +28,8 @@ import torch
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.pool import TensorPool, default_workers
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
+
+LOCK_TAG = "moemerge-lock"
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
 
@@ -44,20 +46,38 @@ class AtomicDir:
         self.echo = echo  # told about temporary folders of killed runs removed on entry
         check_output(self.target, overwrite)
         self.tmp = temp_path(self.target, TMP_TAG)
+        self.lock = OutputLock(self.target)
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        clear_stale_temps(self.target, self.echo)  # a kill -9 leaves them; their PID tells they are dead
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        self.lock.acquire()  # a second command writing the same output fails here, in one line
+        try:
+            check_output(self.target, self.overwrite)  # again, under the lock
+            clear_stale_temps(self.target, self.echo)  # a kill -9 leaves them; their PID tells they are dead
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except BaseException:
+            self.lock.release()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type)
+        finally:
+            self.lock.release()
+
+    def _finish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         _fsync_dir(self.tmp)
+        try:  # whatever appeared at the target while we wrote (a user's folder) is never removed unasked
+            check_output(self.target, self.overwrite)
+        except MoemergeError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise MoemergeError(f"{e} (it appeared while this command was writing; nothing of it was touched)") from None
         if self.target.exists():  # overwrite was allowed by check_output
             old = temp_path(self.target, OLD_TAG)
             self.target.rename(old)
@@ -66,6 +86,40 @@ class AtomicDir:
         else:
             self.tmp.rename(self.target)
         _fsync_dir(self.target.parent)
+
+
+class OutputLock:
+    """An exclusive OS lock (`flock`) on `.NAME.moemerge-lock` beside an output, held while a command writes it.
+
+    The kernel drops it when the process dies (kill -9 included), so a lock file a killed run left never blocks
+    anyone; a finished command removes its own.
+    """
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.{LOCK_TAG}"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MoemergeError(f"another moemerge command is writing {self.target} right now; wait for it to end, "
+                                "or choose another output") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: no one else has it
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 def check_output(target: str | Path, overwrite: bool) -> None:
@@ -85,7 +139,9 @@ def check_output(target: str | Path, overwrite: bool) -> None:
     if not (target / SIDECAR).is_file():
         raise MoemergeError(f"--overwrite: {target} was not written by moemerge (no {SIDECAR}); it replaces only "
                             "model folders moemerge wrote: choose another output or move that folder away")
-    foreign = sorted(p.name for p in target.iterdir() if not is_model_folder_file(p.name))
+    # by name and kind: a user's folder named like a shard (model-bk.safetensors/) is not ours
+    foreign = sorted(p.name for p in target.iterdir()
+                     if not is_model_folder_file(p.name) or p.is_dir() or p.is_symlink())
     if foreign:
         raise MoemergeError(f"--overwrite: {target} holds {target / foreign[0]} ({len(foreign)} entries in all) "
                             "that moemerge did not write; move them away or choose another output")

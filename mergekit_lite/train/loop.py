@@ -19,6 +19,7 @@ import yaml
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.pool import map_large_allocations
+from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
@@ -129,8 +130,21 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known).
 
     Only the main process echoes. `--resume` of a run that already finished returns its stored summary with
-    `already_finished: True` and trains nothing. `progress_label` names the progress bar.
+    `already_finished: True` and trains nothing. `progress_label` names the progress bar. The main process
+    holds a lock on OUTPUT for the whole run: a second `train` into it fails at once, before any check.
     """
+    lock = OutputLock(Path(recipe.output).resolve())
+    if is_main_process():
+        lock.acquire()
+    try:
+        return _train(recipe, recipe_text, resume=resume, overwrite=overwrite, progress=progress,
+                      progress_label=progress_label, echo=echo)
+    finally:
+        lock.release()
+
+
+def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwrite: bool, progress: bool,
+           progress_label: str, echo) -> dict:
     from accelerate import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm

@@ -28,7 +28,8 @@ _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflo
 # What `train` writes into its output folder: all that `--overwrite` may remove. "moemerge" is the
 # tracker folder accelerate makes under project_dir (tensorboard); the PNGs are `moemerge plot`'s.
 TRAIN_PRODUCTS = ("checkpoints", "metrics.jsonl", "final", "cache", "adapter", "moemerge", "moemerge-run.json",
-                  "loss.png", "lr.png", "expert_load.png", f".final.{TMP_TAG}-*", f".final.{OLD_TAG}-*")
+                  "loss.png", "lr.png", "expert_load.png", f".final.{TMP_TAG}-*", f".final.{OLD_TAG}-*",
+                  ".final.moemerge-lock")
 
 
 def train_inputs(r: TrainRecipe, model_dir: Path) -> list[tuple[str, str | Path]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, remove_own_entries
+from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, remove_own_entries
 
 QUICKSTART_RECIPE = """\
 # Quickstart recipe: the small dense Llama beside this file, upcycled into an 8-expert, top-2 Mixtral.
@@ -27,8 +27,11 @@ seed: 0
 """
 
 # Everything run_quickstart writes into its workdir (plots go under runs/): all --overwrite may remove.
-QUICKSTART_PRODUCTS = ("corpus", "dense-init", "dense", "moe", "runs", "upcycle.yaml", "train-pretrain.yaml",
-                       "train-dense.yaml", "train-moe.yaml", f".*.{TMP_TAG}-*", f".*.{OLD_TAG}-*")
+# A folder's value lists what it holds: a user's corpus/ with other files in it is not ours.
+QUICKSTART_PRODUCTS = {"corpus": ("train.txt", "val.txt"), "dense-init": MODEL_FOLDER, "dense": MODEL_FOLDER,
+                       "moe": MODEL_FOLDER, "runs": ("pretrain", "dense", "moe", "compare.png", ".*.moemerge-*"),
+                       "upcycle.yaml": None, "train-pretrain.yaml": None, "train-dense.yaml": None,
+                       "train-moe.yaml": None, f".*.{TMP_TAG}-*": ANY, f".*.{OLD_TAG}-*": ANY, ".*.moemerge-lock": None}
 
 DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2)

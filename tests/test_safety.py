@@ -152,9 +152,10 @@ def fake_run(out: Path) -> None:
     (out / "checkpoints" / "step-0000002").mkdir(parents=True)
     (out / "checkpoints" / "step-0000002" / "trainer_state.json").write_text("{}")
     (out / "metrics.jsonl").write_text("{}\n")
-    for d in ("cache", "final", "adapter"):
+    for d, name in (("cache", "packed-train-0123"), ("final", "model.safetensors"),
+                    ("adapter", "adapter_config.json")):
         (out / d).mkdir()
-        (out / d / "x").write_text("x")
+        (out / d / name).write_text("x")
     (out / "loss.png").write_bytes(b"png")
     (out / f".final.moemerge-tmp-{dead_pid()}").mkdir()
 
@@ -192,6 +193,22 @@ def test_train_overwrite_refuses_a_foreign_file_and_removes_only_its_own(tmp_pat
     (run / "notes.md").unlink()
     preflight(r, train_world["model"], resume=False, overwrite=True)
     assert run.is_dir() and not list(run.iterdir())
+
+
+def test_train_overwrite_refuses_a_users_file_inside_its_own_folders_before_training(tmp_path, train_world):
+    from mergekit_lite.train.setup import preflight
+
+    run = tmp_path / "run"
+    fake_run(run)
+    (run / "final" / "thesis.tex").write_text("mine")  # used to be found only after the whole run, at the save
+    r = train_recipe(train_world, run)
+    refused(lambda: preflight(r, train_world["model"], resume=False, overwrite=True), run,
+            f"--overwrite: {run} holds {run / 'final' / 'thesis.tex'}")
+    (run / "final" / "thesis.tex").unlink()
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()  # our file's name, but a folder: the user's
+    refused(lambda: preflight(r, train_world["model"], resume=False, overwrite=True), run,
+            f"--overwrite: {run} holds {run / 'metrics.jsonl'}")
 
 
 def test_resume_ignores_a_half_written_checkpoint(tmp_path):
@@ -246,6 +263,10 @@ def test_quickstart_overwrite_removes_only_its_own_products(tmp_path, monkeypatc
     refused(lambda: run_quickstart(work, overwrite=True, echo=print), work,
             f"--overwrite: {work} holds {work / 'thesis.tex'}", "moemerge quickstart")
     (work / "thesis.tex").unlink()
+    (work / "corpus" / "my-corpus.txt").write_text("a user's corpus/, matched by its name alone before")
+    refused(lambda: run_quickstart(work, overwrite=True, echo=print), work,
+            f"--overwrite: {work} holds {work / 'corpus' / 'my-corpus.txt'}")
+    (work / "corpus" / "my-corpus.txt").unlink()
     with pytest.raises(Stop):
         run_quickstart(work, overwrite=True, echo=lambda s: None)
     assert work.is_dir() and not list(work.iterdir())

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import format_bytes
@@ -68,29 +68,50 @@ def _absolute(path: str | Path) -> Path:
 
 
 # ---- --overwrite removes only the command's own products --------------------------------------
-def remove_own_entries(folder: str | Path, own: Iterable[str], command: str) -> list[Path]:
+# What a model folder moemerge writes holds (top level): `remove_own_entries` checks a product folder's content.
+MODEL_FOLDER = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "README.md", "moemerge.json", "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.*", "LICENSE*", "NOTICE")
+ANY = ("*",)  # a product folder whose content is the command's own whatever it holds (a temporary folder)
+
+
+def remove_own_entries(folder: str | Path, own: Mapping[str, tuple[str, ...] | None], command: str) -> list[Path]:
     """Delete the entries of `folder` that `command` writes; refuse, deleting nothing, if it holds others.
 
     Args:
         folder: the output folder (a missing folder is fine: nothing to remove).
-        own: `fnmatch` patterns of the top-level names the command writes there.
+        own: `fnmatch` pattern of each top-level name the command writes there -> None for a file, or for a
+            folder the patterns of what it holds (its top level): an entry of the wrong kind (a user's folder
+            named like our file) or a folder holding anything else is the user's, and refused.
         command: for the message, e.g. "moemerge train".
 
     Returns:
         The entries removed. A symlink among them is unlinked, never followed.
     """
-    folder, own = Path(folder), list(own)
+    folder = Path(folder)
     if not folder.is_dir():
         return []
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    others = [p for p in entries if not any(fnmatch(p.name, pat) for pat in own)]
-    if others:
-        raise MoemergeError(f"--overwrite: {folder} holds {others[0]} ({len(others)} entries in all) that "
-                            f"`{command}` did not write; it removes only {', '.join(own)}; move those away "
-                            "or choose another output")
+    for p in entries:
+        foreign = _foreign(p, own)
+        if foreign is not None:
+            raise MoemergeError(f"--overwrite: {folder} holds {foreign} that `{command}` did not write; it removes "
+                                f"only {', '.join(own)} as it writes them; move that away or choose another output")
     for p in entries:
         _remove(p)
     return entries
+
+
+def _foreign(p: Path, own: Mapping[str, tuple[str, ...] | None]) -> Path | None:
+    """`p` itself, or what inside it, the command did not write; None when all of it is the command's."""
+    inner = next((v for pat, v in own.items() if fnmatch(p.name, pat)), False)
+    if inner is False:
+        return p
+    if p.is_symlink() or inner is None:
+        return None if (p.is_symlink() or not p.is_dir()) else p  # a file (or a link, only unlinked) expected
+    if not p.is_dir():
+        return p  # a folder expected, a file found
+    return next((q for q in sorted(p.iterdir()) if not any(fnmatch(q.name, pat) for pat in inner)), None)
 
 
 def _remove(p: Path) -> None:

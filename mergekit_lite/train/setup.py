@@ -15,7 +15,7 @@ from torch import nn
 
 from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
+from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
@@ -27,9 +27,11 @@ _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflo
 
 # What `train` writes into its output folder: all that `--overwrite` may remove. "moemerge" is the
 # tracker folder accelerate makes under project_dir (tensorboard); the PNGs are `moemerge plot`'s.
-TRAIN_PRODUCTS = ("checkpoints", "metrics.jsonl", "final", "cache", "adapter", "moemerge", "moemerge-run.json",
-                  "loss.png", "lr.png", "expert_load.png", f".final.{TMP_TAG}-*", f".final.{OLD_TAG}-*",
-                  ".final.moemerge-lock")
+TRAIN_PRODUCTS = {"checkpoints": ("step-???????", "step-???????.tmp"), "metrics.jsonl": None, "final": MODEL_FOLDER,
+                  "cache": ("packed-*",), "adapter": ("adapter_config.json", "adapter_model.*", "README.md"),
+                  "moemerge": ANY, "moemerge-run.json": None, "loss.png": None, "lr.png": None,
+                  "expert_load.png": None, f".final.{TMP_TAG}-*": ANY, f".final.{OLD_TAG}-*": ANY,
+                  ".final.moemerge-lock": None}
 
 
 def train_inputs(r: TrainRecipe, model_dir: Path) -> list[tuple[str, str | Path]]:

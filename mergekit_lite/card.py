@@ -16,6 +16,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_lite.arch.tables import moe_counts, router_summary
+from mergekit_lite.io.sidefiles import write_own_file
 from mergekit_lite.plan import format_count
 
 BEGIN = "<!-- moemerge:card:begin (generated; edits inside are replaced on the next build) -->"
@@ -233,7 +234,7 @@ def write_card(folder: str | Path, record: dict[str, Any], config: dict[str, Any
     meta_yaml = ModelCardData(ignore_metadata_errors=True, **merged).to_yaml()
     text = f"---\n{meta_yaml}\n---\n\n{body}\n" + (f"\n{user_text}\n" if user_text else "")
     path = folder / "README.md"
-    path.write_text(text, encoding="utf-8")
+    write_own_file(path, text)
     return path
 
 

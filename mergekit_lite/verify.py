@@ -37,6 +37,9 @@ def default_device() -> torch.device:
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
+    from mergekit_lite.io.reader import refuse_leaving_links
+
+    refuse_leaving_links(path, "verify")  # transformers would follow a link anywhere
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error

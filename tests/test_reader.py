@@ -156,3 +156,54 @@ def test_bad_sizes_give_the_clear_error(bad):
 
     with pytest.raises(ValueError, match=r"^(cannot read size .*; write e\.g\. 5GB, 500MB, 2GiB|size must be positive)"):
         parse_size(bad)
+
+
+# ---- one rule for every read, no write through a link (issue 23, item 2) ------------------------------------
+def _leaky(pico_llama, tmp_path, name: str) -> tuple[Path, Path]:
+    """A copy of the pico model whose `name` is a link to a file outside it; (folder, the outside file)."""
+    d = tmp_path / "leaky"
+    shutil.copytree(pico_llama, d)
+    outside = tmp_path / f"outside-{name}"
+    if (d / name).exists():
+        (d / name).rename(outside)
+    else:
+        outside.write_text("private: not part of any model")
+    (d / name).symlink_to(outside)
+    return d, outside
+
+
+def test_side_files_are_copied_only_from_inside_the_source(pico_llama, tmp_path):
+    import yaml
+
+    d, outside = _leaky(pico_llama, tmp_path, "LICENSE")
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump({"source": str(d), "num_experts": 4, "experts_per_token": 2}))
+    with pytest.raises(MoemergeError, match=r"side file .*LICENSE names 'LICENSE', which resolves to .*outside-LICENSE"):
+        run_upcycle(tmp_path / "up.yaml", tmp_path / "out", echo=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_train_and_ensemble_refuse_a_weights_link_leaving_the_folder(pico_llama, tmp_path):
+    import torch
+
+    from mergekit_lite.recipe import TrainRecipe, validate_recipe
+    from mergekit_lite.train.setup import preflight
+    from mergekit_lite.verify import load_model
+
+    d, outside = _leaky(pico_llama, tmp_path, "model.safetensors")
+    with pytest.raises(MoemergeError, match=r"^verify: the link .*model\.safetensors names .* outside"):
+        load_model(d, torch.float32, torch.device("cpu"))
+    (tmp_path / "t.txt").write_text("some text\n")
+    r = validate_recipe({"model": str(d), "data": {"train": [str(tmp_path / "t.txt")]}, "seq_len": 8,
+                         "micro_batch_size": 1, "max_steps": 1, "learning_rate": 1e-3,
+                         "output": str(tmp_path / "run")}, TrainRecipe)
+    with pytest.raises(MoemergeError, match=r"^model: the link .*model\.safetensors names .* outside"):
+        preflight(r, d, resume=False, overwrite=False)
+
+
+def test_nothing_is_written_through_a_link_in_a_model_folder(pico_llama, tmp_path):
+    from mergekit_lite.io.sidefiles import write_sidecar
+
+    d, outside = _leaky(pico_llama, tmp_path, "moemerge.json")
+    with pytest.raises(MoemergeError, match=r"moemerge\.json is a link; moemerge does not write through links"):
+        write_sidecar(d, {"kind": "upcycle"})
+    assert outside.read_text() == "private: not part of any model"

@@ -75,6 +75,7 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
     from transformers import AutoTokenizer
 
     from mergekit_lite.io import resolve_model_path
+    from mergekit_lite.io.reader import refuse_leaving_links
     from mergekit_lite.ops.upcycle import resolve_relative
 
     members, tokenizers = [], []
@@ -82,6 +83,7 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
         folder = resolve_model_path(resolve_relative(name, recipe_path), rev)
         if not (folder / "config.json").is_file():
             raise MoemergeError(f"models[{j}]: {folder} has no config.json; point to a Hugging Face model folder")
+        refuse_leaving_links(folder, f"models[{j}]")  # transformers would follow a link anywhere
         try:
             tokenizers.append(AutoTokenizer.from_pretrained(str(folder)))
         except Exception as e:  # noqa: BLE001 - any tokenizer failure is one user-facing line

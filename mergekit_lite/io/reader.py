@@ -101,6 +101,15 @@ def file_in_folder(folder: str | Path, name: str, where: str) -> Path:
     return folder / pure
 
 
+def refuse_leaving_links(folder: str | Path, where: str) -> None:
+    """The folder rule for commands that hand a folder to transformers (train, verify, ensemble): every link at
+    its top level must stay inside it (or its Hub cache repo), as `CheckpointReader` requires of what it reads."""
+    folder = Path(folder)
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_symlink():
+            file_in_folder(folder, entry.name, f"{where}: the link {entry}")
+
+
 class CheckpointReader:
     """Index of a model folder's tensors, opened lazily one shard file at a time."""
 

@@ -17,11 +17,13 @@ SIDE_FILES = (
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy tokenizer, generation config, chat template and licence files; returns their names."""
+    from mergekit_lite.io.reader import file_in_folder
+
     src, dst = Path(src), Path(dst)
     copied = []
     for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        if (src / name).is_file():  # a link leaving the source would copy a file from elsewhere: refused
+            shutil.copy2(file_in_folder(src, name, f"side file {src / name}"), dst / name)
             copied.append(name)
     return copied
 
@@ -36,7 +38,17 @@ SIDECAR = "moemerge.json"
 
 def write_sidecar(folder: str | Path, record: dict[str, Any]) -> None:
     """How this folder was built (recipe, sources, options, lineage), read by `inspect` and cards."""
-    (Path(folder) / SIDECAR).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_own_file(Path(folder) / SIDECAR, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def write_own_file(path: Path, text: str) -> None:
+    """Write a file of a model folder, never through a link (it could point anywhere on the machine)."""
+    if path.is_symlink():
+        from mergekit_lite.errors import MoemergeError
+
+        raise MoemergeError(f"{path} is a link; moemerge does not write through links (it could change a file "
+                            "outside the folder): replace it with a plain file (e.g. `cp --remove-destination`)")
+    path.write_text(text, encoding="utf-8")
 
 
 def finish_folder(folder: str | Path, config: dict[str, Any], side_files_from: str | Path | None,

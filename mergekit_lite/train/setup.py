@@ -16,6 +16,7 @@ from torch import nn
 from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
+from mergekit_lite.io.reader import refuse_leaving_links
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
@@ -47,6 +48,7 @@ def train_inputs(r: TrainRecipe, model_dir: Path) -> list[tuple[str, str | Path]
 def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Fail before any training on what the user can fix; returns the model's config.json."""
     refuse_overlap(r.output, train_inputs(r, model_dir))  # before anything below can delete
+    refuse_leaving_links(model_dir, "model")  # transformers would follow a link anywhere
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise MoemergeError(f"model: {model_dir} has no config.json; is this a Hugging Face model folder?")

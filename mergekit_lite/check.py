@@ -62,7 +62,8 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
     try:
         _check_files(path, reader, report)
         _check_keys(config, reader)
-        report.tokenizer = _check_tokenizer(path)
+        report.tokenizer = _check_tokenizer(path, config)
+        _check_routing(path, config)
         _check_values(reader, progress)
     finally:
         reader.close()
@@ -179,7 +180,18 @@ def _check_keys(config: Any, reader: CheckpointReader) -> None:
                                 f"{list(want[k])}")
 
 
-def _check_tokenizer(path: Path) -> str:
+def _check_routing(path: Path, config: Any) -> None:
+    """top-k no larger than the expert count (transformers builds such a model, and fails at the first token)."""
+    from mergekit_lite.arch.tables import moe_counts
+
+    raw = json.loads((path / "config.json").read_text())
+    experts, k = moe_counts(raw.get("text_config") or raw)
+    if experts is not None and k is not None and k > experts:
+        raise MoemergeError(f"check: {path}/config.json routes each token to {k} experts but layers hold {experts}; "
+                            f"set num_experts_per_tok to at most {experts}")
+
+
+def _check_tokenizer(path: Path, config: Any = None) -> str:
     from transformers import AutoTokenizer
 
     names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -190,6 +202,11 @@ def _check_tokenizer(path: Path) -> str:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any failure means users cannot load it
         raise MoemergeError(f"check: the tokenizer in {path} does not load ({_first_line(e)})") from None
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding: IndexError at inference
+        raise MoemergeError(f"check: the tokenizer in {path} has {len(tok)} tokens but the model embeds {vocab} "
+                            "(config vocab_size); use the model's own tokenizer, or resize the embeddings")
     return f"{type(tok).__name__}, {len(tok)} tokens, loads"
 
 
@@ -197,6 +214,10 @@ def _check_values(reader: CheckpointReader, progress: Callable[[str], None] | No
     """NaN/Inf scan: one memory-mapped tensor at a time, in chunks, so memory stays flat."""
     for n, key in enumerate(reader.keys()):
         t = reader.get(key)
+        if not t.is_floating_point() and t.numel():  # weights are floats: integer bytes are a relabelled dtype
+            raise MoemergeError(f"check: tensor {key!r} in {reader.info(key).file} is {str(t.dtype).removeprefix('torch.')}, "
+                                "not a floating-point weight; the header's dtype is wrong or the file is not a "
+                                "plain (unquantized) checkpoint")
         if t.is_floating_point():
             flat = t.reshape(-1)  # view of the mmap; chunks below are read from disk one at a time
             for start in range(0, flat.numel(), _CHUNK):

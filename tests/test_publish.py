@@ -541,3 +541,48 @@ def test_push_error_never_prints_the_token(upcycled, monkeypatch, capsys):
     assert token not in printed and "hf_OtherTokenX1234567" not in printed
     assert str(e.value) == ("push to my-org/x failed: request with Authorization: Bearer *** failed "
                             "(mirror said hf_***); nothing was committed")
+
+
+# ---- check catches what loads but cannot run (issue 23) -------------------------------------------------------
+def _edited(upcycled, tmp_path, edit) -> Path:
+    d = tmp_path / "edited"
+    shutil.copytree(upcycled[0], d)
+    edit(d)
+    return d
+
+
+def test_check_refuses_top_k_above_the_expert_count(upcycled, tmp_path):
+    d = _edited(upcycled, tmp_path, lambda d: _edit_json(d / "config.json",
+                                                         lambda c: c.update(num_experts_per_tok=99)))
+    with pytest.raises(MoemergeError, match=r"routes each token to 99 experts but layers hold \d+; set "
+                                            r"num_experts_per_tok to at most"):
+        check_folder(d)
+
+
+def test_check_refuses_a_tokenizer_larger_than_the_embedding(upcycled, tmp_path):
+    from transformers import AutoTokenizer
+
+    def grow(d: Path) -> None:  # e.g. a chat tokenizer with extra tokens copied in, embeddings never resized
+        tok = AutoTokenizer.from_pretrained(str(d))
+        tok.add_tokens([f"<extra_{i}>" for i in range(100)])
+        tok.save_pretrained(str(d))
+
+    d = _edited(upcycled, tmp_path, grow)
+    with pytest.raises(MoemergeError, match=r"the tokenizer in .* has \d+ tokens but the model embeds \d+ "):
+        check_folder(d)
+
+
+def test_check_refuses_a_weight_whose_dtype_was_relabelled(upcycled, tmp_path):
+    def relabel(d: Path) -> None:  # F32 bytes declared as I32 in the shard header: same size, nonsense values
+        shard = _first_shard(d)
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        key = next(k for k in header if k.endswith("gate.weight"))
+        header[key]["dtype"] = "I32"
+        head = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        shard.write_bytes(raw[:8] + head + raw[8 + n:])
+
+    d = _edited(upcycled, tmp_path, relabel)
+    with pytest.raises(MoemergeError, match=r"gate\.weight' in .* is int32, not a floating-point weight"):
+        check_folder(d)

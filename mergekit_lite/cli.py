@@ -259,6 +259,10 @@ def main() -> None:
             # the message is plain text: a path or value with [brackets] must not be read as rich markup
             err.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False)
         sys.exit(2)
+    except (OSError, UnicodeDecodeError) as e:  # a file the user named cannot be read or written: one line
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            err.print(Text.assemble(("error:", "bold red"), " ", _os_error(e)), highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         _say_interrupted()
         sys.exit(130)
@@ -266,6 +270,18 @@ def main() -> None:
         if e.code == 130 and _from_ctrl_c(e):
             _say_interrupted()
         raise
+
+
+def _os_error(e: BaseException) -> str:
+    """One line for an OS or decoding error: what failed on which file, and what to check."""
+    if isinstance(e, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                "(recipes, config.json, metrics.jsonl and tokenizer files are read as UTF-8)")
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    hint = {13: "check the permissions", 28: "free some disk space", 30: "the filesystem is read-only",
+            2: "check the path", 21: "a folder was given where a file is needed",
+            20: "a file was given where a folder is needed"}.get(getattr(e, "errno", None) or 0, "check the path")
+    return f"{e.strerror or type(e).__name__}:{where}; {hint}"
 
 
 def _from_ctrl_c(exc: BaseException) -> bool:

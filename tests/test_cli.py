@@ -111,3 +111,22 @@ def test_an_error_naming_a_path_with_brackets_prints_it_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mergekit_lite", "train", str(weird / "missing.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and f"recipe file not found: {weird / 'missing.yaml'}" in proc.stderr, proc.stderr
+
+
+def test_os_and_decoding_errors_are_one_line_naming_the_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 1.0, "tokens": 1, "lr": 0.1}\n')
+    (tmp_path / "afile").write_text("x")
+
+    def moemerge(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mergekit_lite", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    exists = moemerge("plot", str(run), "-o", str(tmp_path / "afile"))  # -o an existing file
+    assert exists.returncode == 2 and exists.stderr.startswith(f"error: File exists: {tmp_path / 'afile'}")
+    (run / "metrics.jsonl").write_bytes(b'{"type": "tr\xe9in"}\n')  # Latin-1 bytes
+    latin = moemerge("plot", str(run))
+    assert latin.returncode == 2 and "is not UTF-8 text" in latin.stderr
+    for proc in (exists, latin):
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr[-2000:]

@@ -27,7 +27,15 @@ def recipe_record(kind: str, recipe_yaml: str, sources: list[Path], extra: dict)
         if prior:
             lineage = prior.get("lineage", [])
             break
+    named = [_name(s) for s in sources]
     step = {"step": kind, "recipe_sha256": hashlib.sha256(recipe_yaml.encode()).hexdigest()[:16],
-            "sources": [str(s) for s in sources], "tool": f"mergekit-lite {__version__}"}
-    base = lineage or [{"step": "source", "model": str(sources[0])}]
+            "sources": named, "tool": f"mergekit-lite {__version__}"}
+    base = lineage or [{"step": "source", "model": named[0]}]
     return {"kind": kind, "recipe": recipe_yaml, "lineage": base + [step], **extra}
+
+
+def _name(source: Path | str) -> str:
+    """A local folder as its absolute path (a relative `org/name`-shaped path read later from another directory
+    would pass for a Hub repo id on the card); a Hub id or cache snapshot path as given."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() and not p.is_absolute() else str(source)

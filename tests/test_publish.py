@@ -586,3 +586,24 @@ def test_check_refuses_a_weight_whose_dtype_was_relabelled(upcycled, tmp_path):
     d = _edited(upcycled, tmp_path, relabel)
     with pytest.raises(MoemergeError, match=r"gate\.weight' in .* is int32, not a floating-point weight"):
         check_folder(d)
+
+
+def test_a_relative_local_source_never_becomes_a_hub_base_model(pico_llama, tmp_path, monkeypatch):
+    """`models/dense` looks like a repo id; recorded relative, a card written from another directory named it."""
+    import yaml
+
+    from mergekit_lite.card import front_matter
+    from mergekit_lite.io.sidefiles import read_sidecar
+
+    (tmp_path / "models").mkdir()
+    shutil.copytree(pico_llama, tmp_path / "models" / "dense")
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump({"source": "models/dense", "num_experts": 4,
+                                                      "experts_per_token": 2}))
+    monkeypatch.chdir(tmp_path)
+    run_upcycle(Path("up.yaml"), Path("moe"), echo=lambda s: None)
+    record = read_sidecar(tmp_path / "moe")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # e.g. `moemerge train` or `verify` run from another folder rewrites the card
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert "base_model" not in front_matter(record, config, None), record["lineage"]

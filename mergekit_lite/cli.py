@@ -178,16 +178,22 @@ def verify(model: Path = typer.Argument(..., metavar="MODEL", help="output model
            text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
            device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
            tolerance: Optional[float] = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this"),
-           record: bool = typer.Option(True, "--record/--no-record",
-                                       help="store the figures in the folder's moemerge.json and model card")) -> None:
+           record: Optional[bool] = typer.Option(None, "--record/--no-record",
+                                                 help="store the figures in the folder's moemerge.json and model "
+                                                      "card (default: only when --against is its recorded source)"
+                                                 )) -> None:
     """Compare logits with the source model: max/mean |Δlogits| and top-1 agreement."""
-    from mergekit_lite.verify import compare_logits, record_parity
+    from mergekit_lite.verify import compare_logits, is_recorded_source, record_parity, recorded_sources
 
     kwargs = {"text": text} if text else {}
     report = compare_logits(model, against, device=device, **kwargs)
     for line in report.lines():
         echo(line)
-    if record and record_parity(model, against, report):
+    own = is_recorded_source(model, against)
+    if record is None and not own and recorded_sources(model):
+        echo(f"  not recorded: {against} is not the source this folder records ({recorded_sources(model)[0]}); "
+             "pass --record to store the figures anyway")
+    elif (own if record is None else record) and record_parity(model, against, report):
         echo(f"  recorded in {model / 'moemerge.json'} and the model card")
     if tolerance is not None and report.max_abs > tolerance:
         err.print(f"max |Δlogits| {report.max_abs:.3e} exceeds tolerance {tolerance:.1e}")

@@ -63,6 +63,23 @@ def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> 
     return torch.randint(0, vocab_size, (1, 64), generator=g)
 
 
+def recorded_sources(model_dir: str | Path) -> list[str]:
+    """The inputs of the step that made `model_dir` (its sidecar's last lineage step), as recorded."""
+    from mergekit_lite.io.sidefiles import read_sidecar
+
+    lineage = (read_sidecar(model_dir) or {}).get("lineage") or []
+    return [str(s) for s in lineage[-1].get("sources", [])] if lineage else []
+
+
+def is_recorded_source(model_dir: str | Path, reference: str | Path) -> bool:
+    """Whether `reference` is a recorded input of the folder (same folder once links are resolved, or same id)."""
+    ref = Path(reference).expanduser()
+    for src in recorded_sources(model_dir):
+        if str(reference) == src or (ref.exists() and Path(src).exists() and ref.resolve() == Path(src).resolve()):
+            return True
+    return False
+
+
 def record_parity(model_dir: str | Path, reference: str | Path, report: ParityReport) -> bool:
     """Store the parity figures in the folder's sidecar and model card; False when it has no sidecar."""
     import json

@@ -63,6 +63,20 @@ def test_inspect_and_verify(tmp_path, pico_llama):
     assert "## Step-0 parity" in (out / "README.md").read_text()
 
 
+def test_verify_against_another_model_records_nothing_unless_asked(tmp_path, pico_llama, pico_factory):
+    out = tmp_path / "moe"
+    run_upcycle(_recipe(tmp_path, pico_llama, dtype="float32"), out, echo=lambda s: None)
+    other = pico_factory("llama", seed=5)  # a mistaken comparison: same shapes, unrelated weights
+    before = (out / "moemerge.json").read_text(), (out / "README.md").read_text()
+    result = runner.invoke(app, ["verify", str(out), "--against", str(other), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "not recorded:" in result.output and "pass --record to store the figures anyway" in result.output
+    assert ((out / "moemerge.json").read_text(), (out / "README.md").read_text()) == before
+    result = runner.invoke(app, ["verify", str(out), "--against", str(other), "--device", "cpu", "--record"])
+    assert result.exit_code == 0 and "recorded in" in result.output
+    assert describe(out)["built_by"]["parity"]["against"] == str(other)
+
+
 def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = _recipe(tmp_path, "no-such-org/no-such-model")

@@ -305,7 +305,8 @@ def _say_interrupted() -> None:
     from mergekit_lite.train.engine import is_main_process
 
     if is_main_process():  # every process of a launch gets the signal; one says so
-        err.print(INTERRUPTED["message"]())
+        # on a line of its own: a progress bar may have left the cursor at the end of its line
+        err.print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED["message"]())
 
 
 if __name__ == "__main__":

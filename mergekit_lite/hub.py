@@ -157,6 +157,8 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     files = upload_files(folder, include_checkpoints)
     _refuse_missing_index_entries(folder, files, include_checkpoints)
     total = sum(n for _, n in files)
+    if not dry_run:
+        _need_token()  # before announcing an upload that cannot start
     echo(f"{'would upload' if dry_run else 'uploading'} {len(files)} files, {format_bytes(total)} "
          f"to {repo}@{revision}{' (private)' if private else ''}:")
     for rel, n in files:
@@ -175,11 +177,18 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     return url
 
 
-def _upload(folder: Path, repo: str, files: list[tuple[str, int]], *, private: bool, revision: str) -> str:
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+def _need_token() -> None:
+    from huggingface_hub import get_token
 
     if get_token() is None:
-        raise MoemergeError("push: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN")
+        raise MoemergeError("push: not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN; "
+                            "nothing was sent")
+
+
+def _upload(folder: Path, repo: str, files: list[tuple[str, int]], *, private: bool, revision: str) -> str:
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    _need_token()
     _bound_waits()
     api = HfApi()
     try:

@@ -144,3 +144,10 @@ def test_os_and_decoding_errors_are_one_line_naming_the_file(tmp_path):
     assert latin.returncode == 2 and "is not UTF-8 text" in latin.stderr
     for proc in (exists, latin):
         assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+
+
+def test_one_expert_is_accepted_with_a_note(tmp_path, pico_llama):
+    said: list[str] = []
+    run_upcycle(_recipe(tmp_path, pico_llama, num_experts=1, experts_per_token=1), tmp_path / "one",
+                echo=said.append)
+    assert any("num_experts: 1: every token goes to the one expert" in s for s in said), said

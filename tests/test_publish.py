@@ -607,3 +607,14 @@ def test_a_relative_local_source_never_becomes_a_hub_base_model(pico_llama, tmp_
     monkeypatch.chdir(elsewhere)  # e.g. `moemerge train` or `verify` run from another folder rewrites the card
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert "base_model" not in front_matter(record, config, None), record["lineage"]
+
+
+def test_push_without_a_token_says_so_before_announcing_an_upload(upcycled, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    lines: list[str] = []
+    with pytest.raises(MoemergeError, match=r"^push: not logged in .*nothing was sent$"):
+        push_folder(upcycled[0], "my-org/pico-moe", echo=lines.append)
+    assert not any(ln.startswith("uploading") for ln in lines), lines

@@ -175,6 +175,9 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
         breakers.append("experts from different models")
     if r.non_expert == "average" and r.experts and len({x.model for x in lay.experts}) > 1:
         breakers.append("averaged attention/norms/embeddings")
+    if r.num_experts == 1:
+        notes.append("num_experts: 1: every token goes to the one expert, so this MoE computes the dense model with "
+                     "a router that changes nothing and cannot learn to route; use 2 or more experts")
     if breakers:
         notes.append(f"{', '.join(breakers)}: experts are no longer identical, so step-0 logits differ from the "
                      "dense model (by design)")

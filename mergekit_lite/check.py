@@ -18,6 +18,7 @@ import torch
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, find_debris
 from mergekit_lite.io.writer import INDEX_FILE
+from mergekit_lite.io.reader import read_config
 from mergekit_lite.plan import format_bytes, format_count
 
 # Elements per isfinite() call: bounds the temporary bool buffer (~16 MB) whatever the tensor size.
@@ -184,7 +185,7 @@ def _check_routing(path: Path, config: Any) -> None:
     """top-k no larger than the expert count (transformers builds such a model, and fails at the first token)."""
     from mergekit_lite.arch.tables import moe_counts
 
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_config(path)
     experts, k = moe_counts(raw.get("text_config") or raw)
     if experts is not None and k is not None and k > experts:
         raise MoemergeError(f"check: {path}/config.json routes each token to {k} experts but layers hold {experts}; "

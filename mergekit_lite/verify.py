@@ -82,7 +82,6 @@ def is_recorded_source(model_dir: str | Path, reference: str | Path) -> bool:
 
 def record_parity(model_dir: str | Path, reference: str | Path, report: ParityReport) -> bool:
     """Store the parity figures in the folder's sidecar and model card; False when it has no sidecar."""
-    import json
 
     from mergekit_lite.card import write_card
     from mergekit_lite.io.sidefiles import read_sidecar, write_sidecar
@@ -94,7 +93,9 @@ def record_parity(model_dir: str | Path, reference: str | Path, report: ParityRe
                         "top1_agreement": report.top1_agreement, "tokens": report.n_tokens,
                         "dtype": report.dtype, "against": str(reference)}
     write_sidecar(model_dir, record)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    from mergekit_lite.io.reader import read_config
+
+    config = read_config(model_dir)
     write_card(model_dir, record, config)
     return True
 

@@ -207,3 +207,17 @@ def test_nothing_is_written_through_a_link_in_a_model_folder(pico_llama, tmp_pat
     with pytest.raises(MoemergeError, match=r"moemerge\.json is a link; moemerge does not write through links"):
         write_sidecar(d, {"kind": "upcycle"})
     assert outside.read_text() == "private: not part of any model"
+
+
+@pytest.mark.parametrize("text, says", [("[1, 2]", "holds a JSON list, not an object of settings"),
+                                        ("{broken", "is not valid JSON"), (b"\xff\xfe{}", "is not valid JSON")])
+def test_a_config_that_is_not_a_json_object_is_one_line_everywhere(pico_llama, tmp_path, text, says):
+    from mergekit_lite.check import check_folder
+
+    d = tmp_path / "cfg"
+    shutil.copytree(pico_llama, d)
+    (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for call, needle in ((lambda: CheckpointReader(d), says), (lambda: check_folder(d), "config.json")):
+        with pytest.raises(MoemergeError, match=needle) as e:
+            call()
+        assert "\n" not in str(e.value)

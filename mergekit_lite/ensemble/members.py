@@ -61,8 +61,10 @@ def check_vocabularies(names: list[str], tokenizers: list) -> int:
 
 
 def text_vocab_size(folder: Path) -> int | None:
-    """`vocab_size` of a model folder's config.json (text part for multimodal ones), read without torch."""
-    cfg = json.loads((folder / "config.json").read_text())
+    """`vocab_size` of a model folder's config.json (text part for multimodal ones)."""
+    from mergekit_lite.io.reader import read_config
+
+    cfg = read_config(folder)
     return (cfg.get("text_config") or cfg).get("vocab_size")
 
 

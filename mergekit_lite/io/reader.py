@@ -101,6 +101,19 @@ def file_in_folder(folder: str | Path, name: str, where: str) -> Path:
     return folder / pure
 
 
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; anything else (broken JSON, a list, not UTF-8) is one line."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoemergeError(f"{path} is not valid JSON ({e}); regenerate it or copy the source's") from None
+    if not isinstance(config, dict):
+        raise MoemergeError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; regenerate it "
+                            "or copy the source's")
+    return config
+
+
 def refuse_leaving_links(folder: str | Path, where: str) -> None:
     """The folder rule for commands that hand a folder to transformers (train, verify, ensemble): every link at
     its top level must stay inside it (or its Hub cache repo), as `CheckpointReader` requires of what it reads."""
@@ -118,10 +131,7 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise MoemergeError(f"{self.path} has no config.json; is this a Hugging Face model folder?")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise MoemergeError(f"{cfg} is not valid JSON: {e}") from None
+        self.config: dict[str, Any] = read_config(self.path)
         self._handles: dict[str, Any] = {}
         self._bin: dict[str, dict[str, torch.Tensor]] = {}
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}  # file -> key -> (byte offset, length)

@@ -16,7 +16,7 @@ from torch import nn
 from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
-from mergekit_lite.io.reader import refuse_leaving_links
+from mergekit_lite.io.reader import read_config, refuse_leaving_links
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
@@ -52,7 +52,7 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise MoemergeError(f"model: {model_dir} has no config.json; is this a Hugging Face model folder?")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(model_dir)
     max_pos = (cfg.get("text_config") or cfg).get("max_position_embeddings")
     if max_pos and r.seq_len > max_pos:
         raise MoemergeError(f"seq_len = {r.seq_len} is larger than the model's max_position_embeddings "

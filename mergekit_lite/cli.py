@@ -306,7 +306,7 @@ def _say_interrupted() -> None:
 
     if is_main_process():  # every process of a launch gets the signal; one says so
         # on a line of its own: a progress bar may have left the cursor at the end of its line
-        err.print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED["message"]())
+        err.print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED["message"](), markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -108,11 +108,16 @@ def body_lines(name: str, record: dict[str, Any], config: dict[str, Any], folder
 
 
 def _summary(record: dict[str, Any], config: dict[str, Any]) -> str:
+    """What this checkpoint is, and what was done to its source (in order), each said of what it applies to."""
     arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-    steps = [STEP_VERBS.get(s.get("step"), s.get("step")) for s in record.get("lineage", [])[1:]]
-    how = ", then ".join(steps) or "built"
-    return (f"A `{arch}` checkpoint {how} with [mergekit-lite](https://pypi.org/project/mergekit-lite/) "
-            f"(`moemerge {record.get('kind', '')}`). It loads with plain `transformers`; no custom code.")
+    lineage = record.get("lineage", [])
+    steps = [STEP_VERBS.get(s.get("step"), s.get("step")) for s in lineage[1:]]
+    made = (f"A `{arch}` checkpoint made with [mergekit-lite](https://pypi.org/project/mergekit-lite/) "
+            f"(`moemerge {record.get('kind', '')}`).")
+    if lineage and "model" in lineage[0] and steps:
+        src = str(lineage[0]["model"])
+        made += f" Its source, `{hub_id(src) or Path(src).name}`, was {', then '.join(steps)}."
+    return made + " It loads with plain `transformers`; no custom code."
 
 
 def _model_table(record: dict[str, Any], config: dict[str, Any], folder: Path) -> list[str]:
@@ -197,7 +202,7 @@ def _num(v: Any) -> str:
 
 def _how_to_load(name: str) -> list[str]:
     return ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-            f'model_id = "{name}"  # this folder, or its Hub id (org/{name}) once pushed',
+            f'model_id = "org/{name}"  # its Hub repo once pushed; or this folder\'s path, e.g. "./{name}"',
             "tokenizer = AutoTokenizer.from_pretrained(model_id)",
             'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")',
             'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',

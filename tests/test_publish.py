@@ -618,3 +618,14 @@ def test_push_without_a_token_says_so_before_announcing_an_upload(upcycled, tmp_
     with pytest.raises(MoemergeError, match=r"^push: not logged in .*nothing was sent$"):
         push_folder(upcycled[0], "my-org/pico-moe", echo=lines.append)
     assert not any(ln.startswith("uploading") for ln in lines), lines
+
+
+def test_the_card_says_what_was_done_to_the_source_not_to_this_checkpoint():
+    from mergekit_lite.card import _summary
+
+    record = {"kind": "upcycle", "lineage": [{"step": "source", "model": "/work/dense-init"}, {"step": "train"},
+                                             {"step": "upcycle"}]}
+    text = _summary(record, {"architectures": ["MixtralForCausalLM"]})
+    assert "A `MixtralForCausalLM` checkpoint made with" in text
+    assert "Its source, `dense-init`, was trained further, then upcycled." in text
+    assert "checkpoint trained further" not in text

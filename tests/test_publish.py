@@ -627,5 +627,5 @@ def test_the_card_says_what_was_done_to_the_source_not_to_this_checkpoint():
                                              {"step": "upcycle"}]}
     text = _summary(record, {"architectures": ["MixtralForCausalLM"]})
     assert "A `MixtralForCausalLM` checkpoint made with" in text
-    assert "Its source, `dense-init`, was trained further, then upcycled." in text
+    assert "Its source, `dense-init`, was trained further, then upcycled into a Mixture-of-Experts." in text
     assert "checkpoint trained further" not in text

@@ -69,8 +69,14 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
 
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
+        if not overwrite and (workdir / "runs" / "moe" / "final" / "model.safetensors").is_file():
+            # a newcomer following the README runs it twice: the finished one is the answer, not an error
+            echo(f"{workdir} already holds a finished quickstart (models in {workdir / 'dense'}, {workdir / 'moe'}, "
+                 f"runs in {workdir / 'runs'}); pass --overwrite to run it again")
+            return {"already_done": True}
         if not overwrite:
-            raise MoemergeError(f"{workdir} already exists; pass --overwrite or choose --workdir")
+            raise MoemergeError(f"{workdir} holds an unfinished or foreign quickstart; pass --overwrite to start "
+                                "again (it removes only what quickstart writes) or choose --workdir")
         remove_own_entries(workdir, QUICKSTART_PRODUCTS, "moemerge quickstart")
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = lambda s: None  # noqa: E731 - the sub-steps' own chatter is summarised below

@@ -53,3 +53,15 @@ def test_quickstart_story(tmp_path, capsys):
     assert all("{" not in str(p) and "checkpoints" not in str(p) for p in named)
     (nxt,) = [ln for ln in lines if ln.startswith("next: ")]
     assert str(tmp_path / "qs" / "runs" / "compare.png") in nxt
+
+
+def test_a_second_quickstart_says_it_is_done_and_exits_cleanly(tmp_path):
+    """The README runs `moemerge quickstart` in two places; the second used to exit 2."""
+    done = tmp_path / "qs"
+    (done / "runs" / "moe" / "final").mkdir(parents=True)
+    (done / "runs" / "moe" / "final" / "model.safetensors").write_bytes(b"x")
+    lines: list[str] = []
+    assert run_quickstart(done, echo=lines.append) == {"already_done": True}
+    assert lines == [f"{done} already holds a finished quickstart (models in {done / 'dense'}, {done / 'moe'}, runs in "
+                     f"{done / 'runs'}); pass --overwrite to run it again"]
+    assert (done / "runs" / "moe" / "final" / "model.safetensors").read_bytes() == b"x"  # untouched

@@ -89,6 +89,7 @@ def test_ctrl_c_in_upcycle_or_graft_says_nothing_written(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(upcycle, "run_upcycle", interrupt)
     monkeypatch.setattr(graft, "run_graft", interrupt)
+    (tmp_path / "x.yaml").write_text("source: m\nnum_experts: 4\nexperts_per_token: 2\n")  # upcycle validates first
     code, _, err = run_main(monkeypatch, capsys, command, str(tmp_path / "x.yaml"), "-o", str(tmp_path / "o"))
     assert code == 130 and err.strip() == "interrupted, nothing written"
 

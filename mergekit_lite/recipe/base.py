@@ -143,16 +143,25 @@ def excerpt(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, without aliases (`*ref`: a few lines can expand to gigabytes, the "billion laughs")
-    and without duplicate keys (YAML keeps the last silently; in a recipe that is a setting lost)."""
+# Values a recipe may expand to once its aliases (`*ref`) are followed: real recipes hold a few hundred; a few lines
+# of nested aliases (the "billion laughs") expand to billions, which validation would walk for hours.
+MAX_RECIPE_VALUES = 100_000
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.MarkedYAMLError(problem=f"an alias (*{event.anchor}) is not allowed in a recipe; write the "
-                                               "value out", problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+
+def _expanded_size(value: Any, seen: dict[int, int]) -> int:
+    """How many values `value` holds with every shared (aliased) part counted each time it is used; counted in
+    time linear in the distinct parts (memoised by identity)."""
+    if id(value) in seen:
+        return seen[id(value)]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    seen[id(value)] = n = 1 + sum(_expanded_size(v, seen) for v in items)
+    return n
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without duplicate keys (YAML keeps the last silently; in a recipe that is a setting
+    lost). Aliases stay allowed (PyYAML's own dump writes them for repeated values); `read_yaml` caps how far
+    they expand."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -184,6 +193,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise MoemergeError(f"recipe {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise MoemergeError(f"recipe {path} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    if (n := _expanded_size(data, {})) > MAX_RECIPE_VALUES:
+        raise MoemergeError(f"recipe {path} expands to {n:,} values through its aliases (*ref), more than a recipe "
+                            f"holds (limit {MAX_RECIPE_VALUES:,}); write the values out")
     return data
 
 

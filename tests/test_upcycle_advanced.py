@@ -353,7 +353,7 @@ def test_inspect_shows_drop_noise_and_sources(tmp_path, pico_factory):
 # --- invalid combinations ------------------------------------------------------------------------------------------
 
 BAD = [
-    ("llama", {"granularity": 3, "num_experts": 6, "experts_per_token": 3}, ["granularity=3", "does not divide", "64"]),
+    ("llama", {"granularity": 3, "num_experts": 6, "experts_per_token": 3}, ["granularity=3", "does not divide", "64", "set granularity to one of [1, 2, 4, 8, 16, 32, 64]"]),
     ("llama", {"drop_ratio": 1.0}, ["drop_ratio = 1.0", "less than 1"]),
     ("llama", {"drop_ratio": -0.1}, ["drop_ratio = -0.1", "greater than or equal to 0"]),
     ("llama", {"router": {"init": "hidden"}}, ["router.init=hidden needs prompts"]),
@@ -365,11 +365,12 @@ BAD = [
     ("llama", {"granularity": 4, "num_experts": 6}, ["num_experts=6 is not a multiple of granularity=4"]),
     ("llama", {"granularity": 2, "num_experts": 8, "experts_per_token": 3}, ["experts_per_token=3", "multiple"]),
     ("llama", {"granularity": 2, "router": {"init": "zeros"}}, ["zeros", "incomplete"]),
-    ("llama", {"shared_experts": 1}, ["shared_experts=1", "mixtral has no shared expert"]),
+    ("llama", {"shared_experts": 1}, ["shared_experts=1", "mixtral has no shared expert",
+                                      "use architecture: ernie4_5_moe / glm4_moe / granitemoeshared / qwen2_moe,"]),
     ("qwen3", {"shared_experts": 1}, ["qwen3_moe has no shared expert"]),
     ("qwen2", {"shared_split": True}, ["shared_split: true needs shared_experts"]),
     ("qwen2", {"shared_experts": 1, "shared_split": True, "granularity": 2, "experts_per_token": 2},
-     ["granularity + shared_experts = 2 + 1 = 3", "does not divide", "64"]),
+     ["granularity + shared_experts = 2 + 1 = 3", "does not divide", "64", "set shared_experts to one of [2, 6, 14, 30]"]),
     ("llama", {"experts": [{"source": "x"}]}, ["either `source` or `experts:`"]),
     ("llama", {"base": "x"}, ["only apply with an `experts:` list"]),
 ]

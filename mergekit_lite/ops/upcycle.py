@@ -115,7 +115,7 @@ class UpcyclePlanner:
         for m in sorted(set(copy_models) | set(self.mean_models)):
             self._check_same_shapes(m)
         self.layout: Layout = make_layout(recipe, self.fam, self.shapes.intermediate, self.shapes.n_layers,
-                                          copy_models)
+                                          copy_models, self.dense_type)
         self.experts = self.layout.experts
         self.moe = set(self.layout.moe_layers)
 

@@ -99,16 +99,25 @@ def _show(spec) -> str:
 
 
 def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: int,
-                copy_models: list[int]) -> Layout:
-    """Channel ranges, scales and per-expert options for every expert; `copy_models[c]` is copy c's source."""
+                copy_models: list[int], source_type: str | None = None) -> Layout:
+    """Channel ranges, scales and per-expert options for every expert; `copy_models[c]` is copy c's source.
+    `source_type` (the dense model_type) keeps hints to the targets that accept that source."""
     G, n, I = r.granularity, r.shared_experts, intermediate
     if n and not fam.shared_expert:
         raise MoemergeError(f"shared_experts={n}: {fam.model_type} has no shared expert; use architecture: "
-                            f"{_families_with(lambda f: f.shared_expert)}, or remove shared_experts")
+                            f"{_families_with(lambda f: f.shared_expert and source_type in (None, *f.sources))}, "
+                            "or remove shared_experts")
     units = G + n if r.shared_split else G
     if I % units:
-        what = f"granularity + shared_experts = {G} + {n} = {units}" if r.shared_split else f"granularity={G}"
-        raise MoemergeError(f"{what} does not divide the source's intermediate_size {I}; choose a divisor of {I}")
+        divisors = [d for d in range(1, min(I, 64) + 1) if I % d == 0]
+        if r.shared_split:  # the field to change, and values that work with the other one kept
+            fits = [d - G for d in divisors if d > G][:4]
+            fix = (f"set shared_experts to one of {fits}" if fits else "lower granularity") + \
+                  f" (granularity + shared_experts must divide {I}: {divisors})"
+            what = f"granularity + shared_experts = {G} + {n} = {units}"
+        else:
+            fix, what = f"set granularity to one of {divisors}", f"granularity={G}"
+        raise MoemergeError(f"{what} does not divide the source's intermediate_size {I}; {fix}")
     u = I // units
     routed_start = n * u if r.shared_split else 0
     experts = []

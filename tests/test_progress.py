@@ -158,3 +158,20 @@ def test_ctrl_c_in_train_says_which_checkpoints_remain(finished, tmp_path, monke
     code, _, err = run_main(monkeypatch, capsys, "train", str(finished["recipe"]), "-o", str(tmp_path / "fresh"))
     assert code == 130 and err.replace("\n", "") == f"interrupted; no checkpoint or final model written in " \
                                                      f"{tmp_path / 'fresh'}"
+
+
+def test_the_header_says_when_the_run_repeats_its_data(finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lite.train.loop import run_header
+
+    class Blocks:  # a loader over 10 blocks
+        dataset = list(range(10))
+
+    r = load_recipe(finished["recipe"], TrainRecipe)
+    model = AutoModelForCausalLM.from_pretrained(str(finished["dense"]))
+    lines = run_header(model, finished["dense"], Blocks, Blocks, r, tokens_per_step=32 * 4, max_steps=5)
+    assert "  note: the run sees its training data 2.0 times (20 blocks from 10); add data or shorten the run" in \
+        "\n".join(lines)
+    once = run_header(model, finished["dense"], Blocks, Blocks, r, tokens_per_step=32 * 2, max_steps=5)
+    assert not any("note:" in ln for ln in once)

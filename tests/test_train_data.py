@@ -125,3 +125,28 @@ def test_packing_keeps_every_token_but_the_last_partial_block(corpus, tmp_path):
     want = [t for line in lines for t in [int(line.split()[0][1:]) + 2] * len(line.split()) + [1]]
     assert flat == want[:len(flat)]  # in document order, nothing skipped
     assert not any(p.name.endswith((".gen", ".tmp")) for p in (tmp_path / "cache").iterdir())
+
+
+def test_undecodable_text_names_the_file_and_offers_data_encoding(corpus, tmp_path):
+    from mergekit_lite.errors import MoemergeError
+
+    root, _ = corpus
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("d1 d2 caf\u00e9 d3\n" * 50).encode("latin-1"))
+    with pytest.raises(MoemergeError, match=rf"^data.train: {latin} is not utf-8 text \(invalid continuation byte at "
+                                            r"byte \d+\); set data.encoding to the file's encoding"):
+        loaders(corpus, tmp_path / "run", validation=[str(root / "train.txt")], train=[str(latin)])
+    train_dl, _ = loaders(corpus, tmp_path / "run2", validation=[str(root / "train.txt")], train=[str(latin)],
+                          encoding="latin-1")
+    assert len(train_dl.dataset) > 0
+
+
+def test_a_text_column_holding_numbers_is_one_line(corpus, tmp_path):
+    from mergekit_lite.errors import MoemergeError
+
+    root, _ = corpus
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "d1 d2 d3"}\n{"text": 42}\n')
+    with pytest.raises(MoemergeError, match=r"^data.train: column 'text' holds a int \('42'\), not text; point "
+                                            r"data.text_field"):
+        loaders(corpus, tmp_path / "run", validation=[str(root / "train.txt")], train=[str(rows)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
@@ -13,6 +13,15 @@ from mergekit_lite.recipe.base import ByteSize, DType, Strict
 def _one_or_many(value):
     """`train: corpus.txt` as well as `train: [corpus.txt]`."""
     return [value] if isinstance(value, str) else value
+
+
+def _known_encoding(name: str) -> str:
+    import codecs
+
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {name!r}; e.g. utf-8, latin-1, cp1252") from None
 
 
 class TrainData(Strict):
@@ -24,6 +33,7 @@ class TrainData(Strict):
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,
                                        description="share of documents held out (split before packing)")
     text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
+    encoding: Annotated[str, AfterValidator(_known_encoding)] = Field("utf-8", description="text encoding of .txt/.jsonl/.json files (e.g. latin-1)")
     streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
     validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
                                    "(their documents are left out of training)")

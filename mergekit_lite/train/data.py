@@ -60,13 +60,50 @@ def load_texts(specs: list[str], field: str, cfg: TrainData, streaming: bool):
             ds = datasets.load_dataset(specs[0], split="train", streaming=streaming)
         else:
             builder, files = resolved
-            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+            extra = {"encoding": cfg.encoding} if builder in ("text", "json") else {}
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
+                                       **extra)
     except Exception as e:  # noqa: BLE001 - any loading failure is a data problem the user must fix
-        raise MoemergeError(f"data.{field}: cannot load {specs}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise MoemergeError(_load_failure(field, specs, resolved, cfg, e)) from None
     columns = ds.column_names or []
     if cfg.text_field not in columns:
         raise MoemergeError(f"data.{field}: no column {cfg.text_field!r} (columns: {columns}); set data.text_field")
     return ds
+
+
+def _load_failure(field: str, specs: list[str], resolved, cfg: TrainData, e: BaseException) -> str:
+    """One line for a failed load: `datasets` wraps the real cause (a decoding error) in its own, without the file."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError) and resolved is not None:
+        bad = next((f for f in resolved[1] if not _decodes(f, cfg.encoding)), resolved[1][0])
+        return (f"data.{field}: {bad} is not {cfg.encoding} text ({cause.reason} at byte {cause.start}); set "
+                f"data.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to {cfg.encoding}")
+    return f"data.{field}: cannot load {specs}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _decodes(path: str, encoding: str) -> bool:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def text_column(batch_texts: list, field: str, text_field: str) -> list[str]:
+    """The documents of a batch: strings that are not blank; a value that is not text is one line."""
+    bad = next((t for t in batch_texts if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise MoemergeError(f"data.{field}: column {text_field!r} holds a {type(bad).__name__} ({str(bad)[:40]!r}), "
+                            "not text; point data.text_field at the column that holds the documents")
+    return [t for t in batch_texts if t and t.strip()]  # blank lines are not documents
 
 
 def pack_ids(docs: list[list[int]], eos: int, seq_len: int, carry: list[int]) -> tuple[list[list[int]], list[int]]:
@@ -110,7 +147,8 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
     import datasets
 
     split = f"{part}:{cfg.validation_fraction}:{seed}" if part else ""
-    path = cache_dir / f"packed-{part or field}-{_fingerprint(specs, tokenizer_dir, seq_len, cfg.text_field, split)}"
+    key = _fingerprint(specs, tokenizer_dir, seq_len, f"{cfg.text_field}:{cfg.encoding}", split)
+    path = cache_dir / f"packed-{part or field}-{key}"
     if is_main and not (path / "dataset_info.json").exists():
         ds = load_texts(specs, field, cfg, streaming=False)
         if part:
@@ -118,8 +156,8 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
         text_field = cfg.text_field
 
         def tokenise(batch: dict[str, list]) -> dict[str, list]:
-            texts = [t for t in batch[text_field] if t and t.strip()]  # blank lines are not documents
-            return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+            return {"ids": tokenizer(text_column(batch[text_field], field, text_field),
+                                     add_special_tokens=False)["input_ids"]}
 
         docs = ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
                       desc=f"tokenising {field}")
@@ -155,8 +193,8 @@ def _blocks(docs, eos: int, seq_len: int) -> Iterator[dict[str, list[int]]]:
 def stream_docs(specs: list[str], field: str, cfg: TrainData, tokenizer) -> Iterator[list[int]]:
     """Token ids of each non-empty document of a streamed dataset, in order."""
     for row in load_texts(specs, field, cfg, streaming=True):
-        if row[cfg.text_field]:
-            yield tokenizer(row[cfg.text_field], add_special_tokens=False)["input_ids"]
+        for text in text_column([row[cfg.text_field]], field, cfg.text_field):
+            yield tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def pack_stream(docs: Iterator[list[int]], eos: int, seq_len: int) -> Iterator[list[int]]:

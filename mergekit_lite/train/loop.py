@@ -324,11 +324,17 @@ def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_
     def blocks(dl) -> str:
         return f"{len(dl.dataset)}" if hasattr(dl.dataset, "__len__") else "streamed"
 
-    return [f"train {model_dir}: {total / 1e6:.2f}M parameters, {active_params(model) / 1e6:.2f}M active per token "
-            f"({r.trainable} trainable)",
-            f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
-            f"{tokens_per_step} tokens per step x {max_steps} steps",
-            f"  output: {r.output}"]
+    lines = [f"train {model_dir}: {total / 1e6:.2f}M parameters, {active_params(model) / 1e6:.2f}M active per "
+             f"token ({r.trainable} trainable)",
+             f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
+             f"{tokens_per_step} tokens per step x {max_steps} steps"]
+    if hasattr(train_dl.dataset, "__len__") and len(train_dl.dataset):
+        epochs = tokens_per_step * max_steps / (r.seq_len * len(train_dl.dataset))
+        if epochs > 1:  # repeated data is a choice to make knowingly, not a surprise
+            needed = max_steps * tokens_per_step // r.seq_len
+            lines.append(f"  note: the run sees its training data {epochs:.1f} times ({needed} blocks from "
+                         f"{len(train_dl.dataset)}); add data or shorten the run to see it once")
+    return [*lines, f"  output: {r.output}"]
 
 
 def _mfu(flops_per_s: float, accelerator) -> float | None:

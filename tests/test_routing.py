@@ -274,3 +274,31 @@ def test_bad_routing_refused_before_training(world, tmp_path, moe, extra, needle
     with pytest.raises(MoemergeError, match=needle):
         loop.train(recipe(world, tmp_path / "bad", moe=moe, **extra), echo=quiet)
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_gshard_capacity_places_first_choices_before_second_choices():
+    """Token 1's first choice (expert 1) loses its place to token 0's second choice in token order (Megatron);
+    GShard (Algorithm 1) places all first choices first, so both tokens keep their first expert."""
+    idx = torch.tensor([[0, 1], [1, 0]])
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    tok_idx, _, tok_drop = routing.drop_over_capacity(idx, w, 2, 1, "position")
+    assert tok_drop.tolist() == [[False, False], [True, True]]  # token 1 lost its first choice
+    g_idx, g_w, g_drop = routing.drop_over_capacity(idx, w, 2, 1, "position", choices_first=True)
+    assert g_drop.tolist() == [[False, True], [False, True]]
+    assert g_idx.tolist() == [[0, 2], [1, 2]] and torch.equal(g_w, torch.tensor([[0.6, 0.0], [0.7, 0.0]]))
+
+
+def test_gshard_balance_loss_counts_first_choices_only():
+    from mergekit_lite.recipe import MoETraining
+
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]])
+    logits = probs.log()
+    idx = torch.tensor([[0, 1], [0, 2]])  # first choices: expert 0 twice; second: experts 1 and 2
+    losses = {}
+    for policy in ("gshard", "topk"):
+        tap = RouterTap(torch.nn.Module(), moe=MoETraining(routing=policy, train_top_k=2 if policy == "gshard" else None))
+        tap.routers, tap._seen = [object()], [(logits, probs, idx)]
+        losses[policy] = tap.losses()[0].item()
+    P = probs.mean(0)
+    assert losses["gshard"] == pytest.approx(3 * (1.0 * P[0]).item())  # f = (1, 0, 0): c_e / S
+    assert losses["topk"] == pytest.approx(3 * (0.5 * P[0] + 0.25 * P[1] + 0.25 * P[2]).item())

@@ -68,7 +68,8 @@ def _tapped_forward(self, hidden_states: torch.Tensor):
     if self.training and tap.capacity_factor:
         n_exp = logits.shape[-1]
         cap = routing.capacity(idx.shape[0], idx.shape[-1], n_exp, tap.capacity_factor)
-        idx, weights, dropped = routing.drop_over_capacity(idx, weights, n_exp, cap, tap.drop_policy)
+        idx, weights, dropped = routing.drop_over_capacity(idx, weights, n_exp, cap, tap.drop_policy,
+                                                           choices_first=tap.policy == "gshard")
     if self.training and not self._moemerge_sentinel_ok:
         idx = idx.clamp(max=logits.shape[-1] - 1)  # experts without the "no expert" index: weight 0, costs compute
     tap.record(self._moemerge_index, logits, self._moemerge_scoring.normalised(logits), selected, dropped)
@@ -179,7 +180,8 @@ class RouterTap:
         """(load-balancing loss, z-loss) averaged over MoE layers, from the last forward pass.
 
         Balance: E * sum_i f_i * P_i (Switch/GShard), f_i = share of the assignments the policy selected
-        (before capacity drops, as Megatron), P_i = mean normalised score: softmax probabilities, or for
+        (before capacity drops, as Megatron; under `gshard` the share of first choices, c_e / S, as the
+        paper), P_i = mean normalised score: softmax probabilities, or for
         sigmoid routers the scores divided by their sum per token (DeepSeek-V3's auxiliary loss).
         """
         bal, z = [], []
@@ -188,7 +190,8 @@ class RouterTap:
                 continue
             logits, probs, idx = seen
             n_exp = probs.shape[-1]
-            flat = idx.reshape(-1)
+            # GShard's auxiliary loss counts each token's first choice (c_e / S); the others all assignments
+            flat = (idx[..., 0] if self.policy == "gshard" else idx).reshape(-1)
             f = torch.zeros(n_exp + 1, device=probs.device).scatter_add_(
                 0, flat, torch.ones(flat.numel(), device=probs.device))[:n_exp]
             bal.append(n_exp * (f / f.sum().clamp_min(1) * probs.mean(0)).sum())

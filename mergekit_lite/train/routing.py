@@ -110,7 +110,7 @@ def capacity(tokens: int, k: int, n_experts: int, factor: float) -> int:
 
 
 def drop_over_capacity(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, cap: int,
-                       policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       policy: str, choices_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most `cap` assignments per expert; the rest become index E with weight 0.
 
     Args:
@@ -119,11 +119,16 @@ def drop_over_capacity(idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
         n_experts: E.
         cap: assignments each expert keeps.
         policy: "position" keeps the earliest tokens (token order), "probs" the highest weights.
+        choices_first: with "position", place every token's first choice before any second choice (GShard,
+            Algorithm 1: a second choice takes only the room first choices left); else token by token (Megatron).
 
     Returns:
         (idx, weights, dropped): dropped is a (T, k) bool mask of the assignments removed here.
     """
     T, k = idx.shape
+    if choices_first and policy == "position":  # queue order choice-major: (k, T) flattened, mapped back
+        idx_t, w_t, d_t = drop_over_capacity(idx.t().contiguous(), weights.t().contiguous(), n_experts, cap, policy)
+        return idx_t.t(), w_t.t(), d_t.t()
     flat = idx.reshape(-1)  # (T*k,) token-major: a token's own slots never share an expert
     valid = flat < n_experts
     hits = F.one_hot(flat.clamp(max=n_experts - 1), n_experts).bool() & valid[:, None]  # (T*k, E)

@@ -273,3 +273,12 @@ def test_empty_linears_are_parked_as_buffers_with_the_same_output():
     assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == before  # still saved, same names
     got = [block[0](x), block[1](x[..., :0]), block[2](x)]
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_routers_only_on_identical_experts_warns_that_nothing_can_change(world, tmp_path):
+    said: list[str] = []
+    train(recipe(world, tmp_path / "r", trainable="routers", max_steps=3), echo=said.append)
+    assert any(s.startswith("warning: 2 MoE layer(s) hold identical experts") for s in said), said
+    said.clear()
+    train(recipe(world, tmp_path / "all", max_steps=3), echo=said.append)
+    assert not any("identical experts" in s for s in said)

@@ -29,7 +29,7 @@ from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
     build_loaders, finished_run, has_experts, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
-    preflight, steps_for, trainable_parameters, write_run_record)
+    preflight, routers_only_note, steps_for, trainable_parameters, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -196,6 +196,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         targets = lora_targets(model, r.lora)  # refuses names that reach nothing (or only empty modules)
         model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                                  task_type="CAUSAL_LM", **targets))
+    if (note := routers_only_note(model, r.trainable)) is not None:
+        say(note)
     park_empty_linears(model)  # size-0 shared experts: no engine can shard an empty parameter
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
     trainable_parameters(model, r.trainable, tap.routers, new_layers)

@@ -247,6 +247,30 @@ def park_empty_linears(model) -> int:
     return len(empty)
 
 
+def identical_expert_layers(model: nn.Module) -> int:
+    """MoE layers whose routed experts are all equal (a fresh upcycle without noise or Drop-Upcycling)."""
+    count = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.w1", "input_linear.weight")) \
+                and p.device.type != "meta" and p.shape[0] > 1:
+            w = p.detach()  # (E, out, in)
+            count += bool(all(torch.equal(w[0], w[e]) for e in range(1, w.shape[0])))
+    return count
+
+
+def routers_only_note(model: nn.Module, mode: str) -> str | None:
+    """Why `trainable: routers` on identical experts changes nothing: every expert computes the same function,
+    so the language-model loss gives the routers no gradient until experts differ."""
+    if mode != "routers":
+        return None
+    n = identical_expert_layers(model)
+    if not n:
+        return None
+    return (f"warning: {n} MoE layer(s) hold identical experts, so the language-model loss gives the routers no "
+            "gradient (every choice computes the same function): trainable: routers cannot change the loss. "
+            "Upcycle with noise or drop_ratio, or train the experts too (trainable: routers+experts or all)")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and other 1-D parameters."""
     def dims(p) -> int:  # a parameter partitioned by ZeRO-3's zero.Init is 1-D in memory; ds_shape is its own

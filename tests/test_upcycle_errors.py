@@ -120,6 +120,15 @@ def test_misshaped_tensor(tmp_path, pico_llama):
     assert_fails(tmp_path, recipe(tmp_path, source=src), "model.layers.1.mlp.down_proj.weight", "[64, 100]", "[64, 128]")
 
 
+def test_a_transposed_gate_is_blamed_on_the_gate(tmp_path, pico_llama):
+    """Layer 0's gate used to set the expected sizes, so a transposed gate blamed up_proj with swapped sizes."""
+    def edit(sd):
+        sd["model.layers.0.mlp.gate_proj.weight"] = sd["model.layers.0.mlp.gate_proj.weight"].t().contiguous()
+    src = _rewrite(pico_llama, tmp_path / "m", edit)
+    assert_fails(tmp_path, recipe(tmp_path, source=src), "model.layers.0.mlp.gate_proj.weight", "[64, 128]",
+                 "expected [128, 64] (transposed?)", "from config.json")
+
+
 def test_truncated_safetensors(tmp_path, pico_llama):
     src = copy_model(pico_llama, tmp_path / "t")
     data = (src / "model.safetensors").read_bytes()

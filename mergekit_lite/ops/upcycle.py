@@ -66,8 +66,13 @@ def check_dense_tensors(reader: CheckpointReader, fam: MoEFamily) -> DenseShapes
     if not isinstance(n, int) or n < 1:
         raise MoemergeError(f"{reader.path}/config.json has no valid num_hidden_layers")
     mlp = DENSE[model_type_of(cfg)].mlp
-    gate0 = reader.info(layer_key(0, mlp["gate"]))
-    inter, hidden = gate0.shape
+    hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
+    source = "config.json"
+    if not (isinstance(hidden, int) and isinstance(inter, int)):  # sizes from layer 0 where the config lacks them
+        key0 = layer_key(0, mlp["gate"])
+        if key0 not in reader:
+            raise MoemergeError(f"tensor {key0!r} is missing from {reader.path}; the checkpoint is incomplete")
+        (inter, hidden), source = reader.info(key0).shape, "layer 0"
     expect = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
     for i in range(n):
         for p in PROJS:
@@ -76,8 +81,9 @@ def check_dense_tensors(reader: CheckpointReader, fam: MoEFamily) -> DenseShapes
                 raise MoemergeError(f"tensor {key!r} is missing from {reader.path}; the checkpoint is incomplete")
             got = reader.info(key).shape
             if got != expect[p]:
-                raise MoemergeError(f"tensor {key!r} has shape {list(got)}, expected {list(expect[p])} "
-                                    f"(hidden {hidden}, intermediate {inter} from layer 0)")
+                flipped = " (transposed?)" if tuple(got) == tuple(reversed(expect[p])) else ""
+                raise MoemergeError(f"tensor {key!r} has shape {list(got)}, expected {list(expect[p])}{flipped} "
+                                    f"(hidden {hidden}, intermediate {inter} from {source})")
     mlp_rel = set(mlp.values())
     for key in reader.keys():
         parts = split_layer_key(key)

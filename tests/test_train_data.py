@@ -150,3 +150,25 @@ def test_a_text_column_holding_numbers_is_one_line(corpus, tmp_path):
     with pytest.raises(MoemergeError, match=r"^data.train: column 'text' holds a int \('42'\), not text; point "
                                             r"data.text_field"):
         loaders(corpus, tmp_path / "run", validation=[str(root / "train.txt")], train=[str(rows)])
+
+
+def test_tokenising_with_worker_processes_packs_the_same_blocks(corpus, tmp_path):
+    """`data.num_proc` worker processes give the very blocks one process gives (order kept)."""
+    from mergekit_lite.train.data import packed_dataset, tokenise_workers
+
+    root, tokenizer = corpus
+    rng = random.Random(2)
+    (tmp_path / "big.txt").write_text("".join(" ".join([f"d{i % N_DOCS}"] * rng.randint(1, 9)) + "\n"
+                                              for i in range(3000)))
+    blocks = {}
+    for n in (1, 3):
+        r = validate_recipe({"model": str(root / "tok"), "data": {"train": [str(tmp_path / "big.txt")],
+                                                                  "num_proc": n},
+                             "seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3,
+                             "output": str(tmp_path / "run")}, TrainRecipe)
+        assert tokenise_workers(r.data, 3000) == (None if n == 1 else 3)
+        ds = packed_dataset(r.data.train, "train", r.data, tokenizer, root / "tok", 16, tmp_path / f"cache{n}",
+                            True, lambda: None)
+        blocks[n] = [b.tolist() for b in ds["input_ids"]]
+    assert blocks[1] == blocks[3] and len(blocks[1]) > 100
+    assert tokenise_workers(r.data, 400) is None  # one batch: no process to start

@@ -35,6 +35,8 @@ class TrainData(Strict):
     text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
     encoding: Annotated[str, AfterValidator(_known_encoding)] = Field("utf-8", description="text encoding of .txt/.jsonl/.json files (e.g. latin-1)")
     streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
+    num_proc: int | None = Field(None, ge=1, description="processes tokenising a cached corpus (default: the usable "
+                                 "cores, at most one per 1000 documents)")
     validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
                                    "(their documents are left out of training)")
 

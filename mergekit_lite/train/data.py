@@ -160,7 +160,7 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
                                      add_special_tokens=False)["input_ids"]}
 
         docs = ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                      desc=f"tokenising {field}")
+                      num_proc=tokenise_workers(cfg, len(ds)), desc=f"tokenising {field}")
         tmp = path.with_name(path.name + ".tmp")
         gen_cache = path.with_name(path.name + ".gen")
         # packed in document order with one carry across the whole corpus: every token is kept but the last
@@ -183,6 +183,15 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
         raise MoemergeError(f"data.{field}: fewer than seq_len={seq_len} tokens after tokenisation; "
                             "add text or lower seq_len")
     return ds.with_format("torch")
+
+
+def tokenise_workers(cfg: TrainData, n_docs: int) -> int | None:
+    """`datasets` worker processes for tokenising: `data.num_proc`, else the usable cores; never more than one
+    per 1000-document batch (a process costs a second or two to start). None means in this process."""
+    from mergekit_lite.threads import usable_cores
+
+    n = min(cfg.num_proc or usable_cores(), max(1, -(-n_docs // 1000)))
+    return n if n > 1 else None
 
 
 def _blocks(docs, eos: int, seq_len: int) -> Iterator[dict[str, list[int]]]:

@@ -123,12 +123,16 @@ def test_train_starts_with_a_header(finished):
     from transformers import AutoModelForCausalLM
 
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(finished["dense"])).parameters())
-    head = finished["lines"][:3]
+    head = finished["lines"][:4]
     assert head[0] == (f"train {finished['dense']}: {n / 1e6:.2f}M parameters, {n / 1e6:.2f}M active per token "
                        "(all trainable)")
     assert re.fullmatch(r"  data: \d+ train / \d+ validation blocks of 32 tokens; 128 tokens per step x 2 steps",
                         head[1]), head[1]
-    assert head[2] == f"  output: {finished['out']}"
+    blocks = int(head[1].split()[1])
+    kept, total, dropped = map(int, re.fullmatch(r"  train tokens: (\d+) kept in blocks of (\d+) \((\d+) dropped: "
+                                                 r"the last partial block\)", head[2]).groups())
+    assert kept == 32 * blocks and 0 <= dropped == total - kept < 32  # every token but one partial block
+    assert head[3] == f"  output: {finished['out']}"
 
 
 def test_ddp_searches_unused_parameters_only_with_experts(finished):

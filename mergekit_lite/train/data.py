@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ import torch
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.recipe import TrainData
 
+COUNTS = "moemerge-counts.json"  # beside a packed cache: the corpus's tokens, and those kept in blocks
 PACKING = 2  # in the cache key: caches packed by another rule are not reused (1: each 1000-document batch alone)
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -170,19 +172,25 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
             features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
             cache_dir=str(gen_cache))
         packed.save_to_disk(str(tmp))
+        total = sum(len(ids) + 1 for ids in docs["ids"])  # every document's tokens and its EOS
+        (tmp / COUNTS).write_text(json.dumps({"tokens": total, "kept": len(packed) * seq_len, "documents": len(docs)}))
         del packed
         shutil.rmtree(gen_cache, ignore_errors=True)
         tmp.rename(path)  # a half-written cache never looks complete
     wait()
     ds = datasets.load_from_disk(str(path))
+    counts = json.loads((path / COUNTS).read_text()) if (path / COUNTS).is_file() else {}
     if len(ds) == 0 and part == "validation":
         raise MoemergeError(f"data.validation_fraction = {cfg.validation_fraction}: the held-out documents of "
-                            f"data.train hold fewer than seq_len={seq_len} tokens; raise it, lower seq_len, "
-                            "or give data.validation files")
+                            f"data.train hold {counts.get('tokens', 'fewer')} tokens, fewer than one block of "
+                            f"seq_len={seq_len}; raise it, lower seq_len, or give data.validation files")
     if len(ds) == 0:
-        raise MoemergeError(f"data.{field}: fewer than seq_len={seq_len} tokens after tokenisation; "
+        raise MoemergeError(f"data.{field}: {counts.get('tokens', 'fewer')} tokens after tokenisation "
+                            f"({counts.get('documents', '?')} documents), fewer than one block of seq_len={seq_len}; "
                             "add text or lower seq_len")
-    return ds.with_format("torch")
+    ds = ds.with_format("torch")
+    ds.moemerge_counts = counts  # tokens in the corpus and kept in blocks: the run header shows them
+    return ds
 
 
 def tokenise_workers(cfg: TrainData, n_docs: int) -> int | None:

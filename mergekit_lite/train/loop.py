@@ -306,6 +306,9 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     summary = {"steps": step, "tokens": tokens, "final_val_loss": vals["val_loss"], "tokens_per_s": tps,
                "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, accelerator),
                "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len, **engine}
+    counts = getattr(train_dl.dataset, "moemerge_counts", None) or {}
+    if counts:  # what the packed training corpus kept: every token but its last partial block
+        summary |= {"data_tokens": counts["tokens"], "data_tokens_in_blocks": counts["kept"]}
     if "val_loss_with_selection_bias" in vals:  # training's routing, which the saved model cannot reproduce
         summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
@@ -330,6 +333,11 @@ def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_
              f"token ({r.trainable} trainable)",
              f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
              f"{tokens_per_step} tokens per step x {max_steps} steps"]
+    counts = getattr(train_dl.dataset, "moemerge_counts", None)
+    if counts:
+        dropped = counts["tokens"] - counts["kept"]
+        lines.append(f"  train tokens: {counts['kept']} kept in blocks of {counts['tokens']} "
+                     f"({dropped} dropped: the last partial block)")
     if hasattr(train_dl.dataset, "__len__") and len(train_dl.dataset):
         epochs = tokens_per_step * max_steps / (r.seq_len * len(train_dl.dataset))
         if epochs > 1:  # repeated data is a choice to make knowingly, not a surprise

@@ -172,3 +172,40 @@ def test_tokenising_with_worker_processes_packs_the_same_blocks(corpus, tmp_path
         blocks[n] = [b.tolist() for b in ds["input_ids"]]
     assert blocks[1] == blocks[3] and len(blocks[1]) > 100
     assert tokenise_workers(r.data, 400) is None  # one batch: no process to start
+
+
+def test_a_weighted_blend_draws_each_corpus_in_its_share(corpus, tmp_path):
+    """Two corpora (documents d0-d99 and d200-d299) weighted 1:3: every prefix of the run's samples holds them
+    1:3 to within a block, each corpus packed on its own; the order is fixed by the seed."""
+    root, tokenizer = corpus
+    for name, first in (("a.txt", 0), ("b.txt", 200)):
+        (tmp_path / name).write_text("".join(" ".join([f"d{first + i % 100}"] * 5) + "\n" for i in range(300)))
+    r = validate_recipe({"model": str(root / "tok"), "data": {
+        "train": [{"path": str(tmp_path / "a.txt"), "weight": 1}, {"path": str(tmp_path / "b.txt"), "weight": 3}],
+        "validation": [str(root / "train.txt")]}, "seq_len": 16, "micro_batch_size": 4, "max_steps": 200,
+        "learning_rate": 1e-3, "output": str(tmp_path / "run")}, TrainRecipe)
+    assert r.data.weights == [1.0, 3.0]
+    train_dl, _ = build_loaders(r, tokenizer, root / "tok", One, r.max_steps)
+    sources = []
+    for batch in itertools.islice(train_dl, 200):
+        for block in batch["input_ids"]:
+            first = int(block[0])  # every token of a block comes from one corpus
+            sources.append("a" if 2 <= first < 102 or (first == 1 and 2 <= int(block[1]) < 102) else "b")
+    for n in (4, 40, 400, 800):
+        assert abs(sources[:n].count("a") - n / 4) <= 1, (n, sources[:n].count("a"))
+    again, _ = build_loaders(r, tokenizer, root / "tok", One, r.max_steps)
+    assert list(train_dl.batch_sampler)[:50] == list(again.batch_sampler)[:50]
+    assert [s for s, _, _ in train_dl.dataset.moemerge_sources] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+
+
+def test_weights_must_match_the_entries_and_not_stream(corpus, tmp_path):
+    from mergekit_lite.errors import MoemergeError
+
+    base = {"seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3, "output": "o"}
+    with pytest.raises(MoemergeError, match=r"data.weights has 1 values for 2 train entries"):
+        validate_recipe({**base, "model": "m", "data": {"train": ["a", "b"], "weights": [1]}}, TrainRecipe)
+    with pytest.raises(MoemergeError, match=r"data.weights with streaming: true is not supported"):
+        validate_recipe({**base, "model": "m", "data": {"train": ["a", "b"], "weights": [1, 2], "streaming": True}},
+                        TrainRecipe)
+    with pytest.raises(MoemergeError, match=r"weights.0 = 0: Input should be greater than 0|greater than 0"):
+        validate_recipe({**base, "model": "m", "data": {"train": ["a"], "weights": [0]}}, TrainRecipe)

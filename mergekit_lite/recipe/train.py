@@ -24,11 +24,31 @@ def _known_encoding(name: str) -> str:
         raise ValueError(f"unknown text encoding {name!r}; e.g. utf-8, latin-1, cp1252") from None
 
 
+def _weighted_entries(data):
+    """`train:` entries may be `{path: ..., weight: ...}` mappings (Megatron's blend): split into `train` (paths)
+    and `weights` (plain entries weigh 1)."""
+    if isinstance(data, dict) and isinstance(data.get("train"), list) and any(isinstance(e, dict)
+                                                                             for e in data["train"]):
+        if data.get("weights") is not None:
+            raise ValueError("give weights either on the train entries or as data.weights, not both")
+        entries = data["train"]
+        bad = [e for e in entries if isinstance(e, dict) and set(e) - {"path", "weight"} or
+               isinstance(e, dict) and "path" not in e]
+        if bad:
+            raise ValueError(f"a weighted train entry is {{path: FILE, weight: SHARE}}, got {bad[0]!r}")
+        data = {**data, "train": [e["path"] if isinstance(e, dict) else e for e in entries],
+                "weights": [float(e.get("weight", 1.0)) if isinstance(e, dict) else 1.0 for e in entries]}
+    return data
+
+
 class TrainData(Strict):
     """Where the training text comes from (local files through the `datasets` library, or a Hub dataset)."""
 
     train: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
                                                       "or a Hub dataset name when online")
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="sampling share of each train entry (normalised): blocks are drawn from the entries in "
+                          "these proportions, each entry packed on its own; or give {path, weight} entries")
     validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(None, description="held-out files; default: a split of `train`")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,
                                        description="share of documents held out (split before packing)")
@@ -39,6 +59,21 @@ class TrainData(Strict):
                                  "cores, at most one per 1000 documents)")
     validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
                                    "(their documents are left out of training)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_weights(cls, data):
+        return _weighted_entries(data)
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "TrainData":
+        if self.weights is not None and len(self.weights) != len(self.train):
+            raise ValueError(f"data.weights has {len(self.weights)} values for {len(self.train)} train entries; "
+                             "give one per entry")
+        if self.weights is not None and self.streaming:
+            raise ValueError("data.weights with streaming: true is not supported yet; mix cached corpora "
+                             "(streaming: false), or stream one corpus")
+        return self
 
 
 class MoETraining(Strict):

@@ -259,3 +259,25 @@ def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(n_blocks, generator=g).tolist()
     return [perm[i:i + batch] for i in range(0, n_blocks - batch + 1, batch)]
+
+
+def blend_order(sizes: list[int], weights: list[float], n_samples: int, seed: int) -> list[int]:
+    """Indices into the concatenation of sources of `sizes` blocks: sample i comes from the source furthest
+    behind its share (argmax of w_s * (i + 1) - taken_s, Megatron's blended dataset), so every prefix of the
+    order holds each source in its share to within one block; within a source, blocks in a seeded order per
+    pass (epoch). A function of the seed and the sample index only: resumable on any process count."""
+    total = sum(weights)
+    share = [w / total for w in weights]
+    offsets = [sum(sizes[:s]) for s in range(len(sizes))]
+    taken = [0] * len(sizes)
+    perm: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, its seeded block order for that pass)
+    order = []
+    for i in range(n_samples):
+        s = max(range(len(sizes)), key=lambda j: share[j] * (i + 1) - taken[j])  # ties: the first source
+        epoch, pos = divmod(taken[s], sizes[s])
+        if perm.get(s, (None,))[0] != epoch:
+            g = torch.Generator().manual_seed(seed * 1000003 + epoch * 7919 + s)
+            perm[s] = (epoch, torch.randperm(sizes[s], generator=g).tolist())
+        order.append(offsets[s] + perm[s][1][pos])
+        taken[s] += 1
+    return order

@@ -19,7 +19,7 @@ from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_
 from mergekit_lite.io.reader import read_config, refuse_leaving_links
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
-from mergekit_lite.train.data import batch_order, packed_dataset, resolve_files, StreamedBlocks
+from mergekit_lite.train.data import batch_order, blend_order, packed_dataset, resolve_files, StreamedBlocks
 from mergekit_lite.train.routing import check_routing
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",
@@ -309,6 +309,8 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
         return packed_dataset(specs, field, r.data, tokenizer, model_dir, r.seq_len, cache,
                               accelerator.is_main_process, accelerator.wait_for_everyone, part=part, seed=r.seed)
 
+    if r.data.weights:  # a blend: each entry packed on its own, blocks drawn in the weights' shares
+        return _blended_loaders(r, packed, micro_batches, collate)
     if r.data.validation:
         train, val = packed(r.data.train, "train"), packed(r.data.validation, "validation")
     else:  # held-out documents, split before packing: no document on both sides
@@ -322,6 +324,28 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
         batches += batch_order(len(train), r.micro_batch_size, r.seed, epoch)
         epoch += 1
     train_dl = torch.utils.data.DataLoader(train, batch_sampler=batches[:micro_batches], collate_fn=collate,
+                                           generator=_own_rng(r.seed))
+    val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, shuffle=False, collate_fn=collate,
+                                         generator=_own_rng(r.seed))
+    return train_dl, val_dl
+
+
+def _blended_loaders(r: TrainRecipe, packed, micro_batches: int, collate):
+    """Loaders for a weighted blend of `data.train` entries (see `data.blend_order`)."""
+    import datasets
+
+    parts = [packed([spec], "train", None if r.data.validation else "train") for spec in r.data.train]
+    vals = ([packed(r.data.validation, "validation")] if r.data.validation
+            else [packed([spec], "train", "validation") for spec in r.data.train])
+    train = datasets.concatenate_datasets(parts).with_format("torch")
+    val = vals[0] if len(vals) == 1 else datasets.concatenate_datasets(vals).with_format("torch")
+    counts = [getattr(p, "moemerge_counts", {}) for p in parts]
+    train.moemerge_counts = {k: sum(c.get(k, 0) for c in counts) for k in ("tokens", "kept", "documents")}
+    train.moemerge_sources = [(spec, len(p), w / sum(r.data.weights)) for spec, p, w in
+                              zip(r.data.train, parts, r.data.weights)]
+    order = blend_order([len(p) for p in parts], r.data.weights, micro_batches * r.micro_batch_size, r.seed)
+    batches = [order[i:i + r.micro_batch_size] for i in range(0, len(order), r.micro_batch_size)]
+    train_dl = torch.utils.data.DataLoader(train, batch_sampler=batches, collate_fn=collate,
                                            generator=_own_rng(r.seed))
     val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, shuffle=False, collate_fn=collate,
                                          generator=_own_rng(r.seed))

@@ -282,3 +282,25 @@ def test_routers_only_on_identical_experts_warns_that_nothing_can_change(world, 
     said.clear()
     train(recipe(world, tmp_path / "all", max_steps=3), echo=said.append)
     assert not any("identical experts" in s for s in said)
+
+
+def test_attention_kernel_and_precision_defaults(world, tmp_path):
+    """sdpa (default) and eager attention train to the same numbers on CPU, where the default precision is fp32;
+    flash_attention_2 without flash-attn is one line before anything loads."""
+    import importlib.util
+
+    from mergekit_lite.train.engine import default_precision
+
+    assert default_precision(None) == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                                       else "no")
+    assert default_precision("fp16") == "fp16"
+    said: list[str] = []
+    sdpa = train(recipe(world, tmp_path / "sdpa", max_steps=3), echo=said.append)
+    eager = train(recipe(world, tmp_path / "eager", max_steps=3, attn_implementation="eager"), echo=quiet)
+    assert abs(sdpa["final_val_loss"] - eager["final_val_loss"]) < 1e-4
+    assert sdpa["mixed_precision"] == "no" and any(
+        s.startswith("  precision: no (the default on this device), attention: sdpa") for s in said), said
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(MoemergeError, match=r"attn_implementation = 'flash_attention_2' needs the flash-attn"):
+            train(recipe(world, tmp_path / "fa", attn_implementation="flash_attention_2"), echo=quiet)
+        assert not (tmp_path / "fa").exists()

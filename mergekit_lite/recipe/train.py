@@ -134,8 +134,12 @@ class TrainRecipe(Strict):
     weight_decay: float = Field(0.1, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
-    # YAML 1.1 reads an unquoted `no` as false: the documented default must still be accepted as written
-    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)] = "no"
+    # YAML 1.1 reads an unquoted `no` as false: the documented default must still be accepted as written.
+    # None: bf16 on a GPU that supports it, fp32 ("no") elsewhere (engine.default_precision)
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"] | None,
+                               BeforeValidator(lambda v: "no" if v is False else v)] = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (torch's, default), eager, flash_attention_2 (needs flash-attn)")
     gradient_checkpointing: bool = False
     seed: int = 0
     trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"

@@ -90,6 +90,35 @@ def _deepspeed_accelerator(cpu: bool, **kwargs):
     return Accelerator(cpu=False, **kwargs)
 
 
+def default_precision(requested: str | None) -> str:
+    """The recipe's mixed precision, or by default bf16 on a CUDA GPU that supports it and fp32 elsewhere
+    (a recipe copied onto GPUs should not train in fp32 by accident; CPU bf16 autocast is slow)."""
+    import torch
+
+    if requested is not None:
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def allow_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere+ GPUs (fp32 master weights keep fp32 storage; the matmuls use
+    TF32's 10-bit mantissa, the common training default); nothing elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_attention(name: str) -> None:
+    """Refuse an attention kernel that is not installed, in one line, before anything loads."""
+    import importlib.util
+
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise MoemergeError("attn_implementation = 'flash_attention_2' needs the flash-attn package (pip install "
+                            "flash-attn, on a CUDA GPU); or use attn_implementation: sdpa")
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -122,7 +151,7 @@ def uses_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def load_model(model_dir, accelerator):
+def load_model(model_dir, accelerator, attn_implementation: str = "sdpa"):
     """The model in fp32 (master weights). Under FSDP2 with `fsdp_cpu_ram_efficient_loading`, only the main
     process reads the weights: the others build the model on the meta device (buffers computed, e.g. RoPE's
     inv_freq) and receive their shards from it at `prepare`, so no process but one holds the model whole."""
@@ -133,7 +162,8 @@ def load_model(model_dir, accelerator):
     plugin = accelerator.state.fsdp_plugin if uses_fsdp(accelerator) else None
     if plugin is not None and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32,
+                                                    attn_implementation=attn_implementation)
     ds = accelerator.state.deepspeed_plugin if uses_deepspeed(accelerator) else None
     if ds is not None and zero_stage(accelerator) == 3 and not ds.zero3_init_flag:
         # accelerate registers the ZeRO-3 config with transformers, whose from_pretrained then loads under
@@ -142,10 +172,12 @@ def load_model(model_dir, accelerator):
 
         unset_hf_deepspeed_config()
         try:
-            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                        attn_implementation=attn_implementation)
         finally:
             set_hf_deepspeed_config(ds.dschf)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                attn_implementation=attn_implementation)
 
 
 def prepare_sharding(accelerator, model) -> None:

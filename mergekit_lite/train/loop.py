@@ -24,7 +24,8 @@ from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
 from mergekit_lite.train.engine import (
-    configure_deepspeed, describe_engine, is_main_process, load_model, make_accelerator, prepare_sharding)
+    allow_tf32, check_attention, configure_deepspeed, default_precision, describe_engine, is_main_process, load_model,
+    make_accelerator, prepare_sharding)
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
@@ -158,9 +159,10 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
             f"{out / 'final'}): nothing to resume. To train again, pass --overwrite or choose another output")
         return {**done, "already_finished": True}
     model_dir = resolve_model_path(r.model, r.revision)
+    check_attention(r.attn_implementation)
     config = preflight(r, model_dir, resume, overwrite)
     accelerator = make_accelerator(  # CPU processes over gloo under torchrun without GPUs; FSDP2 there too
-        mixed_precision=r.mixed_precision,
+        mixed_precision=default_precision(r.mixed_precision),
         log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
         # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
         # num_processes times per call, which fits a schedule counted in per-process batches, not ours
@@ -185,7 +187,9 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.eos_token_id is None:
         raise MoemergeError(f"the tokenizer in {model_dir} has no eos token; documents cannot be joined")
-    model = load_model(model_dir, accelerator)  # fp32 master weights; under FSDP2 read by the main process only
+    allow_tf32()
+    # fp32 master weights; under FSDP2 read by the main process only
+    model = load_model(model_dir, accelerator, r.attn_implementation)
     if r.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -209,6 +213,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     tokens_per_step = r.seq_len * r.global_batch(accelerator.num_processes)
     for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
         say(line)
+    say(f"  precision: {accelerator.mixed_precision}{' (the default on this device)' if r.mixed_precision is None else ''}"
+        f", attention: {r.attn_implementation}")
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
                                                             min_lr_rate=r.min_lr_ratio)

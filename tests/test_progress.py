@@ -135,11 +135,25 @@ def test_train_starts_with_a_header(finished):
     assert head[3] == f"  output: {finished['out']}"
 
 
-def test_ddp_searches_unused_parameters_only_with_experts(finished):
+def test_ddp_searches_unused_parameters_only_where_one_can_miss_its_gradient(finished, pico_factory):
+    """transformers 5 fuses each layer's experts into one parameter that always takes part: no search (DDP warns
+    when it searches and finds nothing); experts as separate modules would need it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lite.train.setup import unused_parameters_possible
+
     (kw,) = finished["handlers"]
-    assert kw.find_unused_parameters is False  # a dense model: every parameter gets a gradient
+    assert kw.find_unused_parameters is False
+    fused = AutoModelForCausalLM.from_pretrained(str(pico_factory("mixtral")))
+    assert not unused_parameters_possible(fused)
+    per_expert = torch.nn.Module()
+    per_expert.mlp = torch.nn.Module()
+    per_expert.mlp.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    assert unused_parameters_possible(per_expert)
+    per_expert.requires_grad_(False)  # frozen experts cannot miss a gradient they never get
+    assert not unused_parameters_possible(per_expert)
     assert has_experts({"num_local_experts": 8}) and has_experts({"text_config": {"num_experts": 4}})
-    assert not has_experts({"num_hidden_layers": 2}) and not has_experts({"num_experts": 0})
 
 
 def test_resume_of_a_finished_run_says_so_and_exits_0(finished, monkeypatch, capsys):

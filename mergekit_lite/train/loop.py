@@ -29,8 +29,8 @@ from mergekit_lite.train.engine import (
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
-    build_loaders, finished_run, has_experts, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
-    preflight, routers_only_note, steps_for, trainable_parameters, write_run_record)
+    build_loaders, finished_run, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
+    preflight, routers_only_note, steps_for, trainable_parameters, unused_parameters_possible, write_run_record)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -167,9 +167,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
         # num_processes times per call, which fits a schedule counted in per-process batches, not ours
         step_scheduler_with_optimizer=False,
-        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them (a dense
-        # model has none, and DDP warns that the search for unused parameters costs time)
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=has_experts(config))])
+        # decided once the model is loaded (unused_parameters_possible): DDP warns when it searches for nothing
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     if accelerator.device.type == "cpu":  # training state lives in host memory: give freed tensors back
         map_large_allocations()
     # the recipe's global batch (or its accumulation) over this run's processes; refused when it does not divide
@@ -203,6 +202,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     if (note := routers_only_note(model, r.trainable)) is not None:
         say(note)
     park_empty_linears(model)  # size-0 shared experts: no engine can shard an empty parameter
+    if accelerator.ddp_handler is not None:
+        accelerator.ddp_handler.find_unused_parameters = unused_parameters_possible(model)
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
     trainable_parameters(model, r.trainable, tap.routers, new_layers)
     optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)

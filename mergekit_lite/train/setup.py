@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,13 @@ def park_empty_linears(model) -> int:
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, child, EmptyLinear(getattr(holder, child)))
     return len(empty)
+
+
+def unused_parameters_possible(model: nn.Module) -> bool:
+    """Whether a trainable parameter can miss its gradient in a step, so DDP must search for unused ones: experts
+    kept as separate modules (an expert no token chose gets none). transformers 5 fuses each layer's experts into
+    one 3-D parameter, which always takes part, so its MoE models need no search (DDP warns when it finds none)."""
+    return any(re.search(r"\.experts\.\d+\.", name) for name, p in model.named_parameters() if p.requires_grad)
 
 
 def identical_expert_layers(model: nn.Module) -> int:

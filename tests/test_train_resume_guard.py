@@ -108,3 +108,13 @@ def test_resume_accepts_what_only_extends_or_observes_the_run(run, tmp_path):
     notes = [line for line in said if line.startswith("--resume: accepted change")]
     assert any("max_steps 2 -> 3 (the run is extended)" in n for n in notes), said
     assert any("log_every 1 -> 2" in n for n in notes) and not any("global_batch" in n for n in notes), said
+
+
+def test_a_damaged_checkpoint_is_one_line(run, tmp_path):
+    out = copy_of(run, tmp_path)
+    shard = next((out / "checkpoints" / "step-0000002" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # a disk that filled mid-write, a bad copy
+    with pytest.raises(MoemergeError, match=r"^--resume: .*step-0000002 cannot be loaded \(.*\); it is damaged or "
+                                            r"was written for another model") as e:
+        train(run[1](out), resume=True, echo=lambda *_: None)
+    assert "\n" not in str(e.value)

@@ -101,6 +101,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
     from the checkpoint's step and its rank.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (ckpt / MODEL_STATE).is_dir() or not (ckpt / EXTRA).is_file():
@@ -116,10 +117,12 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
             with _one_process_is_fine():
                 dcp.load(state, checkpoint_id=str(ckpt / MODEL_STATE))
             set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
-    except Exception as e:  # noqa: BLE001 - DCP and DeepSpeed wrap the real error (missing key, shape) in their own
-        first = str(e).strip().splitlines()
-        raise MoemergeError(f"--resume: {ckpt} does not fit this model ({type(e).__name__}: "
-                            f"{first[-1] if first else ''}); was it written for another model?") from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP and DeepSpeed wrap the real error (missing
+        # key, shape, a damaged file) in their own; DCP's CheckpointException derives from BaseException
+        first = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise MoemergeError(f"--resume: {ckpt} cannot be loaded ({type(e).__name__}: {first[-1][:200] if first else ''}); "
+                            "it is damaged or was written for another model: delete it to resume from the one "
+                            "before, or start again") from None
     extra = torch.load(ckpt / EXTRA, weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     scaler = getattr(accelerator, "scaler", None)

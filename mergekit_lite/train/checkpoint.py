@@ -119,10 +119,10 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
             set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP and DeepSpeed wrap the real error (missing
         # key, shape, a damaged file) in their own; DCP's CheckpointException derives from BaseException
-        first = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise MoemergeError(f"--resume: {ckpt} cannot be loaded ({type(e).__name__}: {first[-1][:200] if first else ''}); "
-                            "it is damaged or was written for another model: delete it to resume from the one "
-                            "before, or start again") from None
+        last = ([line for line in str(e).strip().splitlines() if line.strip()] or [""])[-1][:200]
+        raise MoemergeError(f"--resume: {ckpt} cannot be loaded ({type(e).__name__}: {last}); it is damaged or was "
+                            "written for another model: delete it to resume from the one before, or start again"
+                            ) from None
     extra = torch.load(ckpt / EXTRA, weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     scaler = getattr(accelerator, "scaler", None)

@@ -216,7 +216,8 @@ def _check_values(reader: CheckpointReader, progress: Callable[[str], None] | No
     for n, key in enumerate(reader.keys()):
         t = reader.get(key)
         if not t.is_floating_point() and t.numel():  # weights are floats: integer bytes are a relabelled dtype
-            raise MoemergeError(f"check: tensor {key!r} in {reader.info(key).file} is {str(t.dtype).removeprefix('torch.')}, "
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise MoemergeError(f"check: tensor {key!r} in {reader.info(key).file} is {dtype}, "
                                 "not a floating-point weight; the header's dtype is wrong or the file is not a "
                                 "plain (unquantized) checkpoint")
         if t.is_floating_point():

@@ -133,8 +133,9 @@ def _refuse_secrets(folder: Path) -> None:
         for name in sorted(dirs) + sorted(names):
             if _excluded(name, SECRETS) or _excluded(name.lower(), SECRETS):
                 rel = (Path(root) / name).relative_to(folder).as_posix()
-                raise MoemergeError(f"push: {folder / rel} looks like a credential (matches one of {', '.join(SECRETS[:6])}, "
-                                    "...); move it out of the model folder: push refuses to publish a folder holding one")
+                raise MoemergeError(f"push: {folder / rel} looks like a credential (matches one of "
+                                    f"{', '.join(SECRETS[:6])}, ...); move it out of the model folder: push refuses "
+                                    "to publish a folder holding one")
 
 
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:

@@ -77,7 +77,8 @@ class AtomicDir:
             check_output(self.target, self.overwrite)
         except MoemergeError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise MoemergeError(f"{e} (it appeared while this command was writing; nothing of it was touched)") from None
+            raise MoemergeError(f"{e} (it appeared while this command was writing; nothing of it was touched)"
+                                ) from None
         if self.target.exists():  # overwrite was allowed by check_output
             old = temp_path(self.target, OLD_TAG)
             self.target.rename(old)

@@ -44,16 +44,19 @@ def _weighted_entries(data):
 class TrainData(Strict):
     """Where the training text comes from (local files through the `datasets` library, or a Hub dataset)."""
 
-    train: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), "
-                                                      "or a Hub dataset name when online")
+    train: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
+        min_length=1, description="files, folders or globs (.txt, .jsonl, .json, .parquet), or a Hub dataset name "
+                                  "when online")
     weights: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="sampling share of each train entry (normalised): blocks are drawn from the entries in "
                           "these proportions, each entry packed on its own; or give {path, weight} entries")
-    validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(None, description="held-out files; default: a split of `train`")
+    validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(
+        None, description="held-out files; default: a split of `train`")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,
                                        description="share of documents held out (split before packing)")
     text_field: str = Field("text", description="column holding the text in .jsonl/.parquet")
-    encoding: Annotated[str, AfterValidator(_known_encoding)] = Field("utf-8", description="text encoding of .txt/.jsonl/.json files (e.g. latin-1)")
+    encoding: Annotated[str, AfterValidator(_known_encoding)] = Field(
+        "utf-8", description="text encoding of .txt/.jsonl/.json files (e.g. latin-1)")
     streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
     num_proc: int | None = Field(None, ge=1, description="processes tokenising a cached corpus (default: the usable "
                                  "cores, at most one per 1000 documents)")

@@ -67,7 +67,9 @@ def load_texts(specs: list[str], field: str, cfg: TrainData, streaming: bool):
                                        **extra)
     except Exception as e:  # noqa: BLE001 - any loading failure is a data problem the user must fix
         raise MoemergeError(_load_failure(field, specs, resolved, cfg, e)) from None
-    columns = ds.column_names or []
+    columns = ds.column_names
+    if columns is None:  # a stream whose builder was given options (encoding) knows its columns at the first row
+        columns = list(next(iter(ds), {}).keys())
     if cfg.text_field not in columns:
         raise MoemergeError(f"data.{field}: no column {cfg.text_field!r} (columns: {columns}); set data.text_field")
     return ds
@@ -207,11 +209,13 @@ def _blocks(docs, eos: int, seq_len: int) -> Iterator[dict[str, list[int]]]:
     yield from ({"input_ids": b} for b in pack_stream((row["ids"] for row in docs), eos, seq_len))
 
 
-def stream_docs(specs: list[str], field: str, cfg: TrainData, tokenizer) -> Iterator[list[int]]:
-    """Token ids of each non-empty document of a streamed dataset, in order."""
-    for row in load_texts(specs, field, cfg, streaming=True):
-        for text in text_column([row[cfg.text_field]], field, cfg.text_field):
-            yield tokenizer(text, add_special_tokens=False)["input_ids"]
+def stream_docs(specs: list[str], field: str, cfg: TrainData, tokenizer, batch: int = 256) -> Iterator[list[int]]:
+    """Token ids of each non-empty document of a streamed dataset, in order; tokenised `batch` documents at a
+    time (the fast tokenizer's batch call runs on its threads), yielded one at a time."""
+    rows = iter(load_texts(specs, field, cfg, streaming=True))
+    while chunk := [row[cfg.text_field] for _, row in zip(range(batch), rows)]:
+        texts = text_column(chunk, field, cfg.text_field)
+        yield from (tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
 
 
 def pack_stream(docs: Iterator[list[int]], eos: int, seq_len: int) -> Iterator[list[int]]:

@@ -58,6 +58,8 @@ class TrainData(Strict):
     encoding: Annotated[str, AfterValidator(_known_encoding)] = Field(
         "utf-8", description="text encoding of .txt/.jsonl/.json files (e.g. latin-1)")
     streaming: bool = Field(False, description="stream corpora larger than memory (no tokenisation cache)")
+    shuffle_buffer: int = Field(1024, ge=0, description="streaming: training blocks drawn from a seeded buffer of "
+                                "this many (0 or 1: the stream's order); cached corpora are shuffled whole")
     num_proc: int | None = Field(None, ge=1, description="processes tokenising a cached corpus (default: the usable "
                                  "cores, at most one per 1000 documents)")
     validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "

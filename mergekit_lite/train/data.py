@@ -235,18 +235,25 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
     ends in included), so the training stream shares no document with that validation stream.
     """
 
-    def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None):
+    def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None,
+                 shuffle: int = 0, seed: int = 0):
         self.args = (specs, field, cfg, tokenizer, seq_len)
         self.skip, self.limit = skip, limit
+        self.shuffle, self.seed = shuffle, seed  # shuffle: blocks in the seeded buffer (0: the stream's order)
 
     def __iter__(self):
         specs, field, cfg, tokenizer, seq_len = self.args
+        epoch = 0
         while True:
             yielded = False
             docs = stream_docs(specs, field, cfg, tokenizer)
             for _ in zip(range(self.skip), pack_stream(docs, tokenizer.eos_token_id, seq_len)):
                 pass  # the held-out documents are read and dropped; `docs` now starts after them
-            for i, block in enumerate(pack_stream(docs, tokenizer.eos_token_id, seq_len)):
+            blocks = pack_stream(docs, tokenizer.eos_token_id, seq_len)
+            if self.shuffle > 1 and self.limit is None:
+                blocks = shuffled(blocks, self.shuffle, self.seed * 1000003 + epoch)
+            epoch += 1
+            for i, block in enumerate(blocks):
                 if self.limit is not None and i >= self.limit:
                     return
                 yielded = True
@@ -256,6 +263,24 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
             if not yielded:
                 raise MoemergeError(f"data.{self.args[1]}: the stream holds no block of {self.args[4]} tokens "
                                     "beyond the validation blocks; add text or lower seq_len")
+
+
+def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
+    """A seeded shuffle buffer of `size` items over a stream (as `datasets`' and tf.data's): each item out is
+    drawn from the buffer and replaced by the next one in. The same seed gives the same order, so a resumed run
+    that re-reads the stream skips exactly what it trained on."""
+    import random
+
+    rng, buf = random.Random(seed), []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
 
 
 def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -8,6 +8,7 @@ router losses are trained on whatever the HF config says.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -252,7 +253,10 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     batches = iter(train_dl)
     if resume:
         # last thing before the first step: the RNG states (jitter, dropout) are the checkpoint's, whatever
-        # starting the data loader drew
+        # starting the data loader drew. A loader that skips batches of a stream starts only at its first
+        # batch (and may draw from the global RNG then), so that batch is taken before the restore.
+        first = next(batches, None)
+        batches = itertools.chain([] if first is None else [first], batches)
         load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt)
     model.train()  # from_pretrained returns eval mode; evaluate() restores the mode it found
     for batch in batches:

@@ -304,7 +304,8 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
     collate = _collate
     if r.data.streaming:
         train = StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len,
-                               skip=0 if r.data.validation else r.data.validation_blocks)
+                               skip=0 if r.data.validation else r.data.validation_blocks,
+                               shuffle=r.data.shuffle_buffer, seed=r.seed)
         val = (StreamedBlocks(r.data.validation, "validation", r.data, tokenizer, r.seq_len) if r.data.validation
                else StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len, limit=r.data.validation_blocks))
         train_dl = torch.utils.data.DataLoader(train, batch_size=r.micro_batch_size, collate_fn=collate,

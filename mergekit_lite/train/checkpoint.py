@@ -130,13 +130,12 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
         scaler.load_state_dict(extra["scaler"])
     # summed counters go to the main process only, so the next reduce-sum gives the checkpoint's totals
     tap.load_state_dict(extra["tap"], counters=accelerator.is_main_process)
-    written_by = json.loads((ckpt / TRAINER_STATE).read_text()).get("processes", 1)
+    written = json.loads((ckpt / TRAINER_STATE).read_text())
     rng = ckpt / _rng_file(accelerator.process_index)
-    if written_by == accelerator.num_processes and rng.is_file():
+    if written.get("processes", 1) == accelerator.num_processes and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
     else:
-        step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
-        seed = (step * 1_000_003 + accelerator.process_index) % 2**31
+        seed = (written["step"] * 1_000_003 + accelerator.process_index) % 2**31
         random.seed(seed)
         torch.manual_seed(seed)
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, PeerWaitError
 
 app = typer.Typer(
     help="Grow dense Hugging Face checkpoints into Mixture-of-Experts or deeper models, then keep training them.\n\n"
@@ -261,9 +261,12 @@ def main() -> None:
         app()
     except MoemergeError as e:
         # under torchrun / accelerate launch every process meets the same user error: print it once per machine
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if os.environ.get("LOCAL_RANK", "0") == "0" or isinstance(e, PeerWaitError):
             # the message is plain text: a path or value with [brackets] must not be read as rich markup
             err.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False)
+        if isinstance(e, PeerWaitError):
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
     except (OSError, UnicodeDecodeError) as e:  # a file the user named cannot be read or written: one line
         if os.environ.get("LOCAL_RANK", "0") == "0":

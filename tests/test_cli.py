@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -151,3 +152,19 @@ def test_one_expert_is_accepted_with_a_note(tmp_path, pico_llama):
     run_upcycle(_recipe(tmp_path, pico_llama, num_experts=1, experts_per_token=1), tmp_path / "one",
                 echo=said.append)
     assert any("num_experts: 1: every token goes to the one expert" in s for s in said), said
+
+
+@pytest.mark.parametrize("kind", ["MoemergeError", "PeerWaitError"])
+def test_a_waiting_process_says_why_it_gave_up_though_it_is_not_rank_0(kind):
+    """Errors print once per machine (LOCAL_RANK 0), except a process giving up on another: it alone knows why.
+    It then leaves with os._exit (a normal exit after a timed-out gloo collective aborts with a core dump)."""
+    code = ("import atexit, mergekit_lite.cli as c, mergekit_lite.errors as e\n"
+            "atexit.register(lambda: print('ATEXIT'))\n"
+            f"def boom(): raise e.{kind}('process 1 waited for the main process')\n"
+            "c.app = boom\nc.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LOCAL_RANK": "1"})
+    assert proc.returncode == 2
+    peer = kind == "PeerWaitError"
+    assert ("error: process 1 waited for the main process" in proc.stderr) is peer
+    assert ("ATEXIT" in proc.stdout) is not peer  # left at once: no interpreter shutdown

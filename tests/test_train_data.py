@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_packing_keeps_every_token_but_the_last_partial_block(corpus, tmp_path):
                          "seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3,
                          "output": str(tmp_path / "run")}, TrainRecipe)
     ds = packed_dataset(r.data.train, "train", r.data, tokenizer, root / "tok", 16, tmp_path / "cache", True,
-                        lambda: None)
+                        None)
     lines = [line for line in text.splitlines() if line.strip()]
     total = sum(len(line.split()) + 1 for line in lines)  # tokens + one EOS per document
     assert total - 16 < len(ds) * 16 <= total
@@ -168,7 +169,7 @@ def test_tokenising_with_worker_processes_packs_the_same_blocks(corpus, tmp_path
                              "output": str(tmp_path / "run")}, TrainRecipe)
         assert tokenise_workers(r.data, 3000) == (None if n == 1 else 3)
         ds = packed_dataset(r.data.train, "train", r.data, tokenizer, root / "tok", 16, tmp_path / f"cache{n}",
-                            True, lambda: None)
+                            True, None)
         blocks[n] = [b.tolist() for b in ds["input_ids"]]
     assert blocks[1] == blocks[3] and len(blocks[1]) > 100
     assert tokenise_workers(r.data, 400) is None  # one batch: no process to start
@@ -209,3 +210,61 @@ def test_weights_must_match_the_entries_and_not_stream(corpus, tmp_path):
                         TrainRecipe)
     with pytest.raises(MoemergeError, match=r"weights.0 = 0: Input should be greater than 0|greater than 0"):
         validate_recipe({**base, "model": "m", "data": {"train": ["a"], "weights": [0]}}, TrainRecipe)
+
+
+def _main_builds_worker(rank: int, init: str, case: str, out: str) -> None:
+    """One of two gloo processes calling `main_builds`; writes what it got (result or error) to out/rank."""
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from mergekit_lite.errors import MoemergeError, PeerWaitError
+    from mergekit_lite.train.engine import main_builds
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    acc = SimpleNamespace(num_processes=2, is_main_process=rank == 0, process_index=rank)
+    marker = Path(out) / "built"
+
+    def build():
+        if rank == 0:
+            if case == "fails":
+                raise MoemergeError("data.train: 'x.txt' is not UTF-8; set data.encoding")
+            time.sleep(6 if case == "slow" else 1)
+            marker.write_text("done")
+        return marker.read_text()  # the others read what the main process wrote: it must exist by then
+
+    start = time.monotonic()
+    try:
+        got = "ok " + main_builds(acc, "tokenise and pack data.train into CACHE", build, timeout_minutes=0.05)
+    except PeerWaitError as e:
+        got = f"peer {e}"
+    except MoemergeError as e:
+        got = f"error {e}"
+    (Path(out) / str(rank)).write_text(f"{time.monotonic() - start:.1f}\n{got}")
+    if got.startswith("peer"):
+        os._exit(0)  # as the CLI does: an ordinary exit after a timed-out gloo collective aborts
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["ok", "fails", "slow"])
+def test_other_processes_wait_for_the_main_one_with_a_timeout_that_names_what(tmp_path, case):
+    """The processes that wait for the main one's tokenisation get its result once it exists, its error at once
+    when it fails (not after the process group's 30-minute timeout), and a named one-line error when it runs
+    past `data.wait_minutes` (0.05 min = 3 s here)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_main_builds_worker, args=(f"file://{tmp_path}/init", case, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    took1, got1 = (tmp_path / "1").read_text().split("\n", 1)
+    took0, got0 = (tmp_path / "0").read_text().split("\n", 1)
+    if case == "ok":
+        assert got0 == got1 == "ok done"
+    elif case == "fails":
+        assert got0 == got1 == "error data.train: 'x.txt' is not UTF-8; set data.encoding"
+        assert float(took1) < 3
+    else:  # each side's one line: the waiting one gave up, the main one finds nobody waiting any more
+        assert got0.startswith("peer the other processes stopped waiting for the main process to tokenise and pack")
+        assert got1.startswith("peer process 1 waited for the main process to tokenise and pack data.train into "
+                               "CACHE and gave up (") and "raise data.wait_minutes (now 0.05)" in got1
+        assert float(took1) < 5.5

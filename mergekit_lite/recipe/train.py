@@ -62,6 +62,8 @@ class TrainData(Strict):
                                 "this many (0 or 1: the stream's order); cached corpora are shuffled whole")
     num_proc: int | None = Field(None, ge=1, description="processes tokenising a cached corpus (default: the usable "
                                  "cores, at most one per 1000 documents)")
+    wait_minutes: float = Field(60, gt=0, le=7 * 24 * 60, description="with several processes: how long the others "
+                                "wait for the main one to tokenise and pack the corpus before giving up")
     validation_blocks: int = Field(64, ge=1, description="with streaming and no `validation`: the first N blocks "
                                    "(their documents are left out of training)")
 

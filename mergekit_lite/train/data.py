@@ -142,44 +142,62 @@ def split_documents(ds, part: str, fraction: float, seed: int):
 
 
 def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, tokenizer_dir: Path, seq_len: int,
-                   cache_dir: Path, is_main: bool, wait, *, part: str | None = None, seed: int = 0) -> Any:
+                   cache_dir: Path, is_main: bool, on_main=None, *, part: str | None = None, seed: int = 0) -> Any:
     """Tokenised and packed blocks ({"input_ids": [seq_len]}), cached on disk; the main process builds it.
 
     `part` ("train" or "validation") keeps one side of `split_documents` (by `cfg.validation_fraction`
-    and `seed`) before packing; each side is cached under its own name and hash.
+    and `seed`) before packing; each side is cached under its own name and hash. `on_main(what, fn)` runs
+    `fn` on the main process first and on the others once it succeeded (`engine.main_builds`).
     """
-    import datasets
-
     split = f"{part}:{cfg.validation_fraction}:{seed}" if part else ""
     key = _fingerprint(specs, tokenizer_dir, seq_len, f"{cfg.text_field}:{cfg.encoding}", split)
     path = cache_dir / f"packed-{part or field}-{key}"
-    if is_main and not (path / "dataset_info.json").exists():
-        ds = load_texts(specs, field, cfg, streaming=False)
-        if part:
-            ds = split_documents(ds, part, cfg.validation_fraction, seed)
-        text_field = cfg.text_field
 
-        def tokenise(batch: dict[str, list]) -> dict[str, list]:
-            return {"ids": tokenizer(text_column(batch[text_field], field, text_field),
-                                     add_special_tokens=False)["input_ids"]}
+    def build():
+        if is_main and not (path / "dataset_info.json").exists():
+            _pack_to(path, specs, field, cfg, tokenizer, seq_len, part, seed)
+        return _load_packed(path, field, cfg, seq_len, part)
 
-        docs = ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                      num_proc=tokenise_workers(cfg, len(ds)), desc=f"tokenising {field}")
-        tmp = path.with_name(path.name + ".tmp")
-        gen_cache = path.with_name(path.name + ".gen")
-        # packed in document order with one carry across the whole corpus: every token is kept but the last
-        # partial block's (packing each 1000-document batch alone dropped its tail: 2-8 % of short documents)
-        packed = datasets.Dataset.from_generator(
-            _blocks, gen_kwargs={"docs": docs, "eos": tokenizer.eos_token_id, "seq_len": seq_len},
-            features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
-            cache_dir=str(gen_cache))
-        packed.save_to_disk(str(tmp))
-        total = sum(len(ids) + 1 for ids in docs["ids"])  # every document's tokens and its EOS
-        (tmp / COUNTS).write_text(json.dumps({"tokens": total, "kept": len(packed) * seq_len, "documents": len(docs)}))
-        del packed
-        shutil.rmtree(gen_cache, ignore_errors=True)
-        tmp.rename(path)  # a half-written cache never looks complete
-    wait()
+    what = f"tokenise and pack data.{field}{f' ({part} side)' if part else ''} into {path}"
+    return on_main(what, build) if on_main else build()
+
+
+def _pack_to(path: Path, specs: list[str], field: str, cfg: TrainData, tokenizer, seq_len: int, part: str | None,
+             seed: int) -> None:
+    """Tokenise and pack into the cache folder `path` (written under a temporary name, renamed when complete)."""
+    import datasets
+
+    ds = load_texts(specs, field, cfg, streaming=False)
+    if part:
+        ds = split_documents(ds, part, cfg.validation_fraction, seed)
+    text_field = cfg.text_field
+
+    def tokenise(batch: dict[str, list]) -> dict[str, list]:
+        return {"ids": tokenizer(text_column(batch[text_field], field, text_field),
+                                 add_special_tokens=False)["input_ids"]}
+
+    docs = ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                  num_proc=tokenise_workers(cfg, len(ds)), desc=f"tokenising {field}")
+    tmp = path.with_name(path.name + ".tmp")
+    gen_cache = path.with_name(path.name + ".gen")
+    # packed in document order with one carry across the whole corpus: every token is kept but the last
+    # partial block's (packing each 1000-document batch alone dropped its tail: 2-8 % of short documents)
+    packed = datasets.Dataset.from_generator(
+        _blocks, gen_kwargs={"docs": docs, "eos": tokenizer.eos_token_id, "seq_len": seq_len},
+        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
+        cache_dir=str(gen_cache))
+    packed.save_to_disk(str(tmp))
+    total = sum(len(ids) + 1 for ids in docs["ids"])  # every document's tokens and its EOS
+    (tmp / COUNTS).write_text(json.dumps({"tokens": total, "kept": len(packed) * seq_len, "documents": len(docs)}))
+    del packed
+    shutil.rmtree(gen_cache, ignore_errors=True)
+    tmp.rename(path)  # a half-written cache never looks complete
+
+
+def _load_packed(path: Path, field: str, cfg: TrainData, seq_len: int, part: str | None):
+    """The packed blocks of a finished cache folder, with the corpus counts the run header shows."""
+    import datasets
+
     ds = datasets.load_from_disk(str(path))
     counts = json.loads((path / COUNTS).read_text()) if (path / COUNTS).is_file() else {}
     if len(ds) == 0 and part == "validation":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, PeerWaitError
 
 
 def _flag(name: str) -> bool:
@@ -235,3 +235,58 @@ def describe_engine(accelerator, model) -> dict:
                  "offload_param": zero.get("offload_param", {}).get("device", "none")}
     info["mixed_precision"] = accelerator.mixed_precision
     return info
+
+
+def main_builds(accelerator, what: str, build, timeout_minutes: float):
+    """Run `build()` on the main process while the others wait, at most `timeout_minutes`, then return its result
+    on every process (the others call `build()` too once it is done: it then only reads what the main one wrote).
+
+    A plain barrier waits for the process group's own timeout (30 minutes on gloo, 10 on NCCL) and then fails
+    without saying for what; and when the main process fails (a data error), the others hang until then. Here
+    the main process sends its outcome on a gloo group of its own with the run's timeout: a failure is raised on
+    every process with the main one's message, and a wait that runs out names `what` it waited for.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if accelerator.num_processes == 1 or not dist.is_initialized():
+        return build()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    outcome: list = [None]
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except MoemergeError as e:
+            outcome = [str(e)]
+            _send(outcome, group, what, timeout_minutes)
+            raise
+        _send(outcome, group, what, timeout_minutes)
+        dist.destroy_process_group(group)
+        return result
+    try:
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    except Exception as e:  # noqa: BLE001 - gloo reports a timeout or a lost peer as a RuntimeError of its own
+        raise PeerWaitError(f"process {accelerator.process_index} waited for the main process to {what} and gave "
+                            f"up ({_first_line(e)}); the main process may have failed or still be working: see "
+                            f"its output, or raise data.wait_minutes (now {timeout_minutes:g})") from None
+    dist.destroy_process_group(group)
+    if outcome[0] is not None:
+        raise MoemergeError(outcome[0])
+    return build()
+
+
+def _send(outcome: list, group, what: str, timeout_minutes: float) -> None:
+    """The main process's side of `main_builds`: its outcome to the others, who may have stopped waiting."""
+    import torch.distributed as dist
+
+    try:
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    except Exception as e:  # noqa: BLE001 - as above
+        raise PeerWaitError(f"the other processes stopped waiting for the main process to {what} "
+                            f"({_first_line(e)}); raise data.wait_minutes (now {timeout_minutes:g}) and rerun: "
+                            "the finished part is cached") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

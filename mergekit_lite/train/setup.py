@@ -21,6 +21,7 @@ from mergekit_lite.io.reader import read_config, refuse_leaving_links
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
 from mergekit_lite.train.data import batch_order, blend_order, packed_dataset, resolve_files, StreamedBlocks
+from mergekit_lite.train.engine import main_builds
 from mergekit_lite.train.routing import check_routing
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",
@@ -316,7 +317,10 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
 
     def packed(specs, field, part=None):
         return packed_dataset(specs, field, r.data, tokenizer, model_dir, r.seq_len, cache,
-                              accelerator.is_main_process, accelerator.wait_for_everyone, part=part, seed=r.seed)
+                              accelerator.is_main_process, on_main, part=part, seed=r.seed)
+
+    def on_main(what, build):
+        return main_builds(accelerator, what, build, r.data.wait_minutes)
 
     if r.data.weights:  # a blend: each entry packed on its own, blocks drawn in the weights' shares
         return _blended_loaders(r, packed, micro_batches, collate)

@@ -199,15 +199,49 @@ def test_a_weighted_blend_draws_each_corpus_in_its_share(corpus, tmp_path):
     assert [s for s, _, _ in train_dl.dataset.moemerge_sources] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
 
 
-def test_weights_must_match_the_entries_and_not_stream(corpus, tmp_path):
+def test_streamed_blend_draws_in_the_weights_shares_and_holds_out_each_source(corpus, tmp_path):
+    """Streaming with weights: each source streamed and packed on its own, blocks drawn 1:3 to within a block
+    over every prefix (before the shuffle buffer: `shuffle_buffer: 0`), validation blocks taken from each
+    source in the same shares and never trained on; a source too short says which entry it is."""
+    root, tokenizer = corpus
+    for name, first in (("a.txt", 0), ("b.txt", 200)):  # document i: word d<first+i>, five times
+        (tmp_path / name).write_text("".join(" ".join([f"d{first + i}"] * 5) + "\n" for i in range(100)))
+    base = {"model": str(root / "tok"), "seq_len": 16, "micro_batch_size": 4, "max_steps": 200,
+            "learning_rate": 1e-3, "output": str(tmp_path / "run")}
+    data = {"train": [{"path": str(tmp_path / "a.txt"), "weight": 1}, {"path": str(tmp_path / "b.txt"), "weight": 3}],
+            "streaming": True, "validation_blocks": 8}
+    r = validate_recipe({**base, "data": {**data, "shuffle_buffer": 0}}, TrainRecipe)
+    train_dl, val_dl = build_loaders(r, tokenizer, root / "tok", One, r.max_steps)
+    blocks = list(itertools.islice(iter(train_dl.dataset), 400))  # several passes over a.txt (~37 blocks a pass)
+    sources = ["a" if docs_in([b]) < set(range(100)) else "b" for b in blocks]
+    assert all(docs_in([b]) < set(range(100)) or docs_in([b]) < set(range(200, 300)) for b in blocks)
+    for n in (4, 40, 400):
+        assert abs(sources[:n].count("a") - n / 4) <= 1, (n, sources[:n].count("a"))
+    val = list(val_dl.dataset)
+    assert len(val) == 8 and ["a" if docs_in([b]) < set(range(100)) else "b" for b in val] == ["a"] * 2 + ["b"] * 6
+    assert not docs_in(val) & docs_in(blocks)
+    assert [w for _, _, w in train_dl.dataset.moemerge_sources] == [0.25, 0.75]
+
+    shuffled = build_loaders(validate_recipe({**base, "data": data}, TrainRecipe), tokenizer, root / "tok", One, 200)[0]
+    mixed = list(itertools.islice(iter(shuffled.dataset), 400))
+    assert [b["input_ids"].tolist() for b in mixed] != [b["input_ids"].tolist() for b in blocks]  # the buffer shuffles
+    assert not docs_in(val) & docs_in(mixed)
+
+    (tmp_path / "tiny.txt").write_text("d3 d3\n")
+    short = validate_recipe({**base, "data": {**data, "train": [str(tmp_path / "a.txt"), str(tmp_path / "tiny.txt")],
+                                                     "weights": [1, 1]}}, TrainRecipe)
+    from mergekit_lite.errors import MoemergeError
+
+    with pytest.raises(MoemergeError, match=r"data.train entry '.*tiny.txt': the stream holds no block of 16"):
+        list(itertools.islice(iter(build_loaders(short, tokenizer, root / "tok", One, 200)[0].dataset), 10))
+
+
+def test_weights_must_match_the_entries(corpus, tmp_path):
     from mergekit_lite.errors import MoemergeError
 
     base = {"seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3, "output": "o"}
     with pytest.raises(MoemergeError, match=r"data.weights has 1 values for 2 train entries"):
         validate_recipe({**base, "model": "m", "data": {"train": ["a", "b"], "weights": [1]}}, TrainRecipe)
-    with pytest.raises(MoemergeError, match=r"data.weights with streaming: true is not supported"):
-        validate_recipe({**base, "model": "m", "data": {"train": ["a", "b"], "weights": [1, 2], "streaming": True}},
-                        TrainRecipe)
     with pytest.raises(MoemergeError, match=r"weights.0 = 0: Input should be greater than 0|greater than 0"):
         validate_recipe({**base, "model": "m", "data": {"train": ["a"], "weights": [0]}}, TrainRecipe)
 

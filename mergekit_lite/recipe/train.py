@@ -49,7 +49,7 @@ class TrainData(Strict):
                                   "when online")
     weights: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="sampling share of each train entry (normalised): blocks are drawn from the entries in "
-                          "these proportions, each entry packed on its own; or give {path, weight} entries")
+                          "these proportions, each entry packed on its own (streamed too); or give {path, weight} entries")
     validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(
         None, description="held-out files; default: a split of `train`")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,
@@ -77,9 +77,6 @@ class TrainData(Strict):
         if self.weights is not None and len(self.weights) != len(self.train):
             raise ValueError(f"data.weights has {len(self.weights)} values for {len(self.train)} train entries; "
                              "give one per entry")
-        if self.weights is not None and self.streaming:
-            raise ValueError("data.weights with streaming: true is not supported yet; mix cached corpora "
-                             "(streaming: false), or stream one corpus")
         return self
 
 

@@ -251,36 +251,76 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
     `limit` stops after block `limit` (the held-out validation stream). `skip` leaves out, on every
     pass, the documents the first `skip` blocks come from (whole documents, the one the last of them
     ends in included), so the training stream shares no document with that validation stream.
+
+    With `weights`, each entry of `specs` is a source streamed and packed on its own (each with its own
+    passes), and blocks are drawn from the sources in the weights' shares by `blend_order`'s rule (the
+    source furthest behind its share next); `skip` and `limit` are then shared out in the same proportions.
     """
 
     def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None,
-                 shuffle: int = 0, seed: int = 0):
+                 shuffle: int = 0, seed: int = 0, weights: list[float] | None = None):
         self.args = (specs, field, cfg, tokenizer, seq_len)
         self.skip, self.limit = skip, limit
         self.shuffle, self.seed = shuffle, seed  # shuffle: blocks in the seeded buffer (0: the stream's order)
+        self.weights = weights
+        if weights:
+            share = [w / sum(weights) for w in weights]
+            self.moemerge_sources = [(spec, None, w) for spec, w in zip(specs, share)]  # the run header's lines
 
     def __iter__(self):
-        specs, field, cfg, tokenizer, seq_len = self.args
+        if not self.weights:
+            yield from self._passes(self.args[0], self.skip, self.limit, self.shuffle)
+            return
+        specs, share = self.args[0], [w / sum(self.weights) for w in self.weights]
+        parts = [_share_of(n, share) for n in (self.skip, self.limit or 0)]
+        if self.limit is not None:  # validation: each source's held-out blocks, one source after the other
+            for spec, limit in zip(specs, parts[1]):
+                yield from self._passes([spec], 0, limit, 0)
+            return
+        sources = [self._passes([spec], skip, None, 0) for spec, skip in zip(specs, parts[0])]
+        blocks = (next(sources[s]) for s in _blend_choices(share))
+        yield from (shuffled(blocks, self.shuffle, self.seed * 1000003) if self.shuffle > 1 else blocks)
+
+    def _passes(self, specs, skip: int, limit: int | None, shuffle: int):
+        _, field, cfg, tokenizer, seq_len = self.args
         epoch = 0
         while True:
             yielded = False
             docs = stream_docs(specs, field, cfg, tokenizer)
-            for _ in zip(range(self.skip), pack_stream(docs, tokenizer.eos_token_id, seq_len)):
+            for _ in zip(range(skip), pack_stream(docs, tokenizer.eos_token_id, seq_len)):
                 pass  # the held-out documents are read and dropped; `docs` now starts after them
             blocks = pack_stream(docs, tokenizer.eos_token_id, seq_len)
-            if self.shuffle > 1 and self.limit is None:
-                blocks = shuffled(blocks, self.shuffle, self.seed * 1000003 + epoch)
+            if shuffle > 1 and limit is None:
+                blocks = shuffled(blocks, shuffle, self.seed * 1000003 + epoch)
             epoch += 1
             for i, block in enumerate(blocks):
-                if self.limit is not None and i >= self.limit:
+                if limit is not None and i >= limit:
                     return
                 yielded = True
                 yield {"input_ids": torch.tensor(block)}
-            if self.limit is not None:
+            if limit is not None:
                 return
             if not yielded:
-                raise MoemergeError(f"data.{self.args[1]}: the stream holds no block of {self.args[4]} tokens "
-                                    "beyond the validation blocks; add text or lower seq_len")
+                where = f"data.{field}" if len(specs) > 1 or not self.weights else f"data.{field} entry {specs[0]!r}"
+                raise MoemergeError(f"{where}: the stream holds no block of {seq_len} tokens beyond the validation "
+                                    "blocks; add text or lower seq_len")
+
+
+def _share_of(n: int, share: list[float]) -> list[int]:
+    """`n` blocks shared out in proportion to `share`, at least one each (held-out validation blocks)."""
+    return [max(1, round(n * s)) for s in share]
+
+
+def _blend_choices(share: list[float]) -> Iterator[int]:
+    """The source of each sample of a blend, endlessly: the one furthest behind its share (ties: the first), so
+    every prefix holds each source in its share to within one sample (as `blend_order`, without the shuffle)."""
+    taken = [0] * len(share)
+    i = 0
+    while True:
+        s = max(range(len(share)), key=lambda j: share[j] * (i + 1) - taken[j])
+        taken[s] += 1
+        i += 1
+        yield s
 
 
 def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
@@ -319,8 +359,7 @@ def blend_order(sizes: list[int], weights: list[float], n_samples: int, seed: in
     taken = [0] * len(sizes)
     perm: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, its seeded block order for that pass)
     order = []
-    for i in range(n_samples):
-        s = max(range(len(sizes)), key=lambda j: share[j] * (i + 1) - taken[j])  # ties: the first source
+    for _, s in zip(range(n_samples), _blend_choices(share)):
         epoch, pos = divmod(taken[s], sizes[s])
         if perm.get(s, (None,))[0] != epoch:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch * 7919 + s)

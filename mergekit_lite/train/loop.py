@@ -345,8 +345,8 @@ def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_
              f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
              f"{tokens_per_step} tokens per step x {max_steps} steps"]
     for spec, n_blocks, share in getattr(train_dl.dataset, "moemerge_sources", []):
-        lines.append(f"  blend: {spec}: {n_blocks} blocks ({n_blocks * r.seq_len} tokens), {100 * share:.1f}% "
-                     "of the samples")
+        size = "streamed" if n_blocks is None else f"{n_blocks} blocks ({n_blocks * r.seq_len} tokens)"
+        lines.append(f"  blend: {spec}: {size}, {100 * share:.1f}% of the samples")
     counts = getattr(train_dl.dataset, "moemerge_counts", None)
     if counts:
         dropped = counts["tokens"] - counts["kept"]

@@ -306,9 +306,10 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
     if r.data.streaming:
         train = StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len,
                                skip=0 if r.data.validation else r.data.validation_blocks,
-                               shuffle=r.data.shuffle_buffer, seed=r.seed)
+                               shuffle=r.data.shuffle_buffer, seed=r.seed, weights=r.data.weights)
         val = (StreamedBlocks(r.data.validation, "validation", r.data, tokenizer, r.seq_len) if r.data.validation
-               else StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len, limit=r.data.validation_blocks))
+               else StreamedBlocks(r.data.train, "train", r.data, tokenizer, r.seq_len, limit=r.data.validation_blocks,
+                                   weights=r.data.weights))
         train_dl = torch.utils.data.DataLoader(train, batch_size=r.micro_batch_size, collate_fn=collate,
                                                generator=_own_rng(r.seed))
         val_dl = torch.utils.data.DataLoader(val, batch_size=r.micro_batch_size, collate_fn=collate,

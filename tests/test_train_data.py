@@ -302,3 +302,49 @@ def test_other_processes_wait_for_the_main_one_with_a_timeout_that_names_what(tm
         assert got1.startswith("peer process 1 waited for the main process to tokenise and pack data.train into "
                                "CACHE and gave up (") and "raise data.wait_minutes (now 0.05)" in got1
         assert float(took1) < 5.5
+
+
+def test_a_dataset_repository_is_read_by_config_split_and_revision(corpus, tmp_path, monkeypatch):
+    """A downloaded Hub dataset snapshot (README.md declaring configs) is loaded by `data.config` and
+    `data.split` as the Hub's would be; the cache key covers them; a Hub id offline is one line naming the
+    options and how to work offline; config/split on a corpus of plain files is refused."""
+    from mergekit_lite.errors import MoemergeError
+
+    root, tokenizer = corpus
+    repo = tmp_path / "fineweb-sample"
+    for config, first in (("small", 0), ("large", 100)):
+        for split, offset in (("train", 0), ("test", 50)):
+            (repo / config).mkdir(parents=True, exist_ok=True)
+            (repo / config / f"{split}.jsonl").write_text("".join(
+                '{"text": "%s"}\n' % " ".join([f"d{first + offset + i}"] * 8) for i in range(40)))
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: test\n    path: {c}/test.jsonl\n" for c in ("small", "large")) + "---\n# a sample\n")
+
+    def docs(**data):
+        return docs_in(loaders(corpus, tmp_path / "run", train=str(repo), validation=str(repo),
+                               validation_split="test", **data)[0].dataset)
+
+    assert docs(config="small") == set(range(40))
+    assert docs(config="large") == set(range(100, 140))  # not the small config read back from the cache
+    assert docs(config="large", split="test") == set(range(150, 190))
+    with pytest.raises(MoemergeError, match=r"data.train: cannot load dataset '.*fineweb-sample' \(name 'nope', "
+                                            r"split 'train'\): .*; check data.config"):
+        docs(config="nope")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the Hub would have to be reached
+    with pytest.raises(MoemergeError, match=r"data.train: cannot load dataset 'HuggingFaceFW/fineweb-edu' \(name "
+                                            r"'sample-10BT', split 'train', revision 'v1.4.0'\): .* offline, download "
+                                            r"it first \(hf download --repo-type dataset HuggingFaceFW/fineweb-edu"):
+        loaders(corpus, tmp_path / "hub", train="HuggingFaceFW/fineweb-edu", validation=str(root / "train.txt"),
+                config="sample-10BT", revision="v1.4.0")
+
+    from mergekit_lite.train.data import check_repo_options
+
+    r = validate_recipe({"model": "m", "data": {"train": [str(root / "train.txt")], "config": "small"},
+                         "seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3,
+                         "output": "o"}, TrainRecipe)
+    with pytest.raises(MoemergeError, match=r"data.config applies to dataset repositories .* data names only files"):
+        check_repo_options(r.data)

@@ -50,6 +50,12 @@ class TrainData(Strict):
     weights: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="sampling share of each train entry (normalised): blocks are drawn from the entries in "
                           "these proportions, each entry packed on its own (streamed too); or give {path, weight} entries")
+    config: str | None = Field(None, description="dataset repositories (a Hub id, or a downloaded snapshot folder "
+                               "whose README.md declares configs): the config/subset, e.g. sample-10BT")
+    split: str = Field("train", description="dataset repositories: the split `train` reads")
+    validation_split: str = Field("validation", description="dataset repositories: the split `validation` reads")
+    revision: str | None = Field(None, description="dataset repositories on the Hub: a branch, tag or commit; pin "
+                                 "one, since the tokenisation cache is keyed by it, not by the Hub's content")
     validation: Annotated[list[str] | None, BeforeValidator(_one_or_many)] = Field(
         None, description="held-out files; default: a split of `train`")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5,

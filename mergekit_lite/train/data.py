@@ -33,6 +33,11 @@ def resolve_files(specs: list[str], field: str) -> tuple[str, list[str]] | None:
     files: list[str] = []
     for spec in specs:
         p = Path(spec).expanduser()
+        if p.is_dir() and is_dataset_repo(p):
+            if len(specs) > 1:
+                raise MoemergeError(f"data.{field}: {spec!r} is a dataset repository (its README.md declares "
+                                    "configs); give it as an entry of its own with a weight, not in a list of files")
+            return None
         if p.is_dir():
             found = sorted(str(f) for f in p.rglob("*") if f.suffix in BUILDERS and f.is_file())
         elif any(ch in spec for ch in "*?["):
@@ -52,6 +57,40 @@ def resolve_files(specs: list[str], field: str) -> tuple[str, list[str]] | None:
     return kinds.pop(), files
 
 
+def is_dataset_repo(folder: Path) -> bool:
+    """A folder laid out as a Hub dataset repository (a downloaded snapshot): the YAML header of its README.md
+    declares `configs` or `dataset_info`. `datasets` loads it by config and split, as it loads the Hub's."""
+    import yaml
+
+    card = folder / "README.md"
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    try:
+        header = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return False
+    return isinstance(header, dict) and bool({"configs", "dataset_info"} & set(header))
+
+
+def hub_options(cfg: TrainData, field: str) -> dict[str, Any]:
+    """`datasets.load_dataset` options for a dataset repository (Hub id or local snapshot): config, split, revision."""
+    split = cfg.split if field == "train" else cfg.validation_split
+    return {"name": cfg.config, "split": split, "revision": cfg.revision}
+
+
+def check_repo_options(cfg: TrainData) -> None:
+    """config/split/revision given for a corpus of plain files would be ignored without a word: refused."""
+    given = [k for k, default in (("config", None), ("split", "train"), ("revision", None))
+             if getattr(cfg, k) != default]
+    entries = [*cfg.train, *(cfg.validation or [])]
+    if given and all(resolve_files([spec], "train") is not None for spec in entries):
+        raise MoemergeError(f"data.{given[0]} applies to dataset repositories (a Hub id, or a folder whose README.md "
+                            "declares configs), and data names only files; remove it")
+
+
 def load_texts(specs: list[str], field: str, cfg: TrainData, streaming: bool):
     """A `datasets` dataset with one text column named `text`."""
     import datasets
@@ -59,7 +98,7 @@ def load_texts(specs: list[str], field: str, cfg: TrainData, streaming: bool):
     resolved = resolve_files(specs, field)
     try:
         if resolved is None:
-            ds = datasets.load_dataset(specs[0], split="train", streaming=streaming)
+            ds = datasets.load_dataset(specs[0], streaming=streaming, **hub_options(cfg, field))
         else:
             builder, files = resolved
             extra = {"encoding": cfg.encoding} if builder in ("text", "json") else {}
@@ -84,7 +123,15 @@ def _load_failure(field: str, specs: list[str], resolved, cfg: TrainData, e: Bas
         bad = next((f for f in resolved[1] if not _decodes(f, cfg.encoding)), resolved[1][0])
         return (f"data.{field}: {bad} is not {cfg.encoding} text ({cause.reason} at byte {cause.start}); set "
                 f"data.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to {cfg.encoding}")
-    return f"data.{field}: cannot load {specs}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if resolved is None:  # a dataset repository: name what was asked of it, and how to work offline
+        opts = ", ".join(f"{k} {v!r}" for k, v in hub_options(cfg, field).items() if v is not None)
+        hint = "check data.config, data.split / data.validation_split and data.revision against the dataset's"
+        if not Path(specs[0]).expanduser().is_dir():
+            hint += (f"; offline, download it first (hf download --repo-type dataset {specs[0]} --local-dir DIR) "
+                     "and give DIR")
+        return f"data.{field}: cannot load dataset {specs[0]!r} ({opts}): {reason[:300]}; {hint}"
+    return f"data.{field}: cannot load {specs}: {reason}"
 
 
 def _decodes(path: str, encoding: str) -> bool:
@@ -122,7 +169,9 @@ def pack_ids(docs: list[list[int]], eos: int, seq_len: int, carry: list[int]) ->
 def _fingerprint(specs: list[str], tokenizer_dir: Path, seq_len: int, field: str, split: str = "") -> str:
     h = hashlib.sha256(f"{PACKING}:{seq_len}:{field}:{split}".encode())
     resolved = resolve_files(specs, "train")
-    for f in resolved[1] if resolved else specs:
+    repo = [Path(specs[0]).expanduser()] if resolved is None else []
+    repo_files = sorted(str(f) for f in repo[0].rglob("*") if f.is_file()) if repo and repo[0].is_dir() else []
+    for f in resolved[1] if resolved else repo_files or specs:
         st = Path(f).stat() if Path(f).exists() else None
         h.update(f"{Path(f).resolve()}:{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}".encode())
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt"):
@@ -150,7 +199,8 @@ def packed_dataset(specs: list[str], field: str, cfg: TrainData, tokenizer, toke
     `fn` on the main process first and on the others once it succeeded (`engine.main_builds`).
     """
     split = f"{part}:{cfg.validation_fraction}:{seed}" if part else ""
-    key = _fingerprint(specs, tokenizer_dir, seq_len, f"{cfg.text_field}:{cfg.encoding}", split)
+    options = f"{cfg.text_field}:{cfg.encoding}:{sorted(hub_options(cfg, field).items())}"
+    key = _fingerprint(specs, tokenizer_dir, seq_len, options, split)
     path = cache_dir / f"packed-{part or field}-{key}"
 
     def build():

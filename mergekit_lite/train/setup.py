@@ -20,7 +20,8 @@ from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_
 from mergekit_lite.io.reader import read_config, refuse_leaving_links
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
-from mergekit_lite.train.data import batch_order, blend_order, packed_dataset, resolve_files, StreamedBlocks
+from mergekit_lite.train.data import (batch_order, blend_order, check_repo_options, packed_dataset, resolve_files,
+                                     StreamedBlocks)
 from mergekit_lite.train.engine import main_builds
 from mergekit_lite.train.routing import check_routing
 
@@ -61,8 +62,9 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
                             f"({max_pos}); set seq_len to at most {max_pos}")
     check_routing(r.moe, cfg)  # a policy the model's top-k or grouped routing cannot take
     for field, specs in (("train", r.data.train), ("validation", r.data.validation)):
-        if specs:
-            resolve_files(specs, field)  # raises on a missing file/folder/glob
+        for entries in ([[s] for s in specs] if field == "train" and r.data.weights else [specs]) if specs else []:
+            resolve_files(entries, field)  # raises on a missing file/folder/glob
+    check_repo_options(r.data)
     if r.tracker != "none":
         import accelerate.utils as au
 

@@ -250,6 +250,33 @@ def test_every_family_trains_the_same_on_two_processes(world, family, engine):
         assert abs(a["final_val_loss_with_selection_bias"] - b["final_val_loss_with_selection_bias"]) <= 1e-5
 
 
+def blend_data(world, streaming: bool) -> dict:
+    """Two weighted sources (3:1), shuffled through a buffer when streamed."""
+    return {"data": {"train": [{"path": world["train"], "weight": 3}, {"path": world["val"], "weight": 1}],
+                     "validation": [world["val"]], "streaming": streaming, "shuffle_buffer": 16}}
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+@pytest.mark.parametrize("data", ["blend", "streamed-blend"])
+def test_weighted_and_streamed_data_train_the_same_on_two_processes(world, data, engine):
+    """A weighted blend, cached or streamed through the shuffle buffer: two processes take the same samples per
+    step as one (losses, router load, validation and final weights agree)."""
+    fields = blend_data(world, data == "streamed-blend")
+    one = reference(world, "moe", "cpu", **fields)
+    two = launch(world, f"{engine}-{data}", "moe", engine_cmd("cpu", engine), "cpu", **fields)
+    assert_engine(two, engine, "cpu")
+    assert_same_run(one, two)
+
+
+def test_compiled_layers_under_fsdp2_train_as_one_eager_process(world):
+    """compile: true under FSDP2 (layers compiled in place before fully_shard, so its hooks still gather each
+    layer): the run matches one eager process's."""
+    one = reference(world, "moe", "cpu")
+    two = launch(world, "fsdp-compiled", "moe", engine_cmd("cpu", "fsdp"), "cpu", compile=True)
+    assert_engine(two, "fsdp", "cpu")
+    assert_same_run(one, two, weights_tol=1e-4)
+
+
 def test_lora_under_fsdp2_saves_the_merged_model_and_the_adapter(world):
     """LoRA on attention and on the fused experts (peft target_parameters), sharded: final/ (merged) and
     adapter/ equal one process's."""

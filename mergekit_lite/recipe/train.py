@@ -151,6 +151,9 @@ class TrainRecipe(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel: sdpa (torch's, default), eager, flash_attention_2 (needs flash-attn)")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer in place (one compilation reused by "
+                          "every layer; parameter names, checkpoints and the saved model unchanged); the first steps "
+                          "are slower while it compiles")
     seed: int = 0
     trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"
     lora: LoraSettings = LoraSettings()

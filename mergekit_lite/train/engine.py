@@ -200,6 +200,24 @@ def _zero3_leaves(model) -> None:
         set_z3_leaf_modules(model, sorted(blocks, key=lambda c: c.__name__))
 
 
+def compile_layers(model) -> int:
+    """`torch.compile` every decoder layer in place (`nn.Module.compile`); returns how many.
+
+    Regional compilation: the layers share one class, so one compilation serves them all (compiling the whole
+    model takes minutes more). In place rather than `torch.compile(model)`, whose wrapper renames every
+    parameter (`_orig_mod.`) and bypasses the module hooks FSDP2 and the router taps rely on. The layer
+    classes are the model's `_no_split_modules`, which transformers keeps for every family.
+    """
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise MoemergeError(f"compile: true, but {type(model).__name__} names no decoder layer class "
+                            "(_no_split_modules); set compile: false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def describe_engine(accelerator, model) -> dict:
     """What actually trains the model: accelerate's distributed type, processes, FSDP version, sharded tensors.
 

@@ -25,8 +25,8 @@ from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
 from mergekit_lite.train.engine import (
-    allow_tf32, check_attention, configure_deepspeed, default_precision, describe_engine, is_main_process, load_model,
-    make_accelerator, prepare_sharding)
+    allow_tf32, check_attention, compile_layers, configure_deepspeed, default_precision, describe_engine,
+    is_main_process, load_model, make_accelerator, prepare_sharding)
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
@@ -221,6 +221,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
                                                             min_lr_rate=r.min_lr_ratio)
     prepare_sharding(accelerator, model)  # ZeRO-3: MoE blocks as leaves
+    if r.compile:
+        say(f"  compile: {compile_layers(model)} decoder layers compiled in place (the first steps compile)")
     # the validation loader stays unprepared: evaluate() splits its batches over the processes
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded

@@ -209,6 +209,17 @@ def test_train_overwrite_refuses_a_users_file_inside_its_own_folders_before_trai
     (run / "metrics.jsonl").mkdir()  # our file's name, but a folder: the user's
     refused(lambda: preflight(r, train_world["model"], resume=False, overwrite=True), run,
             f"--overwrite: {run} holds {run / 'metrics.jsonl'}")
+    (run / "metrics.jsonl").rmdir()
+    (run / "metrics.jsonl").write_text("")
+    # final/ recording what the writer put there: a user's shard-named file in it is theirs (names alone pass it)
+    (run / "final" / "moemerge.json").write_text('{"written": {"model.safetensors": 4}}')
+    (run / "final" / "model.safetensors").write_bytes(b"1234")
+    (run / "final" / "model-mine.safetensors").write_bytes(b"mine")
+    refused(lambda: preflight(r, train_world["model"], resume=False, overwrite=True), run,
+            f"--overwrite: {run} holds {run / 'final' / 'model-mine.safetensors'}")
+    (run / "final" / "model-mine.safetensors").unlink()
+    preflight(r, train_world["model"], resume=False, overwrite=True)
+    assert not list(run.iterdir())
 
 
 def test_resume_ignores_a_half_written_checkpoint(tmp_path):
@@ -370,3 +381,26 @@ def test_overwrite_replaces_only_a_moemerge_folder_holding_nothing_else(tmp_path
     assert (out / "config.json").is_file() and "my notes" in (out / "README.md").read_text()
     refused(lambda: run_graft(src, work, expand=1, overwrite=True, echo=lambda s: None), work,
             "not written by moemerge")
+
+
+def test_overwrite_goes_by_the_record_of_what_moemerge_wrote(tmp_path, src):
+    """The sidecar records the files the writer put in the folder (name -> bytes): --overwrite refuses a user's
+    file named like ours (a backup shard) or one of ours the user replaced; a re-run replaces its own output,
+    and verify's edits of the card and sidecar do not count as foreign."""
+    import json
+
+    r, out = up_recipe(tmp_path / "r", source=src), tmp_path / "out"
+    run_upcycle(r, out, echo=lambda _: None)
+    written = json.loads((out / "moemerge.json").read_text())["written"]
+    assert set(written) == {p.name for p in out.iterdir()} - {"moemerge.json", "README.md"}
+    assert written["model.safetensors"] == (out / "model.safetensors").stat().st_size
+    (out / "README.md").write_text("edited by hand\n")
+    run_upcycle(r, out, overwrite=True, echo=lambda _: None)  # its own folder: replaced
+
+    (out / "model-backup.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    refused(lambda: run_upcycle(r, out, overwrite=True, echo=print), out,
+            f"--overwrite: {out} holds {out / 'model-backup.safetensors'} (1 entries in all) that moemerge did not "
+            "write")
+    (out / "model-backup.safetensors").unlink()
+    (out / "tokenizer.json").write_text("{}")  # a user's edit of a file moemerge wrote
+    refused(lambda: run_upcycle(r, out, overwrite=True, echo=print), out, "holds", "tokenizer.json")

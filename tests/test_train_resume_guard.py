@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
+import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.pico import build_pico_model
@@ -118,3 +120,43 @@ def test_a_damaged_checkpoint_is_one_line(run, tmp_path):
                                             r"was written for another model") as e:
         train(run[1](out), resume=True, echo=lambda *_: None)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["dcp-metadata", "deepspeed-file"])
+def test_a_checkpoint_that_would_run_code_is_refused_before_anything_is_unpickled(tmp_path, where):
+    """DCP reads `.metadata` with plain pickle and DeepSpeed its files with weights_only=False: a crafted
+    checkpoint is refused in one line and its code never runs; real metadata passes."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from mergekit_lite.train.checkpoint import MODEL_STATE, refuse_code_in_checkpoint
+
+    ckpt = tmp_path / "step-0000003"
+    dcp.save({"model": {"w": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16)}},
+             checkpoint_id=str(ckpt / MODEL_STATE))
+    refuse_code_in_checkpoint(ckpt)  # what DCP writes is data only
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    if where == "dcp-metadata":
+        (ckpt / MODEL_STATE / ".metadata").write_bytes(pickle.dumps(Payload()))
+        bad = ckpt / MODEL_STATE / ".metadata"
+    else:
+        (ckpt / MODEL_STATE / "zero").mkdir()
+        bad = ckpt / MODEL_STATE / "zero" / "mp_rank_00_model_states.pt"
+        torch.save({"module": {}, "evil": Payload()}, bad)
+    with pytest.raises(MoemergeError) as e:
+        refuse_code_in_checkpoint(ckpt)
+    assert str(e.value) == (f"--resume: {bad} names posix.system, which no checkpoint holds (it would run code "
+                            "when loaded); it was not written by moemerge: delete that checkpoint")
+    assert not marker.exists()
+    from mergekit_lite.train.checkpoint import EXTRA, load_checkpoint
+
+    torch.save({}, ckpt / EXTRA)
+    with pytest.raises(MoemergeError, match="names posix.system"):  # --resume checks before it loads
+        load_checkpoint(None, None, None, None, None, ckpt)
+    assert not marker.exists()

@@ -26,7 +26,7 @@ def packed_blocks(file: Path, recipe: EnsembleRecipe, tokenizer, tokenizer_dir: 
     with tempfile.TemporaryDirectory(prefix="moemerge-score-") as cache:
         try:
             ds = packed_dataset([str(file)], "score", cfg, tokenizer, tokenizer_dir, recipe.score.seq_len,
-                                Path(cache), True, lambda: None)
+                                Path(cache), True)
         except MoemergeError as e:  # its messages name a train recipe's fields; say what this command reads
             raise MoemergeError(str(e).replace("data.score", f"--score {file}")
                                 .replace("lower seq_len", "lower score.seq_len")) from None

@@ -13,6 +13,7 @@ Three rules, each checked before a byte is written:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -75,6 +76,35 @@ MODEL_FOLDER = ("*.safetensors", "model.safetensors.index.json", "config.json", 
 ANY = ("*",)  # a product folder whose content is the command's own whatever it holds (a temporary folder)
 
 
+RECORD_FILE = "moemerge.json"  # io.sidefiles.SIDECAR: the folder's provenance, holding the record below
+# rewritten after the writer (by `verify --record`, by hand): not size-checked
+EDITED = (RECORD_FILE, "README.md")
+WRITTEN = "written"  # the sidecar's record of the files the writer put in the folder: name -> bytes
+
+
+def record_written(folder: Path) -> None:
+    """Add to the folder's sidecar (when it has one) every file the command wrote, with its size: the record
+    `--overwrite` goes by, so it never removes a file the tool did not write, whatever its name."""
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record[WRITTEN] = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                       if p.is_file() and not p.is_symlink() and p.name not in EDITED}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def written_record(folder: Path) -> dict[str, int] | None:
+    """The sidecar's record of what moemerge wrote, or None for a folder written before it kept one."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise MoemergeError(f"--overwrite: {folder / RECORD_FILE} cannot be read as JSON; it replaces only model "
+                            "folders moemerge wrote: check that file, or choose another output") from None
+    written = record.get(WRITTEN) if isinstance(record, dict) else None
+    return written if isinstance(written, dict) else None
+
+
 def remove_own_entries(folder: str | Path, own: Mapping[str, tuple[str, ...] | None], command: str) -> list[Path]:
     """Delete the entries of `folder` that `command` writes; refuse, deleting nothing, if it holds others.
 
@@ -111,7 +141,10 @@ def _foreign(p: Path, own: Mapping[str, tuple[str, ...] | None]) -> Path | None:
         return None if (p.is_symlink() or not p.is_dir()) else p  # a file (or a link, only unlinked) expected
     if not p.is_dir():
         return p  # a folder expected, a file found
-    return next((q for q in sorted(p.iterdir()) if not any(fnmatch(q.name, pat) for pat in inner)), None)
+    written = written_record(p) if (p / RECORD_FILE).is_file() else None  # a model folder the writer recorded
+    return next((q for q in sorted(p.iterdir()) if not any(fnmatch(q.name, pat) for pat in inner)
+                 or written is not None and q.name not in EDITED
+                 and (q.is_dir() or q.is_symlink() or written.get(q.name) != q.stat().st_size)), None)
 
 
 def _remove(p: Path) -> None:

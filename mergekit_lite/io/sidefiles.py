@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.io.safety import RECORD_FILE
+
 # Files a model folder carries besides weights and config; copied verbatim when present.
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -33,7 +35,7 @@ def write_config(folder: str | Path, config: dict[str, Any]) -> None:
     (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-SIDECAR = "moemerge.json"
+SIDECAR = RECORD_FILE
 
 
 def write_sidecar(folder: str | Path, record: dict[str, Any]) -> None:

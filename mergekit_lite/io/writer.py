@@ -27,7 +27,8 @@ import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.pool import TensorPool, default_workers
-from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
+from mergekit_lite.io.safety import (EDITED, OLD_TAG, TMP_TAG, clear_stale_temps, record_written, temp_path,
+                                     written_record)
 
 LOCK_TAG = "moemerge-lock"
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
@@ -72,6 +73,7 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        record_written(self.tmp)
         _fsync_dir(self.tmp)
         try:  # whatever appeared at the target while we wrote (a user's folder) is never removed unasked
             check_output(self.target, self.overwrite)
@@ -140,12 +142,16 @@ def check_output(target: str | Path, overwrite: bool) -> None:
     if not (target / SIDECAR).is_file():
         raise MoemergeError(f"--overwrite: {target} was not written by moemerge (no {SIDECAR}); it replaces only "
                             "model folders moemerge wrote: choose another output or move that folder away")
-    # by name and kind: a user's folder named like a shard (model-bk.safetensors/) is not ours
+    # by name and kind: a user's folder named like a shard (model-bk.safetensors/) is not ours; and, where the
+    # folder records what moemerge wrote, by that record: a user's model-backup.safetensors is not ours either
+    written = written_record(target)
     foreign = sorted(p.name for p in target.iterdir()
-                     if not is_model_folder_file(p.name) or p.is_dir() or p.is_symlink())
+                     if not is_model_folder_file(p.name) or p.is_dir() or p.is_symlink()
+                     or (written is not None and p.name not in EDITED and written.get(p.name) != p.stat().st_size))
     if foreign:
         raise MoemergeError(f"--overwrite: {target} holds {target / foreign[0]} ({len(foreign)} entries in all) "
-                            "that moemerge did not write; move them away or choose another output")
+                            "that moemerge did not write (or that changed since); move them away or choose another "
+                            "output")
 
 
 def is_model_folder_file(name: str) -> bool:

@@ -107,6 +107,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
     if not (ckpt / MODEL_STATE).is_dir() or not (ckpt / EXTRA).is_file():
         raise MoemergeError(f"--resume: {ckpt} is not a checkpoint of this moemerge version (no {MODEL_STATE}/ "
                             f"or {EXTRA}); resume it with the version that wrote it, or start again")
+    refuse_code_in_checkpoint(ckpt)
     try:
         if uses_deepspeed(accelerator):
             path, _ = model.load_checkpoint(str(ckpt / MODEL_STATE), tag=DS_TAG, load_lr_scheduler_states=False)
@@ -138,6 +139,68 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt: Path) -
         seed = (written["step"] * 1_000_003 + accelerator.process_index) % 2**31
         random.seed(seed)
         torch.manual_seed(seed)
+
+
+# What a checkpoint's pickles may name: the data classes of DCP's metadata and of DeepSpeed's state, torch's
+# dtypes and sizes, containers and paths. Anything else (os.system, builtins.eval, ...) is code, never data.
+_DATA_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+               ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+               ("builtins", "complex"), ("builtins", "bytearray"), ("argparse", "Namespace")}
+_DATA_CLASS_MODULES = ("torch.distributed.checkpoint.", "deepspeed.runtime.", "deepspeed.utils.",
+                       "deepspeed.checkpoint.")
+
+
+def _allowed(module: str, name: str) -> bool:
+    """True for a name a checkpoint's pickle may build: listed above, a torch dtype, or a class of DCP's or
+    DeepSpeed's state modules (a class, never a function: functions are what a crafted pickle calls)."""
+    import importlib
+    import inspect
+
+    if (module, name) in _DATA_NAMES:
+        return True
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if not module.startswith(_DATA_CLASS_MODULES):
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return inspect.isclass(obj)
+
+
+def refuse_code_in_checkpoint(ckpt: Path) -> None:
+    """Refuse, before anything is unpickled, a checkpoint whose pickles name anything but data classes.
+
+    torch's DCP reads its `.metadata` with plain `pickle.load`, and DeepSpeed reads its state files with
+    `torch.load(weights_only=False)`: a crafted checkpoint would run code on `--resume`. Each pickle is read
+    here first without building anything it names (a restricted unpickler for `.metadata`, torch's own
+    `get_unsafe_globals_in_checkpoint` for torch files)."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if not _allowed(module, name):
+                raise pickle.UnpicklingError(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    for path in sorted(p for p in (ckpt / MODEL_STATE).rglob("*") if p.is_file()):
+        named: list[str] = []
+        try:
+            if path.name == ".metadata":
+                with open(path, "rb") as f:
+                    Restricted(f).load()
+            elif path.suffix == ".pt":
+                named = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                         if not _allowed(*g.rsplit(".", 1))]
+        except pickle.UnpicklingError as e:
+            named = [str(e)]
+        except Exception:  # noqa: BLE001 - a damaged file: the load below names it
+            continue
+        if named:
+            raise MoemergeError(f"--resume: {path} names {named[0]}, which no checkpoint holds (it would run code "
+                                "when loaded); it was not written by moemerge: delete that checkpoint")
 
 
 def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

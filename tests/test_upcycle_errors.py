@@ -186,7 +186,10 @@ def test_output_exists(tmp_path, pico_llama):
 def test_overwrite_replaces(tmp_path, pico_llama):
     out = tmp_path / "out"
     run_upcycle(recipe(tmp_path, source=pico_llama), out, echo=lambda s: None)
-    (out / "model-00002-of-00002.safetensors").write_text("old")  # a shard of an earlier, sharded build
+    (out / "model-00002-of-00002.safetensors").write_text("old")  # a shard of an earlier, sharded build,
+    record = json.loads((out / "moemerge.json").read_text())  # which recorded it as its own
+    record["written"]["model-00002-of-00002.safetensors"] = 3
+    (out / "moemerge.json").write_text(json.dumps(record))
     run_upcycle(recipe(tmp_path, source=pico_llama), out, overwrite=True, echo=lambda s: None)
     assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "model.safetensors").exists()
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, find_debris
-from mergekit_lite.io.writer import INDEX_FILE
 from mergekit_lite.io.reader import read_config
+from mergekit_lite.io.writer import INDEX_FILE
 from mergekit_lite.plan import format_bytes, format_count
 
 # Elements per isfinite() call: bounds the temporary bool buffer (~16 MB) whatever the tensor size.

@@ -18,8 +18,8 @@ import fnmatch
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.reader import file_in_folder

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-
 # recipe `dtype` names -> torch dtypes (`source` keeps each tensor's stored dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

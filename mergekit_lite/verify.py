@@ -82,7 +82,6 @@ def is_recorded_source(model_dir: str | Path, reference: str | Path) -> bool:
 
 def record_parity(model_dir: str | Path, reference: str | Path, report: ParityReport) -> bool:
     """Store the parity figures in the folder's sidecar and model card; False when it has no sidecar."""
-
     from mergekit_lite.card import write_card
     from mergekit_lite.io.sidefiles import read_sidecar, write_sidecar
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train import SMALL, build_world
 
 from mergekit_lite.ops.upcycle import run_upcycle
 from mergekit_lite.pico import build_pico_model
 from mergekit_lite.train.checkpoint import model_tensors
 from mergekit_lite.train.corpus import stdlib_docstrings
-from test_train import SMALL, build_world
 
 pytestmark = pytest.mark.distributed
 

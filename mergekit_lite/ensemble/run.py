@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mergekit_lite.ensemble.decode import Answer, answer
 from mergekit_lite.ensemble.members import load_members, prepare_members, read_prompts

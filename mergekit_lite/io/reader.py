@@ -211,7 +211,8 @@ class CheckpointReader:
             file_in_folder(self.path, "pytorch_model.bin", str(self.path))
             files = ["pytorch_model.bin"]
         else:
-            raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or pytorch_model.bin)")
+            raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or "
+                                "pytorch_model.bin)")
         infos = {}
         for name in files:
             try:

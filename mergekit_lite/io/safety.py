@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import format_bytes

@@ -18,20 +18,20 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.pool import TensorPool, default_workers
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
-
-LOCK_TAG = "moemerge-lock"
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
+
+LOCK_TAG = "moemerge-lock"
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

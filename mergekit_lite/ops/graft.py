@@ -115,7 +115,7 @@ class GraftPlanner:
         """Same architecture, same config, same tensor shapes: name the first difference."""
         ref = self.readers[self.slice_models[0]]
         ref_shapes = self._shapes(ref)
-        for m, rd in enumerate(self.readers):
+        for rd in self.readers:
             if model_type_of(rd.config) != self.model_type:
                 raise MoemergeError(f"{rd.path} is {model_type_of(rd.config)}, {ref.path} is {self.model_type}: "
                                     "slices must come from models of one architecture")
@@ -235,7 +235,7 @@ class GraftPlanner:
         layer is refused (the class could not hold it).
         """
         kinds = []
-        for o, (m, i, _) in enumerate(self.layers):
+        for m, i, _ in self.layers:
             dense = any(rel == dense_rel for rel, _ in self.by_layer[m][i])
             k = getattr(hf_config(self.readers[m].config), field)
             if dense != (i < k):

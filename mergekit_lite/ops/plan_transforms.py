@@ -9,7 +9,8 @@ other `TensorOp`s whose `fn` is a pure tensor transform of `ops/transforms.py`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mergekit_lite.arch.config import validate_config
 from mergekit_lite.arch.tables import layer_key, split_layer_key

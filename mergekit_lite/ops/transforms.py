@@ -7,7 +7,8 @@ float32 on the CPU and then cast, so a seed gives the same numbers on every mach
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

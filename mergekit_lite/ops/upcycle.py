@@ -15,19 +15,26 @@ import torch
 import yaml
 
 from mergekit_lite.arch.config import moe_config
-from mergekit_lite.arch.tables import AUTO_TARGET, DENSE, LOSSY_REASONS, MOE, PROJS, MoEFamily, layer_key, \
-    model_type_of, split_layer_key
+from mergekit_lite.arch.tables import (
+    AUTO_TARGET,
+    DENSE,
+    LOSSY_REASONS,
+    MOE,
+    PROJS,
+    MoEFamily,
+    layer_key,
+    model_type_of,
+    split_layer_key,
+)
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
-from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, \
-    router_notes
+from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, router_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
-
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -36,7 +36,7 @@ def parse_size(value: int | str) -> int:
 
 
 # A size in bytes written as `5GB`, `500MB`, `2GiB` or an integer; validated into an int.
-ByteSize = Annotated[Union[int, str], AfterValidator(parse_size)]
+ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 
 
 class Strict(BaseModel):

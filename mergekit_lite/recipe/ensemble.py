@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -40,10 +40,10 @@ class EnsembleRecipe(Strict):
 
     models: list[EnsembleMember] = Field(min_length=1, description="paths/Hub ids or {model, weight}")
     method: Literal["probs", "logits", "vote"] = "probs"
-    weights: Union[list[float], Literal["perplexity"], None] = Field(
+    weights: list[float] | Literal["perplexity"] | None = Field(
         None, description="one number per model, or `perplexity` (softmax of -log ppl / temperature_ppl)")
     temperature_ppl: float = Field(1.0, gt=0, description="temperature of the perplexity weights")
-    prompts: Union[str, list[str], None] = Field(None, description="a .txt file (one prompt a line), a .jsonl "
+    prompts: str | list[str] | None = Field(None, description="a .txt file (one prompt a line), a .jsonl "
                                                                   "file (`text` per line), or a list of strings")
     generation: Generation = Generation()
     similarity: Literal["rouge_l", "token_f1"] = Field("rouge_l", description="vote: candidate similarity on tokens")

@@ -22,8 +22,10 @@ class RouterInit(Strict):
     """How fresh router (gate) weights are initialised."""
 
     init: Literal["random", "zeros", "uniform", "hidden"] = "random"
-    std: float | None = Field(None, gt=0, le=100, description="normal std for `random`; default: the source's initializer_range")
-    bound: float | None = Field(None, gt=0, le=100, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
+    std: float | None = Field(None, gt=0, le=100,
+                              description="normal std for `random`; default: the source's initializer_range")
+    bound: float | None = Field(None, gt=0, le=100,
+                                description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
     prompts: list[list[str]] | None = Field(
         None, description="`hidden`: one list of prompts per expert copy (num_experts / granularity lists); "
                           "with `experts:` give them per expert instead")
@@ -66,12 +68,14 @@ class UpcycleRecipe(Strict):
                                                   "(required unless `experts:` is given)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a Hub id")
     architecture: Target = "auto"
-    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="fine experts per MoE layer; with `experts:` it "
-                                                            "defaults to len(experts) * granularity")
+    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS,
+                                    description="fine experts per MoE layer; with `experts:` it defaults to "
+                                                "len(experts) * granularity")
     experts_per_token: int = Field(ge=1, le=MAX_EXPERTS)
     router: RouterInit = RouterInit()
     # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
-    granularity: int = Field(1, ge=1, le=MAX_EXPERTS, description="split each FFN into this many fine experts (slices of I/G)")
+    granularity: int = Field(1, ge=1, le=MAX_EXPERTS,
+                             description="split each FFN into this many fine experts (slices of I/G)")
     drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
     noise: float = Field(0.0, ge=0, le=10, description="relative gaussian noise per expert (times each matrix's std)")
     shared_experts: int = Field(0, ge=0, description="shared expert size in units of one routed expert "

@@ -1,7 +1,7 @@
 """Training checkpoints: sharded, written by every process, resumable on any process count.
 
-One format for every engine but DeepSpeed (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the model
-and the optimizer state; each process writes only the tensors (or shards of them) it owns, so no process
+One format for every engine but DeepSpeed (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the
+model and the optimizer state; each process writes only the tensors (or shards of them) it owns, so no process
 gathers the model or the optimizer state, and a checkpoint written by N processes loads on M (DCP reshards
 on load: FSDP2 shards of 2 processes load into one plain model, and back). DeepSpeed keeps its ZeRO
 partitions in its engine, so its checkpoints are the engine's own (same stage, same process count to resume;

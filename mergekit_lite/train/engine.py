@@ -137,9 +137,9 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     clip = cfg.get("gradient_clipping", "auto")
     if clip not in ("auto", None) and float(clip) != float(max_grad_norm):
-        raise MoemergeError(f"the launch config sets DeepSpeed gradient_clipping: {clip} but the recipe's max_grad_norm "
-                            f"is {max_grad_norm}; remove gradient_clipping from the launch config (moemerge sets it "
-                            "from the recipe)")
+        raise MoemergeError(f"the launch config sets DeepSpeed gradient_clipping: {clip} but the recipe's "
+                            f"max_grad_norm is {max_grad_norm}; remove gradient_clipping from the launch config "
+                            "(moemerge sets it from the recipe)")
     cfg.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=accumulation,
                train_batch_size=micro_batch_size * accumulation * accelerator.num_processes,
                gradient_clipping=max_grad_norm)

@@ -20,18 +20,37 @@ import yaml
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.pool import map_large_allocations
-from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.io.sidefiles import read_sidecar
+from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
 from mergekit_lite.train.engine import (
-    allow_tf32, check_attention, configure_deepspeed, default_precision, describe_engine, is_main_process, load_model,
-    make_accelerator, prepare_sharding)
+    allow_tf32,
+    check_attention,
+    configure_deepspeed,
+    default_precision,
+    describe_engine,
+    is_main_process,
+    load_model,
+    make_accelerator,
+    prepare_sharding,
+)
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
-    build_loaders, finished_run, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
-    preflight, routers_only_note, steps_for, trainable_parameters, unused_parameters_possible, write_run_record)
+    build_loaders,
+    finished_run,
+    latest_checkpoint,
+    lora_targets,
+    param_groups,
+    park_empty_linears,
+    preflight,
+    routers_only_note,
+    steps_for,
+    trainable_parameters,
+    unused_parameters_possible,
+    write_run_record,
+)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -215,7 +234,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     tokens_per_step = r.seq_len * r.global_batch(accelerator.num_processes)
     for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
         say(line)
-    say(f"  precision: {accelerator.mixed_precision}{' (the default on this device)' if r.mixed_precision is None else ''}"
+    default = " (the default on this device)" if r.mixed_precision is None else ""
+    say(f"  precision: {accelerator.mixed_precision}{default}"
         f", attention: {r.attn_implementation}")
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
@@ -246,7 +266,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     sums = torch.zeros(3, device=accelerator.device)
     if accelerator.is_main_process and "log_sums" in state:
         sums += torch.tensor(state["log_sums"], device=accelerator.device)
-    micro = state.get("log_micro_batches", 0) // accelerator.num_processes  # micro-steps per process since the last log line
+    # micro-steps per process since the last log line
+    micro = state.get("log_micro_batches", 0) // accelerator.num_processes
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc=progress_label, unit="step")
     t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
@@ -301,7 +322,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
             metrics.log("val", step, **validate(model, val_dl, tap, accelerator, r.eval_batches))
         if r.checkpoint_every and step % r.checkpoint_every == 0:
             state = {"step": step, "tokens": tokens, "log_sums": accelerator.reduce(sums, "sum").tolist(),
-                     "log_micro_batches": micro * accelerator.num_processes, "global_batch": r.global_batch(accelerator.num_processes),
+                     "log_micro_batches": micro * accelerator.num_processes,
+                     "global_batch": r.global_batch(accelerator.num_processes),
                      "recipe": json.loads(r.model_dump_json())}
             save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints)
         if step >= max_steps:

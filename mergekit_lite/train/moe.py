@@ -271,7 +271,6 @@ def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
     if hasattr(bias, "ds_id"):  # ZeRO-3: this process's slice of the flattened parameter (padded at the end), where
         # the optimizer keeps it
         import torch.distributed as dist
-
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
         part = bias.ds_tensor  # (partition size,)

@@ -16,11 +16,11 @@ from torch import nn
 
 from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.reader import read_config, refuse_leaving_links
+from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
-from mergekit_lite.train.data import batch_order, blend_order, packed_dataset, resolve_files, StreamedBlocks
+from mergekit_lite.train.data import StreamedBlocks, batch_order, blend_order, packed_dataset, resolve_files
 from mergekit_lite.train.routing import check_routing
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",

@@ -40,6 +40,7 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The report as printed by `moemerge check`, one finding per line."""
         return [f"{self.path}: OK",
                 f"  config         {self.architecture} loads with AutoConfig; its class accepts every tensor",
                 f"  weights        {self.tensors} tensors, {format_count(self.params)} parameters, "

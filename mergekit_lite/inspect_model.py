@@ -42,6 +42,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def describe_lines(d: dict[str, Any]) -> list[str]:
+    """Format `describe`'s record for the terminal: shape, experts, parameters, shards and build options."""
     lines = [
         f"{d['path']}",
         f"  architecture   {d['architecture']} ({d['model_type']})",

@@ -13,6 +13,7 @@ from mergekit_lite.pico import SAMPLE_TEXT
 
 @dataclass
 class ParityReport:
+    """How far a model's logits are from a reference's on the same tokens."""
     max_abs: float
     mean_abs: float
     top1_agreement: float
@@ -21,6 +22,7 @@ class ParityReport:
     device: str
 
     def lines(self) -> list[str]:
+        """The report as `moemerge verify` prints it."""
         return [f"parity over {self.n_tokens} tokens ({self.dtype}, {self.device}):",
                 f"  max |Δlogits|  {self.max_abs:.3e}",
                 f"  mean |Δlogits| {self.mean_abs:.3e}",
@@ -35,6 +37,7 @@ def default_device() -> torch.device:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
+    """Load a model folder for comparison, refusing links that leave it before transformers reads anything."""
     from transformers import AutoModelForCausalLM
 
     from mergekit_lite.io.reader import refuse_leaving_links

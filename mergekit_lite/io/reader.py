@@ -37,10 +37,12 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements (the product of the shape)."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
         return self.numel * self.dtype.itemsize
 
 
@@ -237,12 +239,14 @@ class CheckpointReader:
 
     # -- access ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """Every tensor name in the checkpoint, in index order."""
         return list(self.tensors)
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
     def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and file of one tensor, from the headers; a missing key is a `MoemergeError`."""
         if key not in self.tensors:
             raise MoemergeError(f"tensor {key!r} is missing from {self.path}")
         return self.tensors[key]
@@ -276,9 +280,11 @@ class CheckpointReader:
             pass  # a failed hint costs nothing: the read happens when the tensor is written
 
     def total_bytes(self) -> int:
+        """Bytes of all tensors, as the headers describe them."""
         return sum(i.nbytes for i in self.tensors.values())
 
     def close(self) -> None:
+        """Close every open shard (file descriptors and safetensors handles)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

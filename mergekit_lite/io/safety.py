@@ -141,6 +141,7 @@ class Debris:
     nbytes: int
 
     def describe(self) -> str:
+        """One line for `check` and the writers: path, size and whether its process still runs."""
         state = "its process is still running" if self.alive else f"process {self.pid} has ended"
         return f"{self.path} ({format_bytes(self.nbytes)}, {state})"
 

@@ -102,6 +102,7 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock or fail at once naming the output (another command is writing it)."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
@@ -117,6 +118,7 @@ class OutputLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Remove the lock file while still holding it, then drop the lock."""
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still holding it: no one else has it
             os.close(self.fd)  # closing the descriptor releases the flock
@@ -213,6 +215,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor will occupy in its shard."""
         n = self.dtype.itemsize
         for s in self.shape:
             n *= s

@@ -46,6 +46,7 @@ class SourceCache:
         self.lock = threading.Lock()
 
     def get(self, src: Src, dtype: torch.dtype) -> torch.Tensor:
+        """The source tensor cast to `dtype`, cached so that E experts cast their FFN once."""
         key = (src, dtype)
         with self.lock:
             if key in self.items:

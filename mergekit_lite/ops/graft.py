@@ -154,15 +154,18 @@ class GraftPlanner:
                                 "`dtype: bfloat16` (or float16/float32) to write one dtype")
 
     def out_dtype(self, src: torch.dtype) -> torch.dtype:
+        """The output dtype of a tensor stored as `src` (`dtype: source` keeps it)."""
         return src if self.r.dtype == "source" else DTYPES[self.r.dtype]
 
     def copy(self, model: int, key: str, out_key: str, role: str, zero: bool = False) -> TensorOp:
+        """An op copying `key` of model `model` to `out_key`, or zeros for an identity block's residual writers."""
         info = self.readers[model].info(key)
         if zero:
             return TensorOp(out_key, info.shape, self.out_dtype(info.dtype), "zeros", role="identity-zero")
         return TensorOp(out_key, info.shape, self.out_dtype(info.dtype), "copy", (Src(model, key),), role=role)
 
     def layer_ops(self, o: int, m: int, i: int, identity: bool) -> list[TensorOp]:
+        """Ops for output layer `o` taken from layer `i` of model `m`; `identity` zeroes its residual writers."""
         zero = identity_zero_patterns(self.model_type) if identity else []
         ops = []
         for rel, key in self.by_layer[m][i]:
@@ -175,6 +178,7 @@ class GraftPlanner:
         return ops
 
     def build(self, sources: list[Path]) -> Plan:
+        """The whole plan: embeddings, every output layer in order, final norm and head, with notes."""
         emb, head = self.readers[self.embed_model], self.readers[self.head_model]
         ops = [self.copy(self.embed_model, k, k, "embed") for k in emb.keys()
                if split_layer_key(k) is None and k.startswith("model.embed")]
@@ -270,6 +274,7 @@ class GraftPlanner:
         return notes
 
     def new_layers(self) -> list[int]:
+        """Output indices of the identity blocks, recorded so that `trainable: new_layers` can find them."""
         return [o for o, (*_, identity) in enumerate(self.layers) if identity]
 
     def slice_record(self, sources: list[Path]) -> list[str]:

@@ -39,6 +39,7 @@ from mergekit_lite.recipe import UpcycleRecipe
 
 @dataclass
 class DenseShapes:
+    """Hidden size, FFN width and layer count of the dense source, checked against every layer's FFN tensors."""
     hidden: int
     intermediate: int
     n_layers: int
@@ -156,9 +157,11 @@ class UpcyclePlanner:
                                         f"but {list(self.base.info(key).shape)} in the base; use non_expert: base")
 
     def out_dtype(self, src_dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a tensor stored as `src_dtype` (`dtype: source` keeps it)."""
         return src_dtype if self.r.dtype == "source" else DTYPES[self.r.dtype]
 
     def copy(self, key: str, role: str, out_key: str | None = None, model: int = 0) -> TensorOp:
+        """An op copying `key` of model `model` unchanged (under `out_key` when renamed)."""
         info = self.readers[model].info(key)
         return TensorOp(out_key or key, info.shape, self.out_dtype(info.dtype), "copy", (Src(model, key),), role=role)
 
@@ -171,6 +174,7 @@ class UpcyclePlanner:
                         tuple(Src(m, key) for m in self.mean_models), role=role)
 
     def router_op(self, i: int) -> TensorOp:
+        """The router of MoE layer `i`: shape, dtype (float32 where the target keeps it so) and init from the recipe."""
         r, h, G = self.r.router, self.shapes.hidden, self.r.granularity
         ffn_dtype = self.base.info(layer_key(i, DENSE[self.dense_type].mlp["gate"])).dtype
         shape, dtype = (self.r.num_experts, h), router_dtype(self.fam, self.out_dtype(ffn_dtype))
@@ -208,6 +212,7 @@ class UpcyclePlanner:
                         args, role)
 
     def expert_ops(self, i: int, e: int, spec: ExpertSpec) -> list[TensorOp]:
+        """The gate/up/down ops of expert `e` in layer `i`, cut and scaled as `spec` says."""
         return [self.ffn_part(i, p, layer_key(i, self.fam.expert[p].format(e=e)), spec, f"{i}/{e}", "expert")
                 for p in PROJS]
 
@@ -224,6 +229,7 @@ class UpcyclePlanner:
         return [self.ffn_part(i, p, layer_key(i, se[p]), spec, f"{i}/shared", "shared") for p in PROJS] + gate
 
     def layer_ops(self, i: int) -> list[TensorOp]:
+        """Every op of decoder layer `i`: attention and norms, then a dense FFN or router, experts and shared expert."""
         mlp = DENSE[self.dense_type].mlp
         mlp_rel = set(mlp.values())
         ops = [self.non_expert(k, "norm" if "norm" in k else "attn") for k in self.base.keys()
@@ -243,6 +249,7 @@ class UpcyclePlanner:
         return ops + self.shared_ops(i, self.out_dtype(self.base.info(layer_key(i, mlp["gate"])).dtype))
 
     def build(self) -> Plan:
+        """The whole plan (embeddings, layers, head) before the family's plan transforms; no tensor is read."""
         glob = [k for k in self.base.keys() if split_layer_key(k) is None]
         head = [k for k in glob if not k.startswith("model.embed")]
         ops = [self.non_expert(k, "embed") for k in glob if k.startswith("model.embed")]

@@ -109,6 +109,7 @@ class EnsembleRecipe(Strict):
         return [m.model for m in self.models]
 
     def revisions(self) -> list[str | None]:
+        """The Hub revision of each member (None for a local folder or the default branch)."""
         return [m.revision for m in self.models]
 
     def fixed_weights(self) -> list[float] | None:

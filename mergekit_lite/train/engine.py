@@ -120,12 +120,14 @@ def check_attention(name: str) -> None:
 
 
 def uses_deepspeed(accelerator) -> bool:
+    """True when accelerate set the run up for DeepSpeed."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage, or None when the run does not use DeepSpeed."""
     return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
 
 
@@ -146,6 +148,7 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
 
 
 def uses_fsdp(accelerator) -> bool:
+    """True when accelerate set the run up for FSDP."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP

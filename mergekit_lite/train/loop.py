@@ -70,6 +70,7 @@ class Metrics:
             path.write_text("".join(r + "\n" for r in rows))  # a resumed run rewrites what came after
 
     def log(self, kind: str, step: int, **values) -> None:
+        """Append one record to `metrics.jsonl` (main process) and send its numbers to the tracker."""
         if self.acc.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"type": kind, "step": step, **values}) + "\n")

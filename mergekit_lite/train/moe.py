@@ -122,6 +122,7 @@ class RouterTap:
 
     @property
     def is_moe(self) -> bool:
+        """True when the model has routers to tap (a dense model has none)."""
         return bool(self.routers)
 
     def _selection_bias(self, router: nn.Module) -> torch.Tensor | None:

@@ -136,6 +136,7 @@ def finished_run(out: Path) -> dict[str, Any] | None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest `checkpoints/step-NNNNNNN` folder of a run, or None."""
     ckpts = sorted((out / "checkpoints").glob("step-???????")) if (out / "checkpoints").is_dir() else []
     return ckpts[-1] if ckpts else None
 
@@ -233,6 +234,7 @@ class EmptyLinear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros of the output width: what a Linear with a size-0 weight computes."""
         return x.new_zeros(*x.shape[:-1], self.out_features)  # x @ W.T with W (out, 0) or (0, in)
 
 

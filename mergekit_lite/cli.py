@@ -282,11 +282,11 @@ def _os_error(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
         return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
                 "(recipes, config.json, metrics.jsonl and tokenizer files are read as UTF-8)")
-    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    where = f" {getattr(e, 'filename', None)}" if getattr(e, "filename", None) else ""
     hint = {13: "check the permissions", 28: "free some disk space", 30: "the filesystem is read-only",
             2: "check the path", 21: "a folder was given where a file is needed",
             20: "a file was given where a folder is needed"}.get(getattr(e, "errno", None) or 0, "check the path")
-    return f"{e.strerror or type(e).__name__}:{where}; {hint}"
+    return f"{getattr(e, 'strerror', None) or type(e).__name__}:{where}; {hint}"
 
 
 def _from_ctrl_c(exc: BaseException) -> bool:

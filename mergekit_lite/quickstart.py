@@ -9,6 +9,7 @@ Each phase shows a progress bar on stderr (tqdm, as `moemerge train` does).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,7 +34,7 @@ QUICKSTART_PRODUCTS = {"corpus": ("train.txt", "val.txt"), "dense-init": MODEL_F
                        "upcycle.yaml": None, "train-pretrain.yaml": None, "train-dense.yaml": None,
                        "train-moe.yaml": None, f".*.{TMP_TAG}-*": ANY, f".*.{OLD_TAG}-*": ANY, ".*.moemerge-lock": None}
 
-DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+DENSE_SHAPE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2)
 
 

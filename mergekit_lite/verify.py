@@ -47,7 +47,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
         raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
 
 
 def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> torch.Tensor:

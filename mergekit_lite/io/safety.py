@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Literal
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import format_bytes
@@ -104,7 +105,7 @@ def remove_own_entries(folder: str | Path, own: Mapping[str, tuple[str, ...] | N
 
 def _foreign(p: Path, own: Mapping[str, tuple[str, ...] | None]) -> Path | None:
     """`p` itself, or what inside it, the command did not write; None when all of it is the command's."""
-    inner = next((v for pat, v in own.items() if fnmatch(p.name, pat)), False)
+    inner: tuple[str, ...] | None | Literal[False] = next((v for pat, v in own.items() if fnmatch(p.name, pat)), False)
     if inner is False:
         return p
     if p.is_symlink() or inner is None:

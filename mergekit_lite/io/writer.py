@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.pool import TensorPool, default_workers
+from mergekit_lite.io.pool import ShardFile, TensorPool, default_workers
 from mergekit_lite.io.safety import OLD_TAG, TMP_TAG, clear_stale_temps, temp_path
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
@@ -274,7 +274,7 @@ def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, sh
                 # up to `n_workers` shards are handed out in turn
                 order = list(_interleave([f.order for f in files], n_workers if interleave else 1))
                 pool.ahead = [e for _, e in order]
-                opened: dict[int, object] = {}
+                opened: dict[int, ShardFile] = {}
                 for i, e in order:
                     if i not in opened:
                         opened[i] = files[i].open(pool, tmp / names[i])

@@ -365,7 +365,7 @@ def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) 
     return recipe.model_copy(update=fix), target.read_text()
 
 
-def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tuple[str, str | None]]:
+def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tuple[str, str | Path | None]]:
     """Everything graft reads, as (what, path) for `refuse_overlap`; Hub ids are skipped there."""
     inputs = [("the recipe file", recipe_path and str(recipe_path)), ("the graft source", recipe.source)]
     inputs += [(f"slices[{i}].model", sl.model) for i, sl in enumerate(recipe.slices or [])]
@@ -389,7 +389,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     if out is None and not dry_run:
         raise MoemergeError("no output folder: pass -o/--output (or set `output:` in the recipe)")
     try:
-        size = parse_size(shard_size) if shard_size is not None else recipe.shard_size
+        size = parse_size(shard_size) if shard_size is not None else int(recipe.shard_size)
     except ValueError as e:
         raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
     if out is not None:

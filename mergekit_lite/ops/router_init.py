@@ -67,7 +67,7 @@ def load_base(model_dir: str | Path, device: torch.device):
 
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001 - any load failure is a one-line user error
         raise MoemergeError(f"router.init=hidden cannot load the base model {model_dir}: "

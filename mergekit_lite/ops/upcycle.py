@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -185,6 +186,7 @@ class UpcyclePlanner:
         if r.init == "zeros":
             return TensorOp(key, shape, dtype, "zeros", role="router")
         seed = derive_seed(self.r.seed, "router", key)
+        args: dict[str, Any]
         if r.init == "uniform":
             fn, args = "uniform", {"bound": r.bound or 1 / math.sqrt(h), "seed": seed}
         else:
@@ -202,7 +204,8 @@ class UpcyclePlanner:
         axis = 1 if proj == "down" else 0  # the intermediate axis: gate/up (I, H), down (H, I)
         shape = list(info.shape)
         shape[axis] = spec.size
-        args = {"axis": axis, "start": spec.start, "size": spec.size, "scale": spec.scale if proj == "down" else 1.0}
+        args: dict[str, Any] = {"axis": axis, "start": spec.start, "size": spec.size,
+                                "scale": spec.scale if proj == "down" else 1.0}
         if spec.drop_ratio:  # same channels in gate/up/down: the channel seed does not depend on proj
             args["drop"] = {"ratio": spec.drop_ratio, "channel_seed": derive_seed(self.r.seed, "drop", tag),
                             "value_seed": derive_seed(self.r.seed, "drop-values", out_key)}
@@ -389,7 +392,7 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
 
     fill_prompt_router(plan, recipe, device, echo)
     with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo,
+        execute(plan, readers, out, shard_size=int(recipe.shard_size), overwrite=overwrite, written=written, echo=echo,
                 workers=workers or recipe.workers)  # --workers wins over the recipe's
     echo(f"wrote {out}")
     return plan

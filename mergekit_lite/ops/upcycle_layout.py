@@ -17,6 +17,7 @@ Channel maths (I = dense intermediate size, G = granularity, n = shared_experts,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mergekit_lite.arch.tables import MOE, MoEFamily
 from mergekit_lite.errors import MoemergeError
@@ -62,7 +63,7 @@ def _families_with(test) -> str:
     return " / ".join(sorted(t for t, f in MOE.items() if test(f)))
 
 
-def select_moe_layers(spec: str | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
+def select_moe_layers(spec: Literal["all"] | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
                       dense_layers: int = 0) -> list[int]:
     """The MoE layer indices for `moe_layers` / `dense_layers`, refusing what the target cannot express."""
     if dense_layers:

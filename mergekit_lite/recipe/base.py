@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -101,7 +102,7 @@ def _mapping_example(name: str, section: type[BaseModel], value: Any) -> str:
     return f"{name}: {{{', '.join(f'{f}: ...' for f in list(section.model_fields)[:2])}}}"
 
 
-def _fix_hint(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _fix_hint(err: Mapping[str, Any], model: type[BaseModel]) -> str:
     """Suggest a fix for one pydantic error."""
     kind = err["type"]
     if kind == "extra_forbidden":

@@ -21,6 +21,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -192,7 +193,7 @@ BATCH = ("gradient_accumulation_steps", "global_batch_size")  # compared as the 
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out |= _flat(v, f"{prefix}{k}.")

@@ -272,7 +272,7 @@ def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
     that re-reads the stream skips exactly what it trained on."""
     import random
 
-    rng, buf = random.Random(seed), []
+    rng, buf = random.Random(seed), list[Any]()
     for item in items:
         if len(buf) < size:
             buf.append(item)

@@ -85,7 +85,7 @@ def _deepspeed_accelerator(cpu: bool, **kwargs):
     if cpu:
         import deepspeed.comm.torch  # noqa: F401  (the module, not torch, which deepspeed.comm also names `torch`)
 
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(cpu=False, **kwargs)
 

@@ -347,7 +347,7 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
-               shard_size=r.shard_size, recipe_text=text, training=summary, echo=say, workers=r.workers)
+               shard_size=int(r.shard_size), recipe_text=text, training=summary, echo=say, workers=r.workers)
     metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
     # leave together: a rank tearing gloo down while the main one still writes final/ left a process hanging
     accelerator.wait_for_everyone()

@@ -208,7 +208,7 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
             raise MoemergeError(f"lora.target_modules: {name!r} matches nothing in this model; {hint}")
         elif not any(linear[n] for n in hits):
             raise MoemergeError(f"lora.target_modules: {name!r} matches only zero-sized modules ({hits[0]}: "
-                                f"{tuple(model.get_submodule(hits[0]).weight.shape)}), nothing to train; {hint}")
+                                f"{tuple(model.get_submodule(hits[0]).weight.shape)}), nothing to train; {hint}")  # type: ignore[arg-type]
     names = set(lora.target_modules)
     for a, b in _FUSED_PAIRS:
         if fused_names and (a in names) != (b in names) and any(p.endswith(".gate_up_proj") for p in params):

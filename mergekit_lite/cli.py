@@ -111,8 +111,10 @@ def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recip
           ) -> None:
     """Continued pretraining with accelerate (CPU, one GPU, or `accelerate launch` for many)."""
     from mergekit_lite.recipe import TrainRecipe, load_recipe
+    from mergekit_lite.recipe.paths import resolve_train_paths
 
     spec = load_recipe(recipe, TrainRecipe)  # before torch is imported: a recipe error answers at once
+    spec = resolve_train_paths(spec, recipe)  # model and data beside the recipe, as for upcycle and ensemble
     from mergekit_lite.train.loop import train as run_train
 
     if output is not None:  # like upcycle/graft: one recipe, several runs side by side

@@ -7,3 +7,13 @@ Anything a user can fix (a bad recipe, a missing file, an incompatible model) ra
 
 class MoemergeError(Exception):
     """An error whose message tells the user what is wrong and how to fix it."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty.
+
+    Libraries raise multi-line messages (tracebacks of remote errors, HTTP bodies); our errors are one line,
+    so they quote only this.
+    """
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

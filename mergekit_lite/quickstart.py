@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, remove_own_entries
 
 QUICKSTART_RECIPE = """\
@@ -54,7 +55,7 @@ def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, label: 
             "eval_every": max(2, steps // 10), "output": str(workdir / "runs" / name)}
     (workdir / f"train-{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     summary = train(validate_recipe(body, TrainRecipe), progress=True, progress_label=label, echo=echo)
-    rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(workdir / "runs" / name).metrics.read_text().splitlines()]
     summary["initial_val_loss"] = next(r["val_loss"] for r in rows if r["type"] == "val" and r["step"] == 0)
     return summary
 
@@ -132,8 +133,8 @@ def conclusion(dense: dict, moe: dict) -> str:
 def _files(workdir: Path) -> list[Path]:
     """What the quickstart leaves for the user to open, all of it written by run_quickstart."""
     runs = workdir / "runs"
-    return [workdir / "dense", workdir / "moe", runs / "dense" / "final", runs / "moe" / "final",
-            runs / "dense" / "metrics.jsonl", runs / "moe" / "metrics.jsonl", runs / "compare.png"]
+    return [workdir / "dense", workdir / "moe", RunFolder(runs / "dense").final, RunFolder(runs / "moe").final,
+            RunFolder(runs / "dense").metrics, RunFolder(runs / "moe").metrics, runs / "compare.png"]
 
 
 def _plots(workdir: Path, echo) -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 from mergekit_lite.pico import SAMPLE_TEXT
 
 
@@ -46,7 +46,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
-        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {first_line(e)}") from None
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
 
 

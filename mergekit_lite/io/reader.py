@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -63,7 +63,7 @@ def resolve_model_path(source: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(source, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md", "LICENSE*"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise MoemergeError(
             f"{source} is not a local folder and could not be fetched from the Hugging Face Hub ({first}); "
             "check the path, or your network and token") from None
@@ -305,8 +305,3 @@ def _tensor_spans(fd: int) -> dict[str, tuple[int, int]]:
     header = json.loads(os.pread(fd, n, 8))
     return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
             for k, v in header.items() if k != "__metadata__"}
-
-
-def dir_size(path: str | Path) -> int:
-    """Bytes in a folder's regular files (used by benchmarks and inspect)."""
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)

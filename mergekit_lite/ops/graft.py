@@ -17,7 +17,9 @@ entry by entry, so each copy owns its bytes on disk.
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -25,6 +27,7 @@ import yaml
 from mergekit_lite.arch.config import validate_config
 from mergekit_lite.arch.layers import config_mismatch, hf_config, layer_views, remap_layers
 from mergekit_lite.arch.tables import DENSE, MOE, layer_key, model_type_of, split_layer_key
+from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp
@@ -339,8 +342,8 @@ def plan_graft(recipe: GraftRecipe, recipe_text: str | None = None) -> tuple[Pla
 
 def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) -> tuple[GraftRecipe, str | None]:
     """A recipe file, or a model folder with `--drop` / `--expand`; returns (recipe, recipe text or None)."""
-    from mergekit_lite.ops.upcycle import resolve_relative
     from mergekit_lite.recipe import load_recipe, validate_recipe
+    from mergekit_lite.recipe.paths import resolve_relative
 
     target = Path(target)
     hub_id = not target.exists() and target.suffix not in (".yaml", ".yml") and (drop is not None or expand is not None)
@@ -356,7 +359,7 @@ def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) 
     if not target.exists():
         raise MoemergeError(f"{target} is neither a model folder nor a graft recipe file")
     recipe = load_recipe(target, GraftRecipe)
-    fix = {"source": resolve_relative(recipe.source, target) if recipe.source else None}
+    fix: dict[str, Any] = {"source": resolve_relative(recipe.source, target) if recipe.source else None}
     if recipe.slices:
         fix["slices"] = [sl.model_copy(update={"model": resolve_relative(sl.model, target)}) for sl in recipe.slices]
     for name in ("embeddings_from", "head_from"):
@@ -403,6 +406,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     preflight_disk(out, plan.nbytes)
     with byte_bar(plan.nbytes, "graft", enabled=progress) as written:  # bytes of tensors in the files
         execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers)  # --workers wins over the recipe's
+                workers=workers or recipe.workers,  # --workers wins over the recipe's
+                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
     echo(f"wrote {out}")
     return plan

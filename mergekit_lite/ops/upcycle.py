@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mergekit_lite.arch.tables import (
     model_type_of,
     split_layer_key,
 )
+from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
@@ -36,6 +38,7 @@ from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
+from mergekit_lite.recipe.paths import resolve_relative
 
 
 @dataclass
@@ -393,7 +396,8 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     fill_prompt_router(plan, recipe, device, echo)
     with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
         execute(plan, readers, out, shard_size=int(recipe.shard_size), overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers)  # --workers wins over the recipe's
+                workers=workers or recipe.workers,  # --workers wins over the recipe's
+                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
     echo(f"wrote {out}")
     return plan
 
@@ -407,17 +411,9 @@ def recipe_inputs(recipe: UpcycleRecipe, recipe_path: str | Path) -> list[tuple[
 
 def resolve_recipe_paths(recipe: UpcycleRecipe, recipe_path: str | Path) -> UpcycleRecipe:
     """`source`, `base` and every `experts[].source`, made relative to the recipe where needed."""
-    fix = {k: resolve_relative(getattr(recipe, k), recipe_path) for k in ("source", "base") if getattr(recipe, k)}
+    fix: dict[str, Any] = {k: resolve_relative(getattr(recipe, k), recipe_path)
+                           for k in ("source", "base") if getattr(recipe, k)}
     if recipe.experts:
         fix["experts"] = [e.model_copy(update={"source": resolve_relative(e.source, recipe_path)})
                           for e in recipe.experts]
     return recipe.model_copy(update=fix)
-
-
-def resolve_relative(source: str, recipe_path: str | Path) -> str:
-    """A relative source path is taken from the working directory, else from the recipe's folder."""
-    p = Path(source).expanduser()
-    if p.is_absolute() or p.exists():
-        return source
-    beside = Path(recipe_path).parent / p
-    return str(beside) if beside.exists() else source

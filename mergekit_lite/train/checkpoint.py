@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.train.engine import uses_deepspeed, zero_stage
 
 MODEL_STATE = "state"  # the DCP folder inside a checkpoint
 EXTRA = "extra.pt"  # scheduler, tap, scaler (main process)
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = RunFolder.TRAINER_STATE
 DS_TAG = "zero"  # DeepSpeed's checkpoint tag (a sub-folder of MODEL_STATE)
 
 
@@ -64,11 +65,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
     """Write OUTPUT/checkpoints/step-N on every process; keeps the last `keep`. Returns the folder."""
     import torch.distributed.checkpoint as dcp
 
-    final = out / "checkpoints" / f"step-{step:07d}"
+    final = RunFolder(out).checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     preflight_disk(final, checkpoint_bytes(model) // accelerator.num_processes)  # every process: all raise together
     if accelerator.is_main_process:  # this step's, and any a killed run left (a .tmp is never resumed from)
-        for stale in (out / "checkpoints").glob("step-???????.tmp"):
+        for stale in RunFolder(out).checkpoints.glob("step-???????.tmp"):
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -88,7 +89,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
         (tmp / TRAINER_STATE).write_text(json.dumps({**state, "processes": accelerator.num_processes,
                                                      "format": checkpoint_format(accelerator)}, indent=2))
         tmp.rename(final)
-        for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
+        for old in RunFolder(out).checkpoint_folders()[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 from mergekit_lite.recipe import TrainData
 
 COUNTS = "moemerge-counts.json"  # beside a packed cache: the corpus's tokens, and those kept in blocks
@@ -85,7 +85,7 @@ def _load_failure(field: str, specs: list[str], resolved, cfg: TrainData, e: Bas
         bad = next((f for f in resolved[1] if not _decodes(f, cfg.encoding)), resolved[1][0])
         return (f"data.{field}: {bad} is not {cfg.encoding} text ({cause.reason} at byte {cause.start}); set "
                 f"data.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to {cfg.encoding}")
-    return f"data.{field}: cannot load {specs}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return f"data.{field}: cannot load {specs}: {type(e).__name__}: {first_line(e)}"
 
 
 def _decodes(path: str, encoding: str) -> bool:

@@ -19,6 +19,7 @@ import yaml
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.pool import map_large_allocations
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.io.writer import OutputLock
@@ -253,12 +254,12 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     step, tokens, state = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(out)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / RunFolder.TRAINER_STATE).read_text())
         step, tokens = state["step"], state["tokens"]
         # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
         train_dl = accelerator.skip_first_batches(train_dl, step * accum)
         say(f"resumed from {ckpt} at step {step}")
-    metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
+    metrics = Metrics(accelerator, RunFolder(out).metrics, keep_until=step if resume else None)
     if step == 0:
         metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
 

@@ -8,7 +8,6 @@ built from headers only; `run_upcycle` preflights it and hands it to the executo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,13 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
+from mergekit_lite.ops.upcycle_context import DenseShapes
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
 from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, router_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
 from mergekit_lite.recipe.paths import resolve_relative
-
-
-@dataclass
-class DenseShapes:
-    """Hidden size, FFN width and layer count of the dense source, checked against every layer's FFN tensors."""
-    hidden: int
-    intermediate: int
-    n_layers: int
 
 
 def choose_target(architecture: str, dense_type: str) -> MoEFamily:

@@ -113,7 +113,7 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
     echo("")
     echo(conclusion(runs["dense"], runs["moe"]))
     echo(f"next: open {workdir / 'runs' / 'compare.png'}; moemerge inspect {workdir / 'runs' / 'moe' / 'final'}; "
-         "then upcycle your own model with a recipe from recipes/upcycle/ (README: Upcycle)")
+         "then upcycle your own model with a recipe from recipes/upcycle/ (docs/upcycle.md)")
     echo("files: " + ", ".join(str(p) for p in _files(workdir)))
     return {"parity_max_abs": report.max_abs, "runs": runs, "plots": plots}
 

@@ -305,7 +305,7 @@ def test_resume_on_another_process_count_continues_the_same_run(world, engine, d
 
 def test_fsdp2_peak_memory_per_process_is_well_under_one_process(tmp_path):
     """scripts/bench_memory.py at a test size (a ~60M-parameter Llama, 3 steps, a checkpoint, the final save):
-    every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (the README's figures: 0.59 at 269M)."""
+    every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (docs/benchmarks.md: 0.59 at 269M)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_memory
 

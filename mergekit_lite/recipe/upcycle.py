@@ -80,7 +80,7 @@ class UpcycleRecipe(Strict):
     """top-k: experts per token, at most num_experts; with granularity G a multiple of G (whole copies)"""
     router: RouterInit = RouterInit()
     """how the routers start and what they compute (the router.* fields)"""
-    # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
+    # Advanced upcycling (docs/upcycle.md); the defaults reproduce plain sparse upcycling.
     granularity: int = Field(1, ge=1, le=MAX_EXPERTS,
                              description="split each FFN into this many fine experts (slices of I/G)")
     drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")

@@ -1,7 +1,8 @@
 """Write the field tables of docs/recipes.md from the recipe schema (mergekit_lite/recipe/).
 
 Every field of every recipe kind, nested sections flattened (`router.init`, `experts[].source`), with its type,
-default and meaning (the field's `description`, or its attribute docstring). Only the part of the page between
+default and meaning: the field's `description=`, else the docstring written under it (read here from the source,
+so importing the schema stays as fast as the CLI needs). Only the part of the page between
 the two markers is rewritten; the prose around it is written by hand.
 
     python scripts/gen_recipe_docs.py           # rewrite the tables
@@ -11,6 +12,8 @@ the two markers is rewritten; the prose around it is written by hand.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import sys
 import types
 import typing
@@ -79,16 +82,33 @@ def default_text(field: typing.Any) -> str:
     return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...") + "`"
 
 
-def meaning(field: typing.Any) -> str:
-    """The field's description on one line, with table pipes escaped."""
-    return " ".join((field.description or "").split()).replace("|", "\\|")
+def attribute_docs(model: type[BaseModel]) -> dict[str, str]:
+    """Docstrings written under the fields of `model` (and of its recipe base classes), by field name."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls.__module__.startswith("pydantic"):
+            continue
+        body = ast.parse(inspect.getsource(cls).strip()).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for node, after in zip(body.body, body.body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = after.value.value
+    return docs
+
+
+def meaning(field: typing.Any, doc: str | None = None) -> str:
+    """The field's description (else its docstring) on one line, with table pipes escaped."""
+    return " ".join((field.description or doc or "").split()).replace("|", "\\|")
 
 
 def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     """One table row per field, sections after their own row with dotted names."""
     out = []
+    docs = attribute_docs(model)
     for name, field in model.model_fields.items():
-        out.append(f"| `{prefix}{name}` | {type_name(field.annotation)} | {default_text(field)} | {meaning(field)} |")
+        out.append(f"| `{prefix}{name}` | {type_name(field.annotation)} | {default_text(field)} | "
+                   f"{meaning(field, docs.get(name))} |")
         for sub in _models_in(field.annotation):
             out += rows(sub, f"{prefix}{name}{'[].' if _in_list(field.annotation, sub) else '.'}")
     return out

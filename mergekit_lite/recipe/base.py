@@ -43,8 +43,7 @@ ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 class Strict(BaseModel):
     """Base of every recipe section: unknown keys are errors, and so are inf and nan (`noise: .inf`)."""
 
-    # use_attribute_docstrings: a field's docstring is its description (docs/recipes.md is generated from them)
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -225,7 +225,8 @@ def write_card(folder: str | Path, record: dict[str, Any], config: dict[str, Any
     """
     folder = Path(folder)
     name = name or final_name(folder)
-    meta, user_text = {}, ""
+    meta: dict[str, Any] = {}
+    user_text = ""
     for existing in (folder / "README.md", folder.parent / name / "README.md"):
         if existing.is_file():
             meta, user_text = read_card(existing)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 from mergekit_lite.io import CheckpointReader, find_debris
-from mergekit_lite.io.writer import INDEX_FILE
+from mergekit_lite.io.folders import RunFolder, upload_files
 from mergekit_lite.io.reader import read_config
+from mergekit_lite.io.writer import INDEX_FILE
 from mergekit_lite.plan import format_bytes, format_count
 
 # Elements per isfinite() call: bounds the temporary bool buffer (~16 MB) whatever the tensor size.
@@ -39,6 +41,7 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The report as printed by `moemerge check`, one finding per line."""
         return [f"{self.path}: OK",
                 f"  config         {self.architecture} loads with AutoConfig; its class accepts every tensor",
                 f"  weights        {self.tensors} tensors, {format_count(self.params)} parameters, "
@@ -72,15 +75,12 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
     return report
 
 
-# What `moemerge train` writes in its output folder; the model itself goes to final/.
-RUN_MARKERS = ("moemerge-run.json", "metrics.jsonl", "final")
-
-
 def refuse_run_folder(path: Path) -> None:
     """A `moemerge train` output folder is not a model: name the folder that holds the run's model."""
-    if (path / "config.json").exists() or not any((path / m).exists() for m in RUN_MARKERS):
+    run = RunFolder(path)
+    if not run.is_run():
         return
-    final = path / "final"
+    final = run.final
     where = (f"its model is in {final}; give that folder instead" if (final / "config.json").exists()
              else f"its model will be in {final} when the run finishes (`moemerge train --resume` continues it)")
     raise MoemergeError(f"{path} is a `moemerge train` run folder, not a model folder; {where}")
@@ -88,8 +88,6 @@ def refuse_run_folder(path: Path) -> None:
 
 def _link_notes(path: Path) -> list[str]:
     """A Hub cache snapshot is made of links: say what `push` would send (refuses links leaving the cache)."""
-    from mergekit_lite.hub import upload_files
-
     files = upload_files(path)
     links = [n for rel, n in files if (path / rel).is_symlink()]
     if not links:
@@ -104,7 +102,7 @@ def _load_config(path: Path, report: CheckReport) -> Any:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any failure here means transformers cannot load the folder
-        raise MoemergeError(f"check: {path / 'config.json'} does not load with AutoConfig ({_first_line(e)}); "
+        raise MoemergeError(f"check: {path / 'config.json'} does not load with AutoConfig ({first_line(e)}); "
                             "fix or regenerate config.json") from None
     report.architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     return config
@@ -202,7 +200,7 @@ def _check_tokenizer(path: Path, config: Any = None) -> str:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any failure means users cannot load it
-        raise MoemergeError(f"check: the tokenizer in {path} does not load ({_first_line(e)})") from None
+        raise MoemergeError(f"check: the tokenizer in {path} does not load ({first_line(e)})") from None
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(cfg, "vocab_size", None)
     if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding: IndexError at inference
@@ -233,7 +231,3 @@ def _check_values(reader: CheckpointReader, progress: Callable[[str], None] | No
         if progress and (n + 1) % 200 == 0:
             progress(f"  scanned {n + 1}/{len(reader.tensors)} tensors")
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -7,7 +7,6 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -67,14 +66,14 @@ def echo(line: str) -> None:
 
 @app.command()
 def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle recipe (YAML)"),
-            output: Optional[Path] = OUTPUT,
+            output: Path | None = OUTPUT,
             dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
             verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor"),
-            device: Optional[str] = typer.Option(None, help="runs the base model for router.init=hidden: cpu, cuda, "
+            device: str | None = typer.Option(None, help="runs the base model for router.init=hidden: cpu, cuda, "
                                                             "cuda:1 ... (default: accelerate's choice)"),
-            shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
+            shard_size: str | None = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
                                                      "the recipe's shard_size, default 5GB)"),
-            workers: Optional[int] = WORKERS) -> None:
+            workers: int | None = WORKERS) -> None:
     """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
     from mergekit_lite.recipe import UpcycleRecipe, load_recipe
 
@@ -88,13 +87,13 @@ def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle r
 @app.command()
 def graft(source: Path = typer.Argument(..., metavar="SOURCE",
                                         help="a model folder (with --drop or --expand) or a graft recipe (YAML)"),
-          output: Optional[Path] = OUTPUT,
-          drop: Optional[int] = typer.Option(None, "--drop", help="SOLAR depth up-scaling: n layers -> 2(n-m)"),
-          expand: Optional[int] = typer.Option(None, "--expand", help="LLaMA-Pro: insert K identity blocks"),
+          output: Path | None = OUTPUT,
+          drop: int | None = typer.Option(None, "--drop", help="SOLAR depth up-scaling: n layers -> 2(n-m)"),
+          expand: int | None = typer.Option(None, "--expand", help="LLaMA-Pro: insert K identity blocks"),
           dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
-          shard_size: Optional[str] = typer.Option(None, "--shard-size", help="largest shard, e.g. 5GB (default 5GB)"),
+          shard_size: str | None = typer.Option(None, "--shard-size", help="largest shard, e.g. 5GB (default 5GB)"),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="list every output tensor"),
-          workers: Optional[int] = WORKERS) -> None:
+          workers: int | None = WORKERS) -> None:
     """Deeper models from layer slices: SOLAR --drop, LLaMA-Pro --expand, or a slices recipe."""
     from mergekit_lite.ops.graft import run_graft
 
@@ -104,7 +103,7 @@ def graft(source: Path = typer.Argument(..., metavar="SOURCE",
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recipe (YAML)"),
-          output: Optional[Path] = OUTPUT,
+          output: Path | None = OUTPUT,
           resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUTPUT"),
           overwrite: bool = typer.Option(False, "--overwrite", help="start again: remove only what an earlier run "
                                          "wrote in OUTPUT (checkpoints/, metrics.jsonl, final/, cache/, adapter/, "
@@ -112,8 +111,10 @@ def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recip
           ) -> None:
     """Continued pretraining with accelerate (CPU, one GPU, or `accelerate launch` for many)."""
     from mergekit_lite.recipe import TrainRecipe, load_recipe
+    from mergekit_lite.recipe.paths import resolve_train_paths
 
     spec = load_recipe(recipe, TrainRecipe)  # before torch is imported: a recipe error answers at once
+    spec = resolve_train_paths(spec, recipe)  # model and data beside the recipe, as for upcycle and ensemble
     from mergekit_lite.train.loop import train as run_train
 
     if output is not None:  # like upcycle/graft: one recipe, several runs side by side
@@ -138,10 +139,10 @@ def _train_interrupted(out: Path) -> str:
 
 @app.command()
 def ensemble(recipe: Path = typer.Argument(..., metavar="RECIPE", help="ensemble recipe (YAML)"),
-             score: Optional[Path] = typer.Option(None, "--score", metavar="FILE", help="instead of answering the "
+             score: Path | None = typer.Option(None, "--score", metavar="FILE", help="instead of answering the "
                                                   "prompts: mean cross-entropy of each model and of the ensemble"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
-             device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)")
+             device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)")
              ) -> None:
     """Combine models at inference: probability/logit averaging, perplexity weights, or crowd vote."""
     from mergekit_lite.ensemble.run import run_ensemble
@@ -163,7 +164,7 @@ def corpus(folder: Path = typer.Argument(Path("corpus"), metavar="FOLDER",
 
 @app.command()
 def plot(run: Path = typer.Argument(..., metavar="RUN", help="a `moemerge train` output folder"),
-         output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the PNGs (default: RUN)")
+         output: Path | None = typer.Option(None, "-o", "--output", help="where to write the PNGs (default: RUN)")
          ) -> None:
     """PNG plots of a training run: loss (train/val), learning rate, expert load per layer."""
     from mergekit_lite.train.plot import plot_run
@@ -175,10 +176,10 @@ def plot(run: Path = typer.Argument(..., metavar="RUN", help="a `moemerge train`
 @app.command()
 def verify(model: Path = typer.Argument(..., metavar="MODEL", help="output model folder"),
            against: Path = typer.Option(..., "--against", help="the source model to compare with"),
-           text: Optional[str] = typer.Option(None, help="sample text (default: a built-in paragraph)"),
-           device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
-           tolerance: Optional[float] = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this"),
-           record: Optional[bool] = typer.Option(None, "--record/--no-record",
+           text: str | None = typer.Option(None, help="sample text (default: a built-in paragraph)"),
+           device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)"),
+           tolerance: float | None = typer.Option(None, help="exit 1 when max |Δlogits| exceeds this"),
+           record: bool | None = typer.Option(None, "--record/--no-record",
                                                  help="store the figures in the folder's moemerge.json and model "
                                                       "card (default: only when --against is its recorded source)"
                                                  )) -> None:
@@ -286,11 +287,11 @@ def _os_error(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
         return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
                 "(recipes, config.json, metrics.jsonl and tokenizer files are read as UTF-8)")
-    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    where = f" {getattr(e, 'filename', None)}" if getattr(e, "filename", None) else ""
     hint = {13: "check the permissions", 28: "free some disk space", 30: "the filesystem is read-only",
             2: "check the path", 21: "a folder was given where a file is needed",
             20: "a file was given where a folder is needed"}.get(getattr(e, "errno", None) or 0, "check the path")
-    return f"{e.strerror or type(e).__name__}:{where}; {hint}"
+    return f"{getattr(e, 'strerror', None) or type(e).__name__}:{where}; {hint}"
 
 
 def _from_ctrl_c(exc: BaseException) -> bool:

@@ -14,132 +14,17 @@ and every error we print is reduced to its first line with any token-looking tex
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import os
 import re
-from pathlib import Path, PurePosixPath
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
-from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.reader import file_in_folder
+from mergekit_lite.errors import MoemergeError, first_line
+from mergekit_lite.io.folders import left_out_files, refuse_missing_index_entries, upload_files
 from mergekit_lite.plan import format_bytes
 
-# Never uploaded: half-built folders from an interrupted command, VCS and tool caches.
-ALWAYS_EXCLUDED = ("*.moemerge-tmp-*", "*.moemerge-old-*", ".git", ".cache", "__pycache__", ".DS_Store")
-# Training state: large and useless to someone loading the model; uploaded only with --include-checkpoints.
-CHECKPOINT_EXCLUDED = ("checkpoints", "checkpoint-*", "optimizer*.pt", "optimizer*.bin", "optimizer*.safetensors",
-                       "scheduler*.pt", "rng_state*.pth", "rng_state*.pt", "accelerator_state*", "training_state*")
-# What a model folder is made of: all that push uploads (checkpoints too with --include-checkpoints). Anything else
-# (notes, eval dumps, core files) is left out and listed, so a folder used as a workspace publishes no stray file.
-MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-               "*.gguf", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "tokenizer.model", "*.tiktoken", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-               "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-               "processor_config.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "README.md",
-               "moemerge.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               ".gitattributes")
-# Files that look like credentials: push refuses the folder rather than upload one (Hub repos are public by default).
-SECRETS = (".env", ".env.*", "*.env", "token", "hf_token", "*_token", "*.token", "*access_token*", ".netrc",
-           "_netrc", ".git-credentials", "credentials", "credentials.*", "*.pem", "*.key", "*.p12", "*.pfx",
-           "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.kdbx", ".ssh", ".aws", ".gnupg", "secrets",
-           ".secrets")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def upload_files(folder: str | Path, include_checkpoints: bool = False) -> list[tuple[str, int]]:
-    """(path relative to `folder`, bytes) of every file `push` would upload, sorted.
-
-    A link counts as the file it points to (its size is the target's), and is refused unless that
-    target lies inside the folder or the Hub cache repo the folder is a snapshot of; a link to a
-    folder or a broken link is refused too, so no file is ever left out silently.
-    """
-    folder = Path(folder)
-    skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
-    _refuse_secrets(folder)
-    files = []
-    for root, dirs, names in os.walk(folder):
-        # Prune excluded folders in place so a large checkpoints/ tree is never even listed.
-        dirs[:] = sorted(d for d in dirs if not _excluded(d, skip))
-        for name in dirs:
-            if (Path(root) / name).is_symlink():
-                rel = (Path(root) / name).relative_to(folder).as_posix()
-                raise MoemergeError(f"push: {folder / rel} is a link to a folder, which push does not follow; "
-                                    "copy that folder in (e.g. `cp -rL`) or remove the link")
-        for name in names:
-            p = Path(root) / name
-            rel = p.relative_to(folder).as_posix()
-            if _excluded(name, skip) or not _model_file(rel, include_checkpoints):
-                continue
-            if p.is_symlink():
-                file_in_folder(folder, rel, f"push: the link {folder / rel}")
-                if not p.is_file():
-                    raise MoemergeError(f"push: {folder / rel} is a broken link; restore its target or delete it")
-            if p.is_file():  # sockets, FIFOs and the like are not model files
-                files.append((rel, p.stat().st_size))
-    return sorted(files)
-
-
-def _refuse_missing_index_entries(folder: Path, files: list[tuple[str, int]], include_checkpoints: bool) -> None:
-    """An uploaded index must not name a file the upload leaves out: the Hub repo would not load."""
-    listed = {rel for rel, _ in files}
-    skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
-    for index in INDEX_FILES:
-        if index not in listed:
-            continue
-        try:
-            names = set(json.loads((folder / index).read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise MoemergeError(f"push: {folder / index} is not a valid index ({e!r}); regenerate it") from None
-        left_out = sorted(n for n in names if PurePosixPath(n).as_posix() not in listed)
-        if left_out:
-            name = left_out[0]
-            rule = next((p for part in PurePosixPath(name).parts for p in skip if fnmatch.fnmatchcase(part, p)), None)
-            why = f"push skips paths matching {rule!r}" if rule else "it is not in the folder"
-            fix = " (or pass --include-checkpoints)" if rule in CHECKPOINT_EXCLUDED else ""
-            raise MoemergeError(f"push: {index} names {name!r}, which push would not upload ({why}; "
-                                f"{len(left_out)} such file(s)); move the shard to the folder's top level under a "
-                                f"plain name and regenerate the index{fix}")
-
-
-def _model_file(rel: str, include_checkpoints: bool) -> bool:
-    """A file a model folder is made of (at its top level), or, with --include-checkpoints, of its checkpoints."""
-    parts = PurePosixPath(rel).parts
-    if include_checkpoints and any(_excluded(part, CHECKPOINT_EXCLUDED) for part in parts):
-        return True
-    return len(parts) == 1 and _excluded(parts[0], MODEL_FILES)
-
-
-def left_out_files(folder: str | Path, include_checkpoints: bool = False) -> list[str]:
-    """Files in `folder` that are not part of a model folder, so push leaves them out (not the excluded
-    temporary/checkpoint paths, which push never lists)."""
-    folder = Path(folder)
-    skip = ALWAYS_EXCLUDED + (() if include_checkpoints else CHECKPOINT_EXCLUDED)
-    out = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _excluded(d, skip))
-        for name in names:
-            rel = (Path(root) / name).relative_to(folder).as_posix()
-            if not _excluded(name, skip) and not _model_file(rel, include_checkpoints):
-                out.append(rel)
-    return sorted(out)
-
-
-def _refuse_secrets(folder: Path) -> None:
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _excluded(d, ALWAYS_EXCLUDED))
-        for name in sorted(dirs) + sorted(names):
-            if _excluded(name, SECRETS) or _excluded(name.lower(), SECRETS):
-                rel = (Path(root) / name).relative_to(folder).as_posix()
-                raise MoemergeError(f"push: {folder / rel} looks like a credential (matches one of "
-                                    f"{', '.join(SECRETS[:6])}, ...); move it out of the model folder: push refuses "
-                                    "to publish a folder holding one")
-
-
-def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def push_folder(folder: str | Path, repo: str, *, private: bool = False, revision: str = "main",
@@ -156,7 +41,7 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     for line in check_folder(folder).lines():
         echo(line)
     files = upload_files(folder, include_checkpoints)
-    _refuse_missing_index_entries(folder, files, include_checkpoints)
+    refuse_missing_index_entries(folder, files, include_checkpoints)
     total = sum(n for _, n in files)
     if not dry_run:
         _need_token()  # before announcing an upload that cannot start
@@ -248,7 +133,7 @@ def _bound_waits() -> None:
 
 def _clean(e: BaseException) -> str:
     """First line of an error, token-looking strings masked (HTTP errors can echo request details)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     token = os.environ.get("HF_TOKEN")
     if token:
         text = text.replace(token, "***")

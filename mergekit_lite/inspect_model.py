@@ -42,6 +42,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def describe_lines(d: dict[str, Any]) -> list[str]:
+    """Format `describe`'s record for the terminal: shape, experts, parameters, shards and build options."""
     lines = [
         f"{d['path']}",
         f"  architecture   {d['architecture']} ({d['model_type']})",
@@ -52,7 +53,8 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
         if d.get("router"):
             lines.append(f"  router         {d['router']}")
     lines += [
-        f"  parameters     total {format_count(d['total_params'])}   active per token {format_count(d['active_params'])}",
+        f"  parameters     total {format_count(d['total_params'])}   "
+        f"active per token {format_count(d['active_params'])}",
         f"  dtype          {', '.join(f'{k} ({format_count(v)})' for k, v in d['dtypes'].items())}",
         f"  shards         {len(d['shards'])} file(s), {format_bytes(d['bytes'])}",
     ]

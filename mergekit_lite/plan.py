@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-
 # recipe `dtype` names -> torch dtypes (`source` keeps each tensor's stored dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +42,7 @@ class TensorOp:
 
     @property
     def numel(self) -> int:
+        """Number of elements (the product of the shape)."""
         n = 1
         for s in self.shape:
             n *= s
@@ -50,6 +50,7 @@ class TensorOp:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the output tensor will occupy."""
         return self.numel * self.dtype.itemsize
 
 
@@ -68,13 +69,16 @@ class Plan:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the output tensor will occupy."""
         return sum(op.nbytes for op in self.ops)
 
     @property
     def total_params(self) -> int:
+        """Parameters of the output model: the elements of every planned tensor."""
         return sum(op.numel for op in self.ops)
 
     def role_counts(self) -> Counter:
+        """How many ops of each (role, transform) kind the plan holds, for the dry-run summary."""
         return Counter((op.role, op.fn) for op in self.ops)
 
     def summary_lines(self, max_tensors: int = 0) -> list[str]:
@@ -105,6 +109,7 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 def format_bytes(n: float) -> str:
+    """Bytes in decimal units as people read them (`1.23 GB`)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -113,6 +118,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_count(n: float) -> str:
+    """A parameter count in K/M/B (`1.09M`)."""
     for unit in ("", "K", "M", "B"):
         if abs(n) < 1000 or unit == "B":
             return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"

@@ -9,10 +9,12 @@ Each phase shows a progress bar on stderr (tqdm, as `moemerge train` does).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, remove_own_entries
 
 QUICKSTART_RECIPE = """\
@@ -33,7 +35,7 @@ QUICKSTART_PRODUCTS = {"corpus": ("train.txt", "val.txt"), "dense-init": MODEL_F
                        "upcycle.yaml": None, "train-pretrain.yaml": None, "train-dense.yaml": None,
                        "train-moe.yaml": None, f".*.{TMP_TAG}-*": ANY, f".*.{OLD_TAG}-*": ANY, ".*.moemerge-lock": None}
 
-DENSE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+DENSE_SHAPE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2)
 
 
@@ -53,7 +55,7 @@ def _train(workdir: Path, model: Path, name: str, steps: int, lr: float, label: 
             "eval_every": max(2, steps // 10), "output": str(workdir / "runs" / name)}
     (workdir / f"train-{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
     summary = train(validate_recipe(body, TrainRecipe), progress=True, progress_label=label, echo=echo)
-    rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(workdir / "runs" / name).metrics.read_text().splitlines()]
     summary["initial_val_loss"] = next(r["val_loss"] for r in rows if r["type"] == "val" and r["step"] == 0)
     return summary
 
@@ -111,7 +113,7 @@ def run_quickstart(workdir: Path, *, overwrite: bool = False, pretrain_steps: in
     echo("")
     echo(conclusion(runs["dense"], runs["moe"]))
     echo(f"next: open {workdir / 'runs' / 'compare.png'}; moemerge inspect {workdir / 'runs' / 'moe' / 'final'}; "
-         "then upcycle your own model with a recipe from recipes/upcycle/ (README: Upcycle)")
+         "then upcycle your own model with a recipe from recipes/upcycle/ (docs/upcycle.md)")
     echo("files: " + ", ".join(str(p) for p in _files(workdir)))
     return {"parity_max_abs": report.max_abs, "runs": runs, "plots": plots}
 
@@ -131,8 +133,8 @@ def conclusion(dense: dict, moe: dict) -> str:
 def _files(workdir: Path) -> list[Path]:
     """What the quickstart leaves for the user to open, all of it written by run_quickstart."""
     runs = workdir / "runs"
-    return [workdir / "dense", workdir / "moe", runs / "dense" / "final", runs / "moe" / "final",
-            runs / "dense" / "metrics.jsonl", runs / "moe" / "metrics.jsonl", runs / "compare.png"]
+    return [workdir / "dense", workdir / "moe", RunFolder(runs / "dense").final, RunFolder(runs / "moe").final,
+            RunFolder(runs / "dense").metrics, RunFolder(runs / "moe").metrics, runs / "compare.png"]
 
 
 def _plots(workdir: Path, echo) -> list[Path]:

@@ -76,7 +76,7 @@ def default_wait_policy(env: Mapping[str, str]) -> str | None:
     OpenMP's default lets a thread that finished its share spin for a while before sleeping. When another
     process holds one of the cores, the spinning thread burns the CPU time the late thread needs, and every
     parallel region waits for a whole scheduler slice: on 2 cores with one busy neighbour a training step was
-    4-8x slower than with one thread; with sleeping threads it ran at 0.6-1.7x one thread's speed (README).
+    4-8x slower than with one thread; with sleeping threads it ran at 0.6-1.7x one thread's speed (docs/benchmarks.md).
     """
     return None if any(env.get(var, "").strip() for var in WAIT_VARS) else "PASSIVE"
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 from mergekit_lite.pico import SAMPLE_TEXT
 
 
 @dataclass
 class ParityReport:
+    """How far a model's logits are from a reference's on the same tokens."""
     max_abs: float
     mean_abs: float
     top1_agreement: float
@@ -21,6 +22,7 @@ class ParityReport:
     device: str
 
     def lines(self) -> list[str]:
+        """The report as `moemerge verify` prints it."""
         return [f"parity over {self.n_tokens} tokens ({self.dtype}, {self.device}):",
                 f"  max |Δlogits|  {self.max_abs:.3e}",
                 f"  mean |Δlogits| {self.mean_abs:.3e}",
@@ -35,6 +37,7 @@ def default_device() -> torch.device:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
+    """Load a model folder for comparison, refusing links that leave it before transformers reads anything."""
     from transformers import AutoModelForCausalLM
 
     from mergekit_lite.io.reader import refuse_leaving_links
@@ -43,8 +46,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
-        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {first_line(e)}") from None
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
 
 
 def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> torch.Tensor:
@@ -82,7 +85,6 @@ def is_recorded_source(model_dir: str | Path, reference: str | Path) -> bool:
 
 def record_parity(model_dir: str | Path, reference: str | Path, report: ParityReport) -> bool:
     """Store the parity figures in the folder's sidecar and model card; False when it has no sidecar."""
-
     from mergekit_lite.card import write_card
     from mergekit_lite.io.sidefiles import read_sidecar, write_sidecar
 

@@ -22,9 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_upcycle import (  # noqa: E402 - one synthetic-checkpoint generator, one set of measurements
-    VOCAB, alternating_rounds, build_dense, files, timed, writer_threads,
-)
+from bench_upcycle import VOCAB, alternating_rounds, build_dense, files, timed, writer_threads  # noqa: E402 - one synthetic-checkpoint generator, one set of measurements
 
 HIDDEN, INTER = 2048, 5632
 

@@ -1,4 +1,4 @@
-"""Our load-balancing loss against transformers' `load_balancing_loss_func`: the README's conversion factor.
+"""Our load-balancing loss against transformers' `load_balancing_loss_func`: the conversion factor docs/train.md gives.
 
 Ours, per MoE layer, averaged over layers: E * sum_i f_i P_i with f_i = (top-k assignments to i) / (T k)
 (sums to 1). transformers: E * sum_i f'_i P_i with f'_i = (assignments to i) / T (sums to k), over the

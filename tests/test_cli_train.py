@@ -43,3 +43,22 @@ def test_user_error_printed_by_local_main_process_only(tmp_path):
     assert (main.returncode, other.returncode) == (2, 2)
     assert main.stderr.count("error:") == 1 and "none.yaml" in main.stderr
     assert "error:" not in other.stderr and "Traceback" not in other.stderr
+
+
+def test_train_recipe_paths_resolve_from_the_recipe_folder(tmp_path, monkeypatch):
+    """A train recipe kept beside its model and data runs from another working directory, like upcycle's."""
+    project = tmp_path / "project"
+    write_corpus(project / "corpus")
+    build_pico_model("llama", project / "dense", texts=stdlib_docstrings(), hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    body = {"model": "dense", "data": {"train": ["corpus/train.txt"], "validation": ["corpus/val*.txt"]},
+            "seq_len": 32, "micro_batch_size": 2, "max_steps": 1, "learning_rate": 1e-3, "eval_batches": 1,
+            "output": "run"}
+    (project / "r.yaml").write_text(yaml.safe_dump(body))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = CliRunner().invoke(app, ["train", str(project / "r.yaml")])
+    assert res.exit_code == 0, res.output
+    assert (elsewhere / "run" / "final" / "config.json").is_file()  # output: from the working directory
+    assert not (project / "run").exists()

@@ -12,9 +12,18 @@ import sys
 
 import pytest
 import torch
-
 from test_distributed import (  # noqa: F401  (world is a fixture)
-    CONFIGS, KILL_AFTER_CHECKPOINT, LAUNCH, assert_same_run, env_for, final_weights, launch, records, reference, world)
+    CONFIGS,
+    KILL_AFTER_CHECKPOINT,
+    LAUNCH,
+    assert_same_run,
+    env_for,
+    final_weights,
+    launch,
+    records,
+    reference,
+    world,
+)
 
 pytest.importorskip("deepspeed", reason="pip install deepspeed (the test extra has it)")
 pytestmark = pytest.mark.distributed

@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train import SMALL, build_world
 
 from mergekit_lite.ops.upcycle import run_upcycle
 from mergekit_lite.pico import build_pico_model
 from mergekit_lite.train.checkpoint import model_tensors
 from mergekit_lite.train.corpus import stdlib_docstrings
-from test_train import SMALL, build_world
 
 pytestmark = pytest.mark.distributed
 
@@ -332,7 +332,7 @@ def test_resume_on_another_process_count_continues_the_same_run(world, engine, d
 
 def test_fsdp2_peak_memory_per_process_is_well_under_one_process(tmp_path):
     """scripts/bench_memory.py at a test size (a ~60M-parameter Llama, 3 steps, a checkpoint, the final save):
-    every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (the README's figures: 0.59 at 269M)."""
+    every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (docs/benchmarks.md: 0.59 at 269M)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_memory
 

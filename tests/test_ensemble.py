@@ -12,8 +12,17 @@ import yaml
 from typer.testing import CliRunner
 
 from mergekit_lite.cli import app
-from mergekit_lite.ensemble.combine import (combine, lcs_length, normalise, perplexity_weights, pick_token,
-                                            prefix_mean_nll, rouge_l, token_f1, vote)
+from mergekit_lite.ensemble.combine import (
+    combine,
+    lcs_length,
+    normalise,
+    perplexity_weights,
+    pick_token,
+    prefix_mean_nll,
+    rouge_l,
+    token_f1,
+    vote,
+)
 from mergekit_lite.ensemble.decode import generate
 from mergekit_lite.ensemble.members import read_prompts
 from mergekit_lite.ensemble.run import run_ensemble

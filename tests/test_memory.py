@@ -1,7 +1,7 @@
 """Peak anonymous memory of `moemerge upcycle`: computed tensors stream like copies.
 
 A ~310 MB bf16 Llama-shaped checkpoint is upcycled in a child process while a thread polls
-`/proc/PID/status` (RssAnon) every 10 ms. The bound is the README's claim: peak <= the same
+`/proc/PID/status` (RssAnon) every 10 ms. The bound is the one docs/upcycle.md states: peak <= the same
 command's `--dry-run` peak (interpreter, imports, headers and plan: everything but the writing)
 + 2 x the largest tensor of the output. On the old executor, which held a whole output shard of
 computed tensors, `dtype: float32` peaked near the whole fp32 model (~1.4 GB over the baseline).

@@ -13,7 +13,15 @@ from mergekit_lite.cli import app
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train import plot
 from mergekit_lite.train.plot import (
-    ema, imbalance_series, load_matrix, loss_figure, plot_compare, plot_run, read_metrics, val_by_tokens)
+    ema,
+    imbalance_series,
+    load_matrix,
+    loss_figure,
+    plot_compare,
+    plot_run,
+    read_metrics,
+    val_by_tokens,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAST_LOAD = [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.5, 0.5]]

@@ -56,7 +56,7 @@ def test_quickstart_story(tmp_path, capsys):
 
 
 def test_a_second_quickstart_says_it_is_done_and_exits_cleanly(tmp_path):
-    """The README runs `moemerge quickstart` in two places; the second used to exit 2."""
+    """A newcomer runs `moemerge quickstart` twice (README, then docs/upcycle.md); the second used to exit 2."""
     done = tmp_path / "qs"
     (done / "runs" / "moe" / "final").mkdir(parents=True)
     (done / "runs" / "moe" / "final" / "model.safetensors").write_bytes(b"x")

@@ -1,11 +1,13 @@
-"""The README runs as written, and the upcycle plan's parity promise states its dtype condition.
+"""The README and the docs pages run as written, and the upcycle plan's parity promise states its dtype condition.
 
 `test_readme_commands_run_in_order` (marker `readme`; CI runs it with `pytest -q -m "distributed or readme"`)
-takes every ```bash block of README.md in order, except a block whose previous line is the marker
-`<!-- not run by tests/test_readme.py: REASON -->` (installs, Hub uploads with a token, opt-in test tiers), and
-runs each command line with `bash -e` in a fresh temporary folder holding a link to the repo's `recipes/`, with
-this interpreter's environment first on PATH and the Hub offline. The first command it meets is
-`moemerge quickstart`, so every later command runs on the models a newcomer has.
+takes every ```bash block of README.md, then of each docs page in `PAGES` order, except a block whose previous
+line is the marker `<!-- not run by tests/test_readme.py: REASON -->` (installs, Hub uploads with a token, opt-in
+test tiers), and runs each command line with `bash -e` in one fresh temporary folder holding a link to the repo's
+`recipes/`, with this interpreter's environment first on PATH and the Hub offline. A command already run by an
+earlier block (the same command, its trailing comment aside) is not run again: the README's examples reappear on
+the command pages. The first command it meets is `moemerge quickstart`, so every later command runs on the
+models a newcomer has.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from mergekit_lite.recipe import UpcycleRecipe, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# README first, then the pages in the order a reader follows them; every docs/*.md must be listed
+PAGES = [README] + [ROOT / "docs" / f"{name}.md" for name in
+                    ("upcycle", "graft", "train", "ensemble", "publish", "recipes", "benchmarks")]
 SKIP_MARKER = "<!-- not run by tests/test_readme.py:"
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
 COMMAND_TIMEOUT_S = 900  # the quickstart takes ~1 min on 2 quiet cores; a hung launcher must not hang CI
@@ -46,6 +51,24 @@ def block_commands(body: str) -> list[str]:
     return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def same_command(cmd: str) -> str:
+    """A command without its trailing comment and extra spaces: what decides whether it already ran."""
+    return " ".join(re.sub(r"\s#.*$", "", cmd).split())
+
+
+def commands_to_run(pages: list[Path]) -> list[tuple[str, int, str]]:
+    """(page, line, command) for every command of the pages' runnable blocks, each distinct command once."""
+    seen: set[str] = set()
+    out = []
+    for page in pages:
+        for line, body, runs in readme_blocks(page.read_text()):
+            for cmd in block_commands(body) if runs else []:
+                if same_command(cmd) not in seen:
+                    seen.add(same_command(cmd))
+                    out.append((page.relative_to(ROOT).as_posix(), line, cmd))
+    return out
+
+
 def test_skip_marker_and_command_split():
     text = ("x\n```bash\na one  # c\n\n# only a comment\nb \\\n  two\n```\n"
             f"{SKIP_MARKER} needs a token -->\n```bash\npush\n```\n```yaml\nk: v\n```\n")
@@ -56,13 +79,38 @@ def test_skip_marker_and_command_split():
 
 def test_readme_skips_only_what_it_must():
     """Installs, the real Hub upload and opt-in tiers are marked; everything else is run by the test below."""
-    blocks = readme_blocks(README.read_text())
+    blocks = [b for page in PAGES for b in readme_blocks(page.read_text())]
     skipped = [cmd for _, body, runs in blocks if not runs for cmd in block_commands(body)]
     assert all(re.match(r"(python3 -m venv|pip install|moemerge push .*--repo)", c) for c in skipped), skipped
     assert not any("--dry-run" in c and "push" in c for c in skipped)
-    run = [cmd for _, body, runs in blocks if runs for cmd in block_commands(body)]
+    run = [cmd for _, _, cmd in commands_to_run(PAGES)]
     assert run[0].startswith("moemerge quickstart"), run[0]
     assert not any("path/to" in c for c in run), [c for c in run if "path/to" in c]
+
+
+def test_every_docs_page_is_run_and_linked_from_a_short_readme():
+    readme = README.read_text()
+    assert len(readme.splitlines()) <= 300
+    assert sorted(p.name for p in PAGES[1:]) == sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name}" in readme, f"README does not link docs/{page.name}"
+
+
+def test_a_command_runs_once_whatever_its_comment():
+    pages = {"a": "```bash\nmoemerge x  # first\nmoemerge y\n```\n", "b": "```bash\nmoemerge x   # again\n```\n"}
+    assert [same_command(c) for c in ("moemerge x  # first", "moemerge  x")] == ["moemerge x", "moemerge x"]
+
+    class Page:
+        def __init__(self, name: str):
+            self.name = name
+
+        def read_text(self) -> str:
+            return pages[self.name]
+
+        def relative_to(self, _root: Path) -> Path:
+            return Path(self.name)
+
+    assert [c for _, _, c in commands_to_run([Page("a"), Page("b")])] == ["moemerge x  # first", "moemerge y"]
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -84,17 +132,14 @@ def test_readme_commands_run_in_order(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     timings = []
-    for line, body, runs in readme_blocks(README.read_text()):
-        if not runs:
-            continue
-        for cmd in block_commands(body):
-            t0 = time.perf_counter()
-            p = subprocess.run(["bash", "-e", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=COMMAND_TIMEOUT_S)
-            timings.append((time.perf_counter() - t0, cmd))
-            assert p.returncode == 0, (f"README.md block at line {line}: `{cmd}` exited {p.returncode}\n"
-                                       f"--- stdout tail ---\n{_tail(p.stdout)}\n"
-                                       f"--- stderr tail ---\n{_tail(p.stderr)}")
+    for page, line, cmd in commands_to_run(PAGES):
+        t0 = time.perf_counter()
+        p = subprocess.run(["bash", "-e", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=COMMAND_TIMEOUT_S)
+        timings.append((time.perf_counter() - t0, cmd))
+        assert p.returncode == 0, (f"{page} block at line {line}: `{cmd}` exited {p.returncode}\n"
+                                   f"--- stdout tail ---\n{_tail(p.stdout)}\n"
+                                   f"--- stderr tail ---\n{_tail(p.stderr)}")
     print("\n".join(f"{s:7.1f} s  {c}" for s, c in timings))
     assert len(timings) >= 15
 

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from test_train import quiet, recipe, world  # noqa: F401  (world is a fixture)
 
 import mergekit_lite.train.loop as loop
 from mergekit_lite.train import routing
 from mergekit_lite.train.checkpoint import model_tensors
 from mergekit_lite.train.moe import NOISE_PARAM, RouterTap
-from test_train import quiet, recipe, world  # noqa: F401  (world is a fixture)
 
 SOFTMAX = routing.Scoring()
 
@@ -215,7 +215,6 @@ POLICY_RUNS = {
 @pytest.mark.parametrize("policy", POLICY_RUNS)
 def test_resume_is_exact_for_every_policy(world, tmp_path, monkeypatch, policy):
     from safetensors.torch import load_file
-
     from test_train import records
     from test_train_resume import HARD, crash_then_resume
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from mergekit_lite.threads import (cgroup_cpu_limit, default_threads, default_wait_policy, local_world_size,
-                                   usable_cores)
+from mergekit_lite.threads import cgroup_cpu_limit, default_threads, default_wait_policy, local_world_size, usable_cores
 
 
 @pytest.mark.parametrize("cores, local, env, expected", [

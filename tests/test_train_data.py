@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 from pathlib import Path
@@ -316,7 +317,7 @@ def test_a_dataset_repository_is_read_by_config_split_and_revision(corpus, tmp_p
         for split, offset in (("train", 0), ("test", 50)):
             (repo / config).mkdir(parents=True, exist_ok=True)
             (repo / config / f"{split}.jsonl").write_text("".join(
-                '{"text": "%s"}\n' % " ".join([f"d{first + offset + i}"] * 8) for i in range(40)))
+                json.dumps({"text": " ".join([f"d{first + offset + i}"] * 8)}) + "\n" for i in range(40)))
     (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
         f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
         f"  - split: test\n    path: {c}/test.jsonl\n" for c in ("small", "large")) + "---\n# a sample\n")

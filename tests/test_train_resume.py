@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
 import mergekit_lite.train.loop as loop
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train.moe import RouterTap
-from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
 # every source of randomness on, gradient accumulation, gradient checkpointing, the selection bias, and a
 # checkpoint (step 5) that falls between two log lines (4, 8; the last line at 10 covers 2 steps)
@@ -170,11 +170,11 @@ def test_tapped_router_routes_as_transformers_under_bf16_autocast(family, bias):
 def test_qwen2_moe_with_size0_shared_expert_resumes_exactly(world, tmp_path, monkeypatch):
     """Upcycled Qwen2-MoE holds size-0 shared-expert tensors that share one storage; checkpoints must keep them."""
     import yaml
+    from test_train import SMALL
 
     from mergekit_lite.ops.upcycle import run_upcycle
     from mergekit_lite.pico import build_pico_model
     from mergekit_lite.train.corpus import stdlib_docstrings
-    from test_train import SMALL
 
     dense = build_pico_model("qwen2", tmp_path / "dense", texts=stdlib_docstrings(), **SMALL)
     (tmp_path / "up.yaml").write_text(yaml.safe_dump({"source": str(dense), "num_experts": 4, "experts_per_token": 2,

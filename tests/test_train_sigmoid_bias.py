@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
 import mergekit_lite.train.loop as loop
 from mergekit_lite.train.moe import RouterTap, find_routers
-from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
 E, K = 4, 2
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -13,13 +13,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_upcycle_families import assert_parity_lost
 
 from mergekit_lite.arch import tables
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.ops.upcycle import run_upcycle
-
-from test_upcycle_families import assert_parity_lost
 
 DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3)  # 4 heads of 8, 2 kv heads
 TOL = 1e-4

@@ -7,7 +7,7 @@ function combines one decoding step ([M, V]) or every position of a scored block
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

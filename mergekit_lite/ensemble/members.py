@@ -78,7 +78,7 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
 
     from mergekit_lite.io import resolve_model_path
     from mergekit_lite.io.reader import refuse_leaving_links
-    from mergekit_lite.ops.upcycle import resolve_relative
+    from mergekit_lite.recipe.paths import resolve_relative
 
     members, tokenizers = [], []
     for j, (name, rev) in enumerate(zip(recipe.paths(), recipe.revisions())):
@@ -111,7 +111,7 @@ def load_members(members: list[Member], dtype: str, device: torch.device) -> Non
 
 def read_prompts(spec: str | list[str] | None, recipe_path: str | Path) -> list[str]:
     """The prompts: a list from the recipe, a .jsonl file (`text` per line) or a text file (one per line)."""
-    from mergekit_lite.ops.upcycle import resolve_relative
+    from mergekit_lite.recipe.paths import resolve_relative
 
     if spec is None:
         raise MoemergeError("prompts: missing; add `prompts: prompts.txt` (one per line) or a list of strings, "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mergekit_lite.ensemble.decode import Answer, answer
 from mergekit_lite.ensemble.members import load_members, prepare_members, read_prompts
@@ -29,6 +29,8 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
         as_json: print one JSON object (through `raw`) instead of text lines (through `echo`).
         device: cpu, cuda, cuda:1 ... (None: accelerate's choice, like `train`).
         progress: show a progress bar on stderr.
+        echo: where text lines go (the CLI's stdout writer).
+        raw: where the JSON object goes with `as_json`.
 
     Returns:
         {"outputs": [...]} or the score record, as printed with --json.

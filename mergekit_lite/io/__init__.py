@@ -3,7 +3,13 @@
 from mergekit_lite.io.reader import CheckpointReader, TensorInfo, resolve_model_path
 from mergekit_lite.io.safety import clear_stale_temps, find_debris, refuse_overlap, remove_own_entries
 from mergekit_lite.io.writer import (
-    AtomicDir, TensorEntry, assign_shards, shard_names, write_index, write_model_folder, write_shard,
+    AtomicDir,
+    TensorEntry,
+    assign_shards,
+    shard_names,
+    write_index,
+    write_model_folder,
+    write_shard,
 )
 
 __all__ = [

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -90,11 +90,13 @@ class ShardFile:
         return last
 
     def finish(self) -> None:
+        """Flush the shard to disk and close it; called once its last tensor is written."""
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
 
     def abort(self) -> None:
+        """Close the file without syncing (a failed or interrupted write); safe to call twice."""
         with self.lock:
             if self.fd is not None:
                 os.close(self.fd)
@@ -142,6 +144,7 @@ class TensorPool:
         self.next_prefetch = self.submitted = self.ahead_bytes = 0
 
     def open(self, path: Path, header: bytes, n_tensors: int) -> ShardFile:
+        """Create a shard file with its header written and register it; an empty shard is done at once."""
         shard = ShardFile(path, header, n_tensors)
         self.files.append(shard)
         if n_tensors == 0 and self.shard_done:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -37,10 +37,12 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements (the product of the shape)."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
         return self.numel * self.dtype.itemsize
 
 
@@ -61,7 +63,7 @@ def resolve_model_path(source: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(source, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md", "LICENSE*"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise MoemergeError(
             f"{source} is not a local folder and could not be fetched from the Hugging Face Hub ({first}); "
             "check the path, or your network and token") from None
@@ -211,7 +213,8 @@ class CheckpointReader:
             file_in_folder(self.path, "pytorch_model.bin", str(self.path))
             files = ["pytorch_model.bin"]
         else:
-            raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or pytorch_model.bin)")
+            raise MoemergeError(f"{self.path} holds no model weights (model.safetensors, its index, or "
+                                "pytorch_model.bin)")
         infos = {}
         for name in files:
             try:
@@ -236,12 +239,14 @@ class CheckpointReader:
 
     # -- access ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """Every tensor name in the checkpoint, in index order."""
         return list(self.tensors)
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
     def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and file of one tensor, from the headers; a missing key is a `MoemergeError`."""
         if key not in self.tensors:
             raise MoemergeError(f"tensor {key!r} is missing from {self.path}")
         return self.tensors[key]
@@ -275,9 +280,11 @@ class CheckpointReader:
             pass  # a failed hint costs nothing: the read happens when the tensor is written
 
     def total_bytes(self) -> int:
+        """Bytes of all tensors, as the headers describe them."""
         return sum(i.nbytes for i in self.tensors.values())
 
     def close(self) -> None:
+        """Close every open shard (file descriptors and safetensors handles)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -298,8 +305,3 @@ def _tensor_spans(fd: int) -> dict[str, tuple[int, int]]:
     header = json.loads(os.pread(fd, n, 8))
     return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
             for k, v in header.items() if k != "__metadata__"}
-
-
-def dir_size(path: str | Path) -> int:
-    """Bytes in a folder's regular files (used by benchmarks and inspect)."""
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)

@@ -17,10 +17,11 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Literal
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import format_bytes
@@ -134,7 +135,7 @@ def remove_own_entries(folder: str | Path, own: Mapping[str, tuple[str, ...] | N
 
 def _foreign(p: Path, own: Mapping[str, tuple[str, ...] | None]) -> Path | None:
     """`p` itself, or what inside it, the command did not write; None when all of it is the command's."""
-    inner = next((v for pat, v in own.items() if fnmatch(p.name, pat)), False)
+    inner: tuple[str, ...] | None | Literal[False] = next((v for pat, v in own.items() if fnmatch(p.name, pat)), False)
     if inner is False:
         return p
     if p.is_symlink() or inner is None:
@@ -174,6 +175,7 @@ class Debris:
     nbytes: int
 
     def describe(self) -> str:
+        """One line for `check` and the writers: path, size and whether its process still runs."""
         state = "its process is still running" if self.alive else f"process {self.pid} has ended"
         return f"{self.path} ({format_bytes(self.nbytes)}, {state})"
 

@@ -66,5 +66,6 @@ def finish_folder(folder: str | Path, config: dict[str, Any], side_files_from: s
 
 
 def read_sidecar(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's `moemerge.json` record, or None when moemerge did not write it."""
     p = Path(folder) / SIDECAR
     return json.loads(p.read_text()) if p.is_file() else None

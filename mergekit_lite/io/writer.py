@@ -18,21 +18,28 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.pool import TensorPool, default_workers
-from mergekit_lite.io.safety import (EDITED, OLD_TAG, TMP_TAG, clear_stale_temps, record_written, temp_path,
-                                     written_record)
-
-LOCK_TAG = "moemerge-lock"
+from mergekit_lite.io.pool import ShardFile, TensorPool, default_workers
+from mergekit_lite.io.safety import (
+    EDITED,
+    OLD_TAG,
+    TMP_TAG,
+    clear_stale_temps,
+    record_written,
+    temp_path,
+    written_record,
+)
 from mergekit_lite.io.sidefiles import SIDE_FILES, SIDECAR
 from mergekit_lite.plan import format_bytes
+
+LOCK_TAG = "moemerge-lock"
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -104,6 +111,7 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock or fail at once naming the output (another command is writing it)."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
@@ -119,6 +127,7 @@ class OutputLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Remove the lock file while still holding it, then drop the lock."""
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still holding it: no one else has it
             os.close(self.fd)  # closing the descriptor releases the flock
@@ -219,6 +228,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor will occupy in its shard."""
         n = self.dtype.itemsize
         for s in self.shape:
             n *= s
@@ -277,7 +287,7 @@ def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, sh
                 # up to `n_workers` shards are handed out in turn
                 order = list(_interleave([f.order for f in files], n_workers if interleave else 1))
                 pool.ahead = [e for _, e in order]
-                opened: dict[int, object] = {}
+                opened: dict[int, ShardFile] = {}
                 for i, e in order:
                     if i not in opened:
                         opened[i] = files[i].open(pool, tmp / names[i])

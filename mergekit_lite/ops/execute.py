@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from mergekit_lite.card import write_card
 from mergekit_lite.io import CheckpointReader, TensorEntry, write_model_folder
 from mergekit_lite.io.pool import release_freed_memory
 from mergekit_lite.io.sidefiles import finish_folder
@@ -46,6 +45,7 @@ class SourceCache:
         self.lock = threading.Lock()
 
     def get(self, src: Src, dtype: torch.dtype) -> torch.Tensor:
+        """The source tensor cast to `dtype`, cached so that E experts cast their FFN once."""
         key = (src, dtype)
         with self.lock:
             if key in self.items:
@@ -109,14 +109,14 @@ def materialize(op: TensorOp, cache: SourceCache) -> torch.Tensor:
 
 
 def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, shard_size: int,
-            overwrite: bool = False, finalize: Callable[[Path], None] | None = None,
+            overwrite: bool = False, finalize: Callable[[Path], object] | None = None,
             progress: Callable[[int, int], None] | None = None,
             written: Callable[[int], None] | None = None,
             echo: Callable[[str], None] | None = None, workers: int | None = None) -> Path:
     """Write the plan's model folder atomically; returns the final path.
 
-    Weights first, then config, side files and sidecar, then the model card (it reads the shards'
-    headers), then `finalize(tmp_dir)` (extra files), all inside the temporary folder. `progress(done,
+    Weights first, then config, side files and sidecar, then `finalize(tmp_dir)` (the command's model card,
+    rendered by `card.write_card`: it reads the shards' headers), all inside the temporary folder. `progress(done,
     total)` hears of each shard written, `written(nbytes)` of tensor bytes as they reach the file, and
     `echo` of temporary folders of killed runs that are cleaned up. `workers` writer threads (None:
     the writer's default for the output's disk); the bytes do not depend on it.
@@ -127,7 +127,6 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, plan.config, plan.side_files_from, plan.record)
-        write_card(tmp, plan.record, plan.config, plan.side_files_from)
         if finalize:
             finalize(tmp)
 

@@ -17,7 +17,9 @@ entry by entry, so each copy owns its bytes on disk.
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -25,6 +27,7 @@ import yaml
 from mergekit_lite.arch.config import validate_config
 from mergekit_lite.arch.layers import config_mismatch, hf_config, layer_views, remap_layers
 from mergekit_lite.arch.tables import DENSE, MOE, layer_key, model_type_of, split_layer_key
+from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp
@@ -115,7 +118,7 @@ class GraftPlanner:
         """Same architecture, same config, same tensor shapes: name the first difference."""
         ref = self.readers[self.slice_models[0]]
         ref_shapes = self._shapes(ref)
-        for m, rd in enumerate(self.readers):
+        for rd in self.readers:
             if model_type_of(rd.config) != self.model_type:
                 raise MoemergeError(f"{rd.path} is {model_type_of(rd.config)}, {ref.path} is {self.model_type}: "
                                     "slices must come from models of one architecture")
@@ -154,15 +157,18 @@ class GraftPlanner:
                                 "`dtype: bfloat16` (or float16/float32) to write one dtype")
 
     def out_dtype(self, src: torch.dtype) -> torch.dtype:
+        """The output dtype of a tensor stored as `src` (`dtype: source` keeps it)."""
         return src if self.r.dtype == "source" else DTYPES[self.r.dtype]
 
     def copy(self, model: int, key: str, out_key: str, role: str, zero: bool = False) -> TensorOp:
+        """An op copying `key` of model `model` to `out_key`, or zeros for an identity block's residual writers."""
         info = self.readers[model].info(key)
         if zero:
             return TensorOp(out_key, info.shape, self.out_dtype(info.dtype), "zeros", role="identity-zero")
         return TensorOp(out_key, info.shape, self.out_dtype(info.dtype), "copy", (Src(model, key),), role=role)
 
     def layer_ops(self, o: int, m: int, i: int, identity: bool) -> list[TensorOp]:
+        """Ops for output layer `o` taken from layer `i` of model `m`; `identity` zeroes its residual writers."""
         zero = identity_zero_patterns(self.model_type) if identity else []
         ops = []
         for rel, key in self.by_layer[m][i]:
@@ -175,6 +181,7 @@ class GraftPlanner:
         return ops
 
     def build(self, sources: list[Path]) -> Plan:
+        """The whole plan: embeddings, every output layer in order, final norm and head, with notes."""
         emb, head = self.readers[self.embed_model], self.readers[self.head_model]
         ops = [self.copy(self.embed_model, k, k, "embed") for k in emb.keys()
                if split_layer_key(k) is None and k.startswith("model.embed")]
@@ -235,7 +242,7 @@ class GraftPlanner:
         layer is refused (the class could not hold it).
         """
         kinds = []
-        for o, (m, i, _) in enumerate(self.layers):
+        for m, i, _ in self.layers:
             dense = any(rel == dense_rel for rel, _ in self.by_layer[m][i])
             k = getattr(hf_config(self.readers[m].config), field)
             if dense != (i < k):
@@ -270,6 +277,7 @@ class GraftPlanner:
         return notes
 
     def new_layers(self) -> list[int]:
+        """Output indices of the identity blocks, recorded so that `trainable: new_layers` can find them."""
         return [o for o, (*_, identity) in enumerate(self.layers) if identity]
 
     def slice_record(self, sources: list[Path]) -> list[str]:
@@ -334,8 +342,8 @@ def plan_graft(recipe: GraftRecipe, recipe_text: str | None = None) -> tuple[Pla
 
 def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) -> tuple[GraftRecipe, str | None]:
     """A recipe file, or a model folder with `--drop` / `--expand`; returns (recipe, recipe text or None)."""
-    from mergekit_lite.ops.upcycle import resolve_relative
     from mergekit_lite.recipe import load_recipe, validate_recipe
+    from mergekit_lite.recipe.paths import resolve_relative
 
     target = Path(target)
     hub_id = not target.exists() and target.suffix not in (".yaml", ".yml") and (drop is not None or expand is not None)
@@ -351,7 +359,7 @@ def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) 
     if not target.exists():
         raise MoemergeError(f"{target} is neither a model folder nor a graft recipe file")
     recipe = load_recipe(target, GraftRecipe)
-    fix = {"source": resolve_relative(recipe.source, target) if recipe.source else None}
+    fix: dict[str, Any] = {"source": resolve_relative(recipe.source, target) if recipe.source else None}
     if recipe.slices:
         fix["slices"] = [sl.model_copy(update={"model": resolve_relative(sl.model, target)}) for sl in recipe.slices]
     for name in ("embeddings_from", "head_from"):
@@ -360,7 +368,7 @@ def load_graft_recipe(target: str | Path, drop: int | None, expand: int | None) 
     return recipe.model_copy(update=fix), target.read_text()
 
 
-def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tuple[str, str | None]]:
+def graft_inputs(recipe: GraftRecipe, recipe_path: str | Path | None) -> list[tuple[str, str | Path | None]]:
     """Everything graft reads, as (what, path) for `refuse_overlap`; Hub ids are skipped there."""
     inputs = [("the recipe file", recipe_path and str(recipe_path)), ("the graft source", recipe.source)]
     inputs += [(f"slices[{i}].model", sl.model) for i, sl in enumerate(recipe.slices or [])]
@@ -384,7 +392,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     if out is None and not dry_run:
         raise MoemergeError("no output folder: pass -o/--output (or set `output:` in the recipe)")
     try:
-        size = parse_size(shard_size) if shard_size is not None else recipe.shard_size
+        size = parse_size(shard_size) if shard_size is not None else int(recipe.shard_size)
     except ValueError as e:
         raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
     if out is not None:
@@ -398,6 +406,7 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
     preflight_disk(out, plan.nbytes)
     with byte_bar(plan.nbytes, "graft", enabled=progress) as written:  # bytes of tensors in the files
         execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers)  # --workers wins over the recipe's
+                workers=workers or recipe.workers,  # --workers wins over the recipe's
+                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
     echo(f"wrote {out}")
     return plan

@@ -9,7 +9,8 @@ other `TensorOp`s whose `fn` is a pure tensor transform of `ops/transforms.py`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mergekit_lite.arch.config import validate_config
 from mergekit_lite.arch.tables import layer_key, split_layer_key
@@ -17,7 +18,7 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import TensorOp
 
 if TYPE_CHECKING:
-    from mergekit_lite.ops.upcycle import UpcyclePlanner
+    from mergekit_lite.ops.upcycle_context import PlannerView as UpcyclePlanner  # not ops.upcycle: no cycle
     from mergekit_lite.plan import Plan
 
 PlanTransform = Callable[["Plan", "UpcyclePlanner"], None]

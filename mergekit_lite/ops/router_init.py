@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 
 if TYPE_CHECKING:
     from mergekit_lite.plan import Plan
@@ -67,11 +67,11 @@ def load_base(model_dir: str | Path, device: torch.device):
 
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001 - any load failure is a one-line user error
         raise MoemergeError(f"router.init=hidden cannot load the base model {model_dir}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+                            f"{type(e).__name__}: {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"  # causal attention: real tokens never see right padding

@@ -7,7 +7,8 @@ float32 on the CPU and then cast, so a seed gives the same numbers on every mach
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ TRANSFORMS: dict[str, Transform] = {}
 
 
 def transform(name: str) -> Callable[[Transform], Transform]:
+    """Register a tensor transform under `name`, the name plan ops refer to (so plans stay printable data)."""
     def register(fn: Transform) -> Transform:
         TRANSFORMS[name] = fn
         return fn
@@ -25,6 +27,7 @@ def transform(name: str) -> Callable[[Transform], Transform]:
 
 
 def generator(args: dict[str, Any]) -> torch.Generator:
+    """A CPU generator seeded from the op's args, so every tensor's random draw is reproducible on its own."""
     g = torch.Generator(device="cpu")
     g.manual_seed(int(args["seed"]))
     return g

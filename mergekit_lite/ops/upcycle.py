@@ -8,33 +8,37 @@ built from headers only; `run_upcycle` preflights it and hands it to the executo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from mergekit_lite.arch.config import moe_config
-from mergekit_lite.arch.tables import AUTO_TARGET, DENSE, LOSSY_REASONS, MOE, PROJS, MoEFamily, layer_key, \
-    model_type_of, split_layer_key
+from mergekit_lite.arch.tables import (
+    AUTO_TARGET,
+    DENSE,
+    LOSSY_REASONS,
+    MOE,
+    PROJS,
+    MoEFamily,
+    layer_key,
+    model_type_of,
+    split_layer_key,
+)
+from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
+from mergekit_lite.ops.upcycle_context import DenseShapes
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
-from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, \
-    router_notes
+from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, router_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import UpcycleRecipe
-
-
-
-@dataclass
-class DenseShapes:
-    hidden: int
-    intermediate: int
-    n_layers: int
+from mergekit_lite.recipe.paths import resolve_relative
 
 
 def choose_target(architecture: str, dense_type: str) -> MoEFamily:
@@ -149,9 +153,11 @@ class UpcyclePlanner:
                                         f"but {list(self.base.info(key).shape)} in the base; use non_expert: base")
 
     def out_dtype(self, src_dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a tensor stored as `src_dtype` (`dtype: source` keeps it)."""
         return src_dtype if self.r.dtype == "source" else DTYPES[self.r.dtype]
 
     def copy(self, key: str, role: str, out_key: str | None = None, model: int = 0) -> TensorOp:
+        """An op copying `key` of model `model` unchanged (under `out_key` when renamed)."""
         info = self.readers[model].info(key)
         return TensorOp(out_key or key, info.shape, self.out_dtype(info.dtype), "copy", (Src(model, key),), role=role)
 
@@ -164,6 +170,7 @@ class UpcyclePlanner:
                         tuple(Src(m, key) for m in self.mean_models), role=role)
 
     def router_op(self, i: int) -> TensorOp:
+        """The router of MoE layer `i`: shape, dtype (float32 where the target keeps it so) and init from the recipe."""
         r, h, G = self.r.router, self.shapes.hidden, self.r.granularity
         ffn_dtype = self.base.info(layer_key(i, DENSE[self.dense_type].mlp["gate"])).dtype
         shape, dtype = (self.r.num_experts, h), router_dtype(self.fam, self.out_dtype(ffn_dtype))
@@ -174,6 +181,7 @@ class UpcyclePlanner:
         if r.init == "zeros":
             return TensorOp(key, shape, dtype, "zeros", role="router")
         seed = derive_seed(self.r.seed, "router", key)
+        args: dict[str, Any]
         if r.init == "uniform":
             fn, args = "uniform", {"bound": r.bound or 1 / math.sqrt(h), "seed": seed}
         else:
@@ -191,7 +199,8 @@ class UpcyclePlanner:
         axis = 1 if proj == "down" else 0  # the intermediate axis: gate/up (I, H), down (H, I)
         shape = list(info.shape)
         shape[axis] = spec.size
-        args = {"axis": axis, "start": spec.start, "size": spec.size, "scale": spec.scale if proj == "down" else 1.0}
+        args: dict[str, Any] = {"axis": axis, "start": spec.start, "size": spec.size,
+                                "scale": spec.scale if proj == "down" else 1.0}
         if spec.drop_ratio:  # same channels in gate/up/down: the channel seed does not depend on proj
             args["drop"] = {"ratio": spec.drop_ratio, "channel_seed": derive_seed(self.r.seed, "drop", tag),
                             "value_seed": derive_seed(self.r.seed, "drop-values", out_key)}
@@ -201,6 +210,7 @@ class UpcyclePlanner:
                         args, role)
 
     def expert_ops(self, i: int, e: int, spec: ExpertSpec) -> list[TensorOp]:
+        """The gate/up/down ops of expert `e` in layer `i`, cut and scaled as `spec` says."""
         return [self.ffn_part(i, p, layer_key(i, self.fam.expert[p].format(e=e)), spec, f"{i}/{e}", "expert")
                 for p in PROJS]
 
@@ -217,6 +227,7 @@ class UpcyclePlanner:
         return [self.ffn_part(i, p, layer_key(i, se[p]), spec, f"{i}/shared", "shared") for p in PROJS] + gate
 
     def layer_ops(self, i: int) -> list[TensorOp]:
+        """Every op of decoder layer `i`: attention and norms, then a dense FFN or router, experts and shared expert."""
         mlp = DENSE[self.dense_type].mlp
         mlp_rel = set(mlp.values())
         ops = [self.non_expert(k, "norm" if "norm" in k else "attn") for k in self.base.keys()
@@ -236,6 +247,7 @@ class UpcyclePlanner:
         return ops + self.shared_ops(i, self.out_dtype(self.base.info(layer_key(i, mlp["gate"])).dtype))
 
     def build(self) -> Plan:
+        """The whole plan (embeddings, layers, head) before the family's plan transforms; no tensor is read."""
         glob = [k for k in self.base.keys() if split_layer_key(k) is None]
         head = [k for k in glob if not k.startswith("model.embed")]
         ops = [self.non_expert(k, "embed") for k in glob if k.startswith("model.embed")]
@@ -375,8 +387,9 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
 
     fill_prompt_router(plan, recipe, device, echo)
     with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=recipe.shard_size, overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers)  # --workers wins over the recipe's
+        execute(plan, readers, out, shard_size=int(recipe.shard_size), overwrite=overwrite, written=written, echo=echo,
+                workers=workers or recipe.workers,  # --workers wins over the recipe's
+                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
     echo(f"wrote {out}")
     return plan
 
@@ -390,17 +403,9 @@ def recipe_inputs(recipe: UpcycleRecipe, recipe_path: str | Path) -> list[tuple[
 
 def resolve_recipe_paths(recipe: UpcycleRecipe, recipe_path: str | Path) -> UpcycleRecipe:
     """`source`, `base` and every `experts[].source`, made relative to the recipe where needed."""
-    fix = {k: resolve_relative(getattr(recipe, k), recipe_path) for k in ("source", "base") if getattr(recipe, k)}
+    fix: dict[str, Any] = {k: resolve_relative(getattr(recipe, k), recipe_path)
+                           for k in ("source", "base") if getattr(recipe, k)}
     if recipe.experts:
         fix["experts"] = [e.model_copy(update={"source": resolve_relative(e.source, recipe_path)})
                           for e in recipe.experts]
     return recipe.model_copy(update=fix)
-
-
-def resolve_relative(source: str, recipe_path: str | Path) -> str:
-    """A relative source path is taken from the working directory, else from the recipe's folder."""
-    p = Path(source).expanduser()
-    if p.is_absolute() or p.exists():
-        return source
-    beside = Path(recipe_path).parent / p
-    return str(beside) if beside.exists() else source

@@ -17,6 +17,7 @@ Channel maths (I = dense intermediate size, G = granularity, n = shared_experts,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mergekit_lite.arch.tables import MOE, MoEFamily
 from mergekit_lite.errors import MoemergeError
@@ -37,6 +38,7 @@ class ExpertSpec:
     slice: int = 0            # which of the G slices
 
     def is_plain_copy(self, intermediate: int) -> bool:
+        """True when the expert is the whole dense FFN unchanged, so it can be written as a view of the source."""
         return (self.start == 0 and self.size in (None, intermediate) and self.scale == 1.0
                 and not self.noise and not self.drop_ratio)
 
@@ -53,6 +55,7 @@ class Layout:
 
     @property
     def shared_size(self) -> int:
+        """Intermediate channels of the shared expert (0 when there is none)."""
         return self.shared.size if self.shared else 0
 
 
@@ -60,7 +63,7 @@ def _families_with(test) -> str:
     return " / ".join(sorted(t for t, f in MOE.items() if test(f)))
 
 
-def select_moe_layers(spec: str | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
+def select_moe_layers(spec: Literal["all"] | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
                       dense_layers: int = 0) -> list[int]:
     """The MoE layer indices for `moe_layers` / `dense_layers`, refusing what the target cannot express."""
     if dense_layers:
@@ -145,6 +148,9 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
     """What the options do to step-0 parity, in plain words for --dry-run.
 
     Args:
+        r: the validated recipe (granularity, shared experts, noise, drop, layers).
+        lay: the expert layout computed from it (expert and shared sizes).
+        n_layers: decoder layers of the source, to tell a partial MoE from a full one.
         narrowing: "float32 -> bfloat16" when the output dtype is less precise than the source's; the parity
             promise then holds only against the source rounded to that dtype, and says so.
         fam: the target family (how its shared expert is gated, how it names dense layers).

@@ -23,7 +23,7 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import TensorOp
 
 if TYPE_CHECKING:
-    from mergekit_lite.ops.upcycle import UpcyclePlanner
+    from mergekit_lite.ops.upcycle_context import PlannerView as UpcyclePlanner  # not ops.upcycle: no cycle
     from mergekit_lite.recipe import UpcycleRecipe
 
 

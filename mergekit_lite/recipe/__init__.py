@@ -6,8 +6,16 @@ not a silently ignored setting; `load_recipe` turns YAML and validation problems
 its sections; `base` holds what they share.
 """
 
-from mergekit_lite.recipe.base import (ByteSize, DType, Strict, format_validation_error, load_recipe, parse_size,
-                                       read_yaml, validate_recipe)
+from mergekit_lite.recipe.base import (
+    ByteSize,
+    DType,
+    Strict,
+    format_validation_error,
+    load_recipe,
+    parse_size,
+    read_yaml,
+    validate_recipe,
+)
 from mergekit_lite.recipe.ensemble import EnsembleMember, EnsembleRecipe, Generation, ScoreSettings
 from mergekit_lite.recipe.graft import GraftRecipe, GraftSlice
 from mergekit_lite.recipe.train import LoraSettings, MoETraining, TrainData, TrainRecipe

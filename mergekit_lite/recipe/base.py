@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -36,7 +37,7 @@ def parse_size(value: int | str) -> int:
 
 
 # A size in bytes written as `5GB`, `500MB`, `2GiB` or an integer; validated into an int.
-ByteSize = Annotated[Union[int, str], AfterValidator(parse_size)]
+ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 
 
 class Strict(BaseModel):
@@ -101,7 +102,7 @@ def _mapping_example(name: str, section: type[BaseModel], value: Any) -> str:
     return f"{name}: {{{', '.join(f'{f}: ...' for f in list(section.model_fields)[:2])}}}"
 
 
-def _fix_hint(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _fix_hint(err: Mapping[str, Any], model: type[BaseModel]) -> str:
     """Suggest a fix for one pydantic error."""
     kind = err["type"]
     if kind == "extra_forbidden":

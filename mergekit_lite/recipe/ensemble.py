@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -15,12 +15,14 @@ class EnsembleMember(Strict):
     model: str = Field(description="HF model folder (or Hub id when online)")
     weight: float | None = Field(None, ge=0, description="relative weight; normalised over the members")
     revision: str | None = None
+    """Hub revision when `model` is a Hub id"""
 
 
 class Generation(Strict):
     """How each answer is decoded from the combined next-token distribution."""
 
     max_new_tokens: int = Field(64, ge=1)
+    """tokens generated per answer at most (an answer also ends at EOS)"""
     do_sample: bool = Field(False, description="false: greedy (argmax); true: sample with temperature/top_p")
     temperature: float = Field(1.0, gt=0, description="divides the combined log-probabilities before sampling")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set holding top_p")
@@ -40,15 +42,20 @@ class EnsembleRecipe(Strict):
 
     models: list[EnsembleMember] = Field(min_length=1, description="paths/Hub ids or {model, weight}")
     method: Literal["probs", "logits", "vote"] = "probs"
-    weights: Union[list[float], Literal["perplexity"], None] = Field(
+    """probs (mixture of the next-token distributions), logits (softmax of the weighted logits) or vote (crowd vote over
+    whole answers)"""
+    weights: list[float] | Literal["perplexity"] | None = Field(
         None, description="one number per model, or `perplexity` (softmax of -log ppl / temperature_ppl)")
     temperature_ppl: float = Field(1.0, gt=0, description="temperature of the perplexity weights")
-    prompts: Union[str, list[str], None] = Field(None, description="a .txt file (one prompt a line), a .jsonl "
+    prompts: str | list[str] | None = Field(None, description="a .txt file (one prompt a line), a .jsonl "
                                                                   "file (`text` per line), or a list of strings")
     generation: Generation = Generation()
+    """decoding (the generation.* fields)"""
     similarity: Literal["rouge_l", "token_f1"] = Field("rouge_l", description="vote: candidate similarity on tokens")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """float32, bfloat16 or float16; the device is accelerate's choice, or --device"""
     score: ScoreSettings = ScoreSettings()
+    """how `--score FILE` packs and batches the text (the score.* fields)"""
 
     @field_validator("models", mode="before")
     @classmethod
@@ -109,6 +116,7 @@ class EnsembleRecipe(Strict):
         return [m.model for m in self.models]
 
     def revisions(self) -> list[str | None]:
+        """The Hub revision of each member (None for a local folder or the default branch)."""
         return [m.revision for m in self.models]
 
     def fixed_weights(self) -> list[float] | None:

@@ -34,14 +34,18 @@ class GraftRecipe(Strict):
     """
 
     slices: list[GraftSlice] | None = Field(None, min_length=1)
+    """layer runs stacked in order (instead of `source` with `drop`/`expand`)"""
     source: str | None = Field(None, description="the model for the `drop` / `expand` shorthands")
     drop: int | None = Field(None, ge=0, description="SOLAR: layers 0..n-m-1 of the model, then layers m..n-1")
     expand: int | None = Field(None, ge=1, description="LLaMA-Pro: insert this many identity blocks, spread evenly")
     embeddings_from: str = Field("first", description="first | last | a model path: where the embeddings come from")
     head_from: str = Field("last", description="first | last | a model path: final norm and lm_head")
     dtype: DType = "source"
+    """float32, float16, bfloat16, or source (required when the models differ in dtype)"""
     output: str | None = None
+    """output folder; -o/--output on the command line wins"""
     shard_size: ByteSize = "5GB"
+    """shard cap, as for upcycle; --shard-size wins"""
     workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")

@@ -49,7 +49,8 @@ class TrainData(Strict):
                                   "when online")
     weights: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="sampling share of each train entry (normalised): blocks are drawn from the entries in "
-                          "these proportions, each entry packed on its own (streamed too); or give {path, weight} entries")
+                          "these proportions, each entry packed (or streamed) on its own; or give {path, weight} "
+                          "entries")
     config: str | None = Field(None, description="dataset repositories (a Hub id, or a downloaded snapshot folder "
                                "whose README.md declares configs): the config/subset, e.g. sample-10BT")
     split: str = Field("train", description="dataset repositories: the split `train` reads")
@@ -118,9 +119,13 @@ class LoraSettings(Strict):
     """LoRA adapters (peft), merged into the weights when the model is saved."""
 
     r: int = Field(16, ge=1)
+    """adapter rank"""
     alpha: int = Field(32, ge=1)
+    """LoRA scaling: the update is multiplied by alpha / r"""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """dropout on the adapter's input (refused on expert parameters: peft cannot apply it there)"""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """module names to adapt; on MoE models gate_proj/up_proj/down_proj (w1/w3/w2) reach the fused expert tensors"""
 
 
 class TrainRecipe(Strict):
@@ -128,45 +133,65 @@ class TrainRecipe(Strict):
 
     model: str = Field(description="HF model folder (or Hub id when online)")
     revision: str | None = None
+    """Hub revision when `model` is a Hub id"""
     data: TrainData
+    """where the training text comes from (the data.* fields)"""
     seq_len: int = Field(ge=8)
+    """tokens per packed block (at most the model's max_position_embeddings)"""
     micro_batch_size: int = Field(ge=1)
+    """blocks per process per micro-step"""
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="micro-batches per optimizer step "
                                                     "on each process (default 1); or give global_batch_size")
     global_batch_size: int | None = Field(None, ge=1, description="sequences per optimizer step over all processes; "
                                           "accumulation = global_batch_size / (micro_batch_size x processes), so "
                                           "the run is the same on any process count")
     max_steps: int | None = Field(None, ge=1)
+    """optimizer steps; give this or max_tokens"""
     max_tokens: int | None = Field(None, ge=1, description="alternative to max_steps")
     learning_rate: float = Field(gt=0)
+    """peak AdamW learning rate, reached after warmup"""
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to learning_rate * min_lr_ratio")
     warmup_steps: int = Field(0, ge=0)
+    """linear warmup from 0: step s (from 0) uses s / warmup_steps of learning_rate"""
     weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay (none on norms and biases)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
     # YAML 1.1 reads an unquoted `no` as false: the documented default must still be accepted as written.
     # None: bf16 on a GPU that supports it, fp32 ("no") elsewhere (engine.default_precision)
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"] | None,
                                BeforeValidator(lambda v: "no" if v is False else v)] = None
+    """no, bf16 or fp16; default bf16 on a GPU that supports it, else no (the run header says which ran)"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel: sdpa (torch's, default), eager, flash_attention_2 (needs flash-attn)")
     gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
     compile: bool = Field(False, description="torch.compile each decoder layer in place (one compilation reused by "
                           "every layer; parameter names, checkpoints and the saved model unchanged); the first steps "
                           "are slower while it compiles")
     seed: int = 0
+    """fixes the batch order and every random draw of the run"""
     trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"
+    """all, routers, routers+experts, new_layers (the identity blocks of graft --expand) or lora"""
     lora: LoraSettings = LoraSettings()
+    """LoRA adapters for trainable: lora (the lora.* fields)"""
     moe: MoETraining = MoETraining()
+    """router losses, balancing and training-time routing (the moe.* fields; ignored for dense models)"""
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1)
+    """checkpoints kept; older ones are removed"""
     eval_every: int = Field(0, ge=0, description="steps between validations; 0 = only at the end")
     eval_batches: int = Field(16, ge=1, description="validation batches per evaluation (cap)")
     log_every: int = Field(1, ge=1)
+    """optimizer steps between metrics lines"""
     tracker: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    """none, tensorboard, mlflow or wandb through accelerate's trackers (metrics.jsonl is always written)"""
     output: str
+    """run folder (checkpoints/, metrics.jsonl, final/); -o/--output wins"""
     save_dtype: DType = Field("source", description="dtype of the final model: source = the model's own")
     shard_size: ByteSize = "5GB"
+    """shard cap of final/, as for upcycle"""
     workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")

@@ -22,8 +22,12 @@ class RouterInit(Strict):
     """How fresh router (gate) weights are initialised."""
 
     init: Literal["random", "zeros", "uniform", "hidden"] = "random"
-    std: float | None = Field(None, gt=0, le=100, description="normal std for `random`; default: the source's initializer_range")
-    bound: float | None = Field(None, gt=0, le=100, description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
+    """random: normal with `router.std`; zeros; uniform in +-`router.bound`; hidden: rows from prompts run through the
+    base model"""
+    std: float | None = Field(None, gt=0, le=100,
+                              description="normal std for `random`; default: the source's initializer_range")
+    bound: float | None = Field(None, gt=0, le=100,
+                                description="half-width for `uniform`; default: 1/sqrt(hidden_size)")
     prompts: list[list[str]] | None = Field(
         None, description="`hidden`: one list of prompts per expert copy (num_experts / granularity lists); "
                           "with `experts:` give them per expert instead")
@@ -57,6 +61,7 @@ class MoEEvery(Strict):
     """`moe_layers: {every: k}`: layers i with (i + 1) % k == 0 are MoE (transformers' decoder_sparse_step)."""
 
     every: int = Field(ge=1)
+    """layers i with (i + 1) mod every = 0 are MoE"""
 
 
 class UpcycleRecipe(Strict):
@@ -66,12 +71,18 @@ class UpcycleRecipe(Strict):
                                                   "(required unless `experts:` is given)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a Hub id")
     architecture: Target = "auto"
-    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="fine experts per MoE layer; with `experts:` it "
-                                                            "defaults to len(experts) * granularity")
+    """target class: mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, granitemoe, granitemoeshared, or auto
+    (Llama/Mistral -> mixtral, Qwen2 -> qwen2_moe, Qwen3 -> qwen3_moe)"""
+    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS,
+                                    description="fine experts per MoE layer; with `experts:` it defaults to "
+                                                "len(experts) * granularity")
     experts_per_token: int = Field(ge=1, le=MAX_EXPERTS)
+    """top-k: experts per token, at most num_experts; with granularity G a multiple of G (whole copies)"""
     router: RouterInit = RouterInit()
-    # Advanced upcycling (README "Advanced upcycling"); the defaults reproduce plain sparse upcycling.
-    granularity: int = Field(1, ge=1, le=MAX_EXPERTS, description="split each FFN into this many fine experts (slices of I/G)")
+    """how the routers start and what they compute (the router.* fields)"""
+    # Advanced upcycling (docs/upcycle.md); the defaults reproduce plain sparse upcycling.
+    granularity: int = Field(1, ge=1, le=MAX_EXPERTS,
+                             description="split each FFN into this many fine experts (slices of I/G)")
     drop_ratio: float = Field(0.0, ge=0, lt=1, description="Drop-Upcycling: fraction of channels re-initialised")
     noise: float = Field(0.0, ge=0, le=10, description="relative gaussian noise per expert (times each matrix's std)")
     shared_experts: int = Field(0, ge=0, description="shared expert size in units of one routed expert "
@@ -86,9 +97,15 @@ class UpcycleRecipe(Strict):
     non_expert: Literal["base", "average"] = Field("base", description="with `experts:`: attention/norms/embeddings "
                                                                        "from `base`, or averaged over the experts")
     dtype: DType = "source"
+    """float32, float16, bfloat16, or source (keep each tensor's stored dtype: exact step-0 parity)"""
     seed: int = 0
+    """seeds every random choice; each tensor's seed is derived from it and the tensor's name, so a recipe gives
+    byte-identical files"""
     output: str | None = None
+    """output folder; -o/--output on the command line wins"""
     shard_size: ByteSize = "5GB"
+    """shard cap: 500MB, 2GiB, 5G or bytes (GB = 10^9, GiB = 2^30); a larger single tensor gets its own shard;
+    --shard-size wins"""
     workers: int | None = Field(None, ge=1, description="writer threads (default: from the cores and the output disk)")
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """Training checkpoints: sharded, written by every process, resumable on any process count.
 
-One format for every engine but DeepSpeed (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the model
-and the optimizer state; each process writes only the tensors (or shards of them) it owns, so no process
+One format for every engine but DeepSpeed (one process, DDP, FSDP2): torch's distributed checkpoint (DCP) holds the
+model and the optimizer state; each process writes only the tensors (or shards of them) it owns, so no process
 gathers the model or the optimizer state, and a checkpoint written by N processes loads on M (DCP reshards
 on load: FSDP2 shards of 2 processes load into one plain model, and back). DeepSpeed keeps its ZeRO
 partitions in its engine, so its checkpoints are the engine's own (same stage, same process count to resume;
@@ -21,16 +21,18 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.train.engine import uses_deepspeed, zero_stage
 
 MODEL_STATE = "state"  # the DCP folder inside a checkpoint
 EXTRA = "extra.pt"  # scheduler, tap, scaler (main process)
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = RunFolder.TRAINER_STATE
 DS_TAG = "zero"  # DeepSpeed's checkpoint tag (a sub-folder of MODEL_STATE)
 
 
@@ -63,11 +65,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
     """Write OUTPUT/checkpoints/step-N on every process; keeps the last `keep`. Returns the folder."""
     import torch.distributed.checkpoint as dcp
 
-    final = out / "checkpoints" / f"step-{step:07d}"
+    final = RunFolder(out).checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     preflight_disk(final, checkpoint_bytes(model) // accelerator.num_processes)  # every process: all raise together
     if accelerator.is_main_process:  # this step's, and any a killed run left (a .tmp is never resumed from)
-        for stale in (out / "checkpoints").glob("step-???????.tmp"):
+        for stale in RunFolder(out).checkpoints.glob("step-???????.tmp"):
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -87,7 +89,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
         (tmp / TRAINER_STATE).write_text(json.dumps({**state, "processes": accelerator.num_processes,
                                                      "format": checkpoint_format(accelerator)}, indent=2))
         tmp.rename(final)
-        for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
+        for old in RunFolder(out).checkpoint_folders()[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -255,7 +257,7 @@ BATCH = ("gradient_accumulation_steps", "global_batch_size")  # compared as the 
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out |= _flat(v, f"{prefix}{k}.")

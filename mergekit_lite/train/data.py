@@ -15,12 +15,13 @@ import glob
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from mergekit_lite.errors import MoemergeError
+from mergekit_lite.errors import MoemergeError, first_line
 from mergekit_lite.recipe import TrainData
 
 COUNTS = "moemerge-counts.json"  # beside a packed cache: the corpus's tokens, and those kept in blocks
@@ -123,7 +124,7 @@ def _load_failure(field: str, specs: list[str], resolved, cfg: TrainData, e: Bas
         bad = next((f for f in resolved[1] if not _decodes(f, cfg.encoding)), resolved[1][0])
         return (f"data.{field}: {bad} is not {cfg.encoding} text ({cause.reason} at byte {cause.start}); set "
                 f"data.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to {cfg.encoding}")
-    reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    reason = f"{type(e).__name__}: {first_line(e)}"
     if resolved is None:  # a dataset repository: name what was asked of it, and how to work offline
         opts = ", ".join(f"{k} {v!r}" for k, v in hub_options(cfg, field).items() if v is not None)
         hint = "check data.config, data.split / data.validation_split and data.revision against the dataset's"
@@ -379,7 +380,7 @@ def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
     that re-reads the stream skips exactly what it trained on."""
     import random
 
-    rng, buf = random.Random(seed), []
+    rng, buf = random.Random(seed), list[Any]()
     for item in items:
         if len(buf) < size:
             buf.append(item)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from mergekit_lite.errors import MoemergeError, PeerWaitError
+from mergekit_lite.errors import MoemergeError, PeerWaitError, first_line
 
 
 def _flag(name: str) -> bool:
@@ -85,7 +85,7 @@ def _deepspeed_accelerator(cpu: bool, **kwargs):
     if cpu:
         import deepspeed.comm.torch  # noqa: F401  (the module, not torch, which deepspeed.comm also names `torch`)
 
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(cpu=False, **kwargs)
 
@@ -120,12 +120,14 @@ def check_attention(name: str) -> None:
 
 
 def uses_deepspeed(accelerator) -> bool:
+    """True when accelerate set the run up for DeepSpeed."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage, or None when the run does not use DeepSpeed."""
     return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
 
 
@@ -137,15 +139,16 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     clip = cfg.get("gradient_clipping", "auto")
     if clip not in ("auto", None) and float(clip) != float(max_grad_norm):
-        raise MoemergeError(f"the launch config sets DeepSpeed gradient_clipping: {clip} but the recipe's max_grad_norm "
-                            f"is {max_grad_norm}; remove gradient_clipping from the launch config (moemerge sets it "
-                            "from the recipe)")
+        raise MoemergeError(f"the launch config sets DeepSpeed gradient_clipping: {clip} but the recipe's "
+                            f"max_grad_norm is {max_grad_norm}; remove gradient_clipping from the launch config "
+                            "(moemerge sets it from the recipe)")
     cfg.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=accumulation,
                train_batch_size=micro_batch_size * accumulation * accelerator.num_processes,
                gradient_clipping=max_grad_norm)
 
 
 def uses_fsdp(accelerator) -> bool:
+    """True when accelerate set the run up for FSDP."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
@@ -286,7 +289,7 @@ def main_builds(accelerator, what: str, build, timeout_minutes: float):
         dist.broadcast_object_list(outcome, src=0, group=group)
     except Exception as e:  # noqa: BLE001 - gloo reports a timeout or a lost peer as a RuntimeError of its own
         raise PeerWaitError(f"process {accelerator.process_index} waited for the main process to {what} and gave "
-                            f"up ({_first_line(e)}); the main process may have failed or still be working: see "
+                            f"up ({first_line(e)[:200]}); the main process may have failed or still be working: see "
                             f"its output, or raise data.wait_minutes (now {timeout_minutes:g})") from None
     dist.destroy_process_group(group)
     if outcome[0] is not None:
@@ -302,9 +305,5 @@ def _send(outcome: list, group, what: str, timeout_minutes: float) -> None:
         dist.broadcast_object_list(outcome, src=0, group=group)
     except Exception as e:  # noqa: BLE001 - as above
         raise PeerWaitError(f"the other processes stopped waiting for the main process to {what} "
-                            f"({_first_line(e)}); raise data.wait_minutes (now {timeout_minutes:g}) and rerun: "
+                            f"({first_line(e)[:200]}); raise data.wait_minutes (now {timeout_minutes:g}) and rerun: "
                             "the finished part is cached") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -19,19 +19,40 @@ import yaml
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.pool import map_large_allocations
-from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.io.sidefiles import read_sidecar
+from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.recipe import TrainRecipe
 from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
 from mergekit_lite.train.engine import (
-    allow_tf32, check_attention, compile_layers, configure_deepspeed, default_precision, describe_engine,
-    is_main_process, load_model, make_accelerator, prepare_sharding)
+    allow_tf32,
+    check_attention,
+    compile_layers,
+    configure_deepspeed,
+    default_precision,
+    describe_engine,
+    is_main_process,
+    load_model,
+    make_accelerator,
+    prepare_sharding,
+)
 from mergekit_lite.train.moe import RouterTap
 from mergekit_lite.train.save import save_final
 from mergekit_lite.train.setup import (
-    build_loaders, finished_run, latest_checkpoint, lora_targets, param_groups, park_empty_linears,
-    preflight, routers_only_note, steps_for, trainable_parameters, unused_parameters_possible, write_run_record)
+    build_loaders,
+    finished_run,
+    latest_checkpoint,
+    lora_targets,
+    param_groups,
+    park_empty_linears,
+    preflight,
+    routers_only_note,
+    steps_for,
+    trainable_parameters,
+    unused_parameters_possible,
+    write_run_record,
+)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -51,6 +72,7 @@ class Metrics:
             path.write_text("".join(r + "\n" for r in rows))  # a resumed run rewrites what came after
 
     def log(self, kind: str, step: int, **values) -> None:
+        """Append one record to `metrics.jsonl` (main process) and send its numbers to the tracker."""
         if self.acc.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"type": kind, "step": step, **values}) + "\n")
@@ -215,7 +237,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     tokens_per_step = r.seq_len * r.global_batch(accelerator.num_processes)
     for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
         say(line)
-    say(f"  precision: {accelerator.mixed_precision}{' (the default on this device)' if r.mixed_precision is None else ''}"
+    default = " (the default on this device)" if r.mixed_precision is None else ""
+    say(f"  precision: {accelerator.mixed_precision}{default}"
         f", attention: {r.attn_implementation}")
     # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
@@ -234,12 +257,12 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     step, tokens, state = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(out)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / RunFolder.TRAINER_STATE).read_text())
         step, tokens = state["step"], state["tokens"]
         # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
         train_dl = accelerator.skip_first_batches(train_dl, step * accum)
         say(f"resumed from {ckpt} at step {step}")
-    metrics = Metrics(accelerator, out / "metrics.jsonl", keep_until=step if resume else None)
+    metrics = Metrics(accelerator, RunFolder(out).metrics, keep_until=step if resume else None)
     if step == 0:
         metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
 
@@ -248,7 +271,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     sums = torch.zeros(3, device=accelerator.device)
     if accelerator.is_main_process and "log_sums" in state:
         sums += torch.tensor(state["log_sums"], device=accelerator.device)
-    micro = state.get("log_micro_batches", 0) // accelerator.num_processes  # micro-steps per process since the last log line
+    # micro-steps per process since the last log line
+    micro = state.get("log_micro_batches", 0) // accelerator.num_processes
     show = progress and accelerator.is_local_main_process
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc=progress_label, unit="step")
     t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
@@ -303,7 +327,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
             metrics.log("val", step, **validate(model, val_dl, tap, accelerator, r.eval_batches))
         if r.checkpoint_every and step % r.checkpoint_every == 0:
             state = {"step": step, "tokens": tokens, "log_sums": accelerator.reduce(sums, "sum").tolist(),
-                     "log_micro_batches": micro * accelerator.num_processes, "global_batch": r.global_batch(accelerator.num_processes),
+                     "log_micro_batches": micro * accelerator.num_processes,
+                     "global_batch": r.global_batch(accelerator.num_processes),
                      "recipe": json.loads(r.model_dump_json())}
             save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints)
         if step >= max_steps:
@@ -326,7 +351,7 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
     save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
-               shard_size=r.shard_size, recipe_text=text, training=summary, echo=say, workers=r.workers)
+               shard_size=int(r.shard_size), recipe_text=text, training=summary, echo=say, workers=r.workers)
     metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
     # leave together: a rank tearing gloo down while the main one still writes final/ left a process hanging
     accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ read back only when a log line is written.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ class RouterTap:
     """
 
     def __init__(self, model: nn.Module, jitter: float = 0.0, bias_update_rate: float = 0.0, moe=None):
-        self.routers = [m for _, m in find_routers(model)]
+        self.routers: list[Any] = [m for _, m in find_routers(model)]  # HF router modules, attributes read by name
         self.jitter, self.rate = jitter, bias_update_rate
         self.policy = getattr(moe, "routing", "topk")
         self.train_top_k = getattr(moe, "train_top_k", None)
@@ -122,13 +123,14 @@ class RouterTap:
 
     @property
     def is_moe(self) -> bool:
+        """True when the model has routers to tap (a dense model has none)."""
         return bool(self.routers)
 
     def _selection_bias(self, router: nn.Module) -> torch.Tensor | None:
         own = native_bias(router)  # looked up each time: sharding (FSDP2) replaces the model's tensors
         if own is not None:
             return own.view(-1)
-        return self.bias[router._moemerge_index] if self.use_bias else None
+        return self.bias[router._moemerge_index] if self.use_bias else None  # type: ignore[index]  # attribute the tap sets on the HF router
 
     def reroutes(self, router: nn.Module) -> bool:
         """Whether this forward needs routing other than the router's own (policy, train_top_k, own bias)."""
@@ -139,9 +141,9 @@ class RouterTap:
 
     def route(self, router: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, idx) of the training policy (or plain top-k with the selection bias at evaluation)."""
-        scoring: routing.Scoring = router._moemerge_scoring
+        scoring: routing.Scoring = router._moemerge_scoring  # type: ignore[assignment]  # attribute the tap sets on the HF router
         policy = self.policy if router.training else "topk"
-        k = (self.train_top_k or router.top_k) if router.training else router.top_k
+        k: int = (self.train_top_k or router.top_k) if router.training else router.top_k  # type: ignore[assignment]
         bias = self._selection_bias(router)
         if policy == "noisy_topk":
             eps = torch.randn(logits.shape, device=logits.device)  # global RNG: checkpoints restore it
@@ -271,10 +273,9 @@ def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
     if hasattr(bias, "ds_id"):  # ZeRO-3: this process's slice of the flattened parameter (padded at the end), where
         # the optimizer keeps it
         import torch.distributed as dist
-
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        part = bias.ds_tensor  # (partition size,)
+        part = bias.ds_tensor  # type: ignore[attr-defined]  # (partition size,): set by DeepSpeed
         flat = row.to(part.device, part.dtype).reshape(-1)
         start = dist.get_rank() * part.numel()
         piece = torch.zeros_like(part)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.io.folders import RunFolder
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
@@ -18,7 +19,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
     folder = Path(run_dir)
     if not folder.is_dir():
         raise MoemergeError(f"run folder {folder} not found; give the `output:` folder of a `moemerge train` recipe")
-    path = folder / "metrics.jsonl"
+    path = RunFolder(folder).metrics
     if not path.is_file():
         raise MoemergeError(f"{path} not found; {folder} is not a `moemerge train` output folder (or the run has "
                             "not started logging yet)")
@@ -86,9 +87,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(run_dir).resolve().name
-    paths = [_loss_png(m, out / "loss.png", name), _lr_png(m["train"], out / "lr.png", name)]
+    loss_png, lr_png, load_png = RunFolder.PLOTS
+    paths = [_loss_png(m, out / loss_png, name), _lr_png(m["train"], out / lr_png, name)]
     if m.get("router"):
-        paths.append(_load_png(m["router"], out / "expert_load.png", name))
+        paths.append(_load_png(m["router"], out / load_png, name))
     else:
         echo("no router records (dense model): expert_load.png not drawn")
     return paths

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from functools import partial
-from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from mergekit_lite.card import write_card
 from mergekit_lite.io import TensorEntry, write_model_folder
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.sidefiles import finish_folder
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.plan import DTYPES
@@ -55,11 +57,11 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
     plan = [(name, [(k, tuple(v.shape)) for k, v in hub_state_dict(hf, {name: _meta(t)}).items()])
             for name, t, _ in sources]
     entries_bytes = sum(math.prod(shape) for _, outs in plan for _, shape in outs) * dtype.itemsize
-    preflight_disk(out / "final", entries_bytes)  # every process: all raise together, before any gather
+    preflight_disk(RunFolder(out).final, entries_bytes)  # every process: all raise together, before any gather
     if lora:
         adapter = {k: _full(v) for k, v in model.state_dict().items() if ".lora_" in k}  # small: gathered whole
         if accelerator.is_main_process:
-            model.save_pretrained(str(out / "adapter"), state_dict=adapter)
+            model.save_pretrained(str(RunFolder(out).adapter), state_dict=adapter)
     sharded = any(_is_shard(t) for _, t, _ in sources)
     if sharded and not accelerator.is_main_process:
         for _ in _gathered(hf, sources, dtype):  # take part in every gather the main process's writer asks for
@@ -106,7 +108,7 @@ def save_final(accelerator, model, tokenizer_dir: Path, config: dict[str, Any], 
         finish_folder(tmp, config, tokenizer_dir, record)
         write_card(tmp, record, config, tokenizer_dir)
 
-    return write_model_folder(out / "final", entries, shard_size=shard_size, overwrite=True, finish=finish,
+    return write_model_folder(RunFolder(out).final, entries, shard_size=shard_size, overwrite=True, finish=finish,
                               echo=echo, workers=workers, interleave=not sharded)
 
 

@@ -16,12 +16,19 @@ from torch import nn
 
 from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.safety import ANY, MODEL_FOLDER, OLD_TAG, TMP_TAG, refuse_overlap, remove_own_entries
+from mergekit_lite.io.folders import RunFolder
 from mergekit_lite.io.reader import read_config, refuse_leaving_links
+from mergekit_lite.io.safety import refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
-from mergekit_lite.train.data import (batch_order, blend_order, check_repo_options, packed_dataset, resolve_files,
-                                     StreamedBlocks)
+from mergekit_lite.train.data import (
+    StreamedBlocks,
+    batch_order,
+    blend_order,
+    check_repo_options,
+    packed_dataset,
+    resolve_files,
+)
 from mergekit_lite.train.engine import main_builds
 from mergekit_lite.train.routing import check_routing
 
@@ -29,13 +36,8 @@ _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflo
                   "wandb": "is_wandb_available"}
 
 
-# What `train` writes into its output folder: all that `--overwrite` may remove. "moemerge" is the
-# tracker folder accelerate makes under project_dir (tensorboard); the PNGs are `moemerge plot`'s.
-TRAIN_PRODUCTS = {"checkpoints": ("step-???????", "step-???????.tmp"), "metrics.jsonl": None, "final": MODEL_FOLDER,
-                  "cache": ("packed-*",), "adapter": ("adapter_config.json", "adapter_model.*", "README.md"),
-                  "moemerge": ANY, "moemerge-run.json": None, "loss.png": None, "lr.png": None,
-                  "expert_load.png": None, f".final.{TMP_TAG}-*": ANY, f".final.{OLD_TAG}-*": ANY,
-                  ".final.moemerge-lock": None}
+# What `train` writes into its output folder: all that `--overwrite` may remove (see io/folders.py).
+TRAIN_PRODUCTS = RunFolder.PRODUCTS
 
 
 def train_inputs(r: TrainRecipe, model_dir: Path) -> list[tuple[str, str | Path]]:
@@ -75,7 +77,7 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
         raise MoemergeError(f"trainable = 'new_layers' but {model_dir}/moemerge.json records no new layers; "
                             "make the model with `moemerge graft --expand`, or pick another trainable mode")
     out = Path(r.output)
-    started = (out / "checkpoints").exists() or (out / "metrics.jsonl").exists()
+    started = RunFolder(out).started()
     if started and not resume:
         if not overwrite:
             raise MoemergeError(f"output {out} already holds a run; pass --resume to continue it "
@@ -86,7 +88,7 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
     return cfg
 
 
-RUN_RECORD = "moemerge-run.json"  # OUTPUT/RUN_RECORD: this folder holds a run `moemerge train` started
+RUN_RECORD = RunFolder.RECORD  # OUTPUT/RUN_RECORD: this folder holds a run `moemerge train` started
 
 
 def write_run_record(out: Path, r: TrainRecipe, is_main: bool) -> None:
@@ -113,9 +115,9 @@ def resumable_checkpoint(out: Path) -> Path:
                             "tool started; resume only runs you made here, or start again without --resume")
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        raise MoemergeError(f"--resume: no checkpoint under {out / 'checkpoints'}; run without --resume first")
+        raise MoemergeError(f"--resume: no checkpoint under {RunFolder(out).checkpoints}; run without --resume first")
     try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / RunFolder.TRAINER_STATE).read_text())
         if not isinstance(state.get("step"), int):
             raise ValueError("no step")
     except (OSError, ValueError, AttributeError):
@@ -131,15 +133,16 @@ def has_experts(cfg: dict[str, Any]) -> bool:
 
 def finished_run(out: Path) -> dict[str, Any] | None:
     """The summary record of a run in OUTPUT that ran to its end (final/ written), else None."""
-    path = out / "metrics.jsonl"
-    if not (out / "final").is_dir() or not path.is_file():
+    path = RunFolder(out).metrics
+    if not RunFolder(out).final.is_dir() or not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return next((r for r in reversed(rows) if r.get("type") == "summary"), None)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-???????")) if (out / "checkpoints").is_dir() else []
+    """The newest `checkpoints/step-NNNNNNN` folder of a run, or None."""
+    ckpts = RunFolder(out).checkpoint_folders()
     return ckpts[-1] if ckpts else None
 
 
@@ -210,7 +213,7 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> dict[str, Any]:
             raise MoemergeError(f"lora.target_modules: {name!r} matches nothing in this model; {hint}")
         elif not any(linear[n] for n in hits):
             raise MoemergeError(f"lora.target_modules: {name!r} matches only zero-sized modules ({hits[0]}: "
-                                f"{tuple(model.get_submodule(hits[0]).weight.shape)}), nothing to train; {hint}")
+                                f"{tuple(model.get_submodule(hits[0]).weight.shape)}), nothing to train; {hint}")  # type: ignore[arg-type]
     names = set(lora.target_modules)
     for a, b in _FUSED_PAIRS:
         if fused_names and (a in names) != (b in names) and any(p.endswith(".gate_up_proj") for p in params):
@@ -236,6 +239,7 @@ class EmptyLinear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros of the output width: what a Linear with a size-0 weight computes."""
         return x.new_zeros(*x.shape[:-1], self.out_features)  # x @ W.T with W (out, 0) or (0, in)
 
 
@@ -301,7 +305,7 @@ def build_loaders(r: TrainRecipe, tokenizer, model_dir: Path, accelerator, max_s
     the same micro-batches on any process count. The validation loader is left unprepared: `evaluate`
     splits its batches over the processes itself, so validation does not depend on the process count.
     """
-    cache = Path(r.output) / "cache"
+    cache = RunFolder(Path(r.output)).cache
     cache.mkdir(parents=True, exist_ok=True)
     micro_batches = max_steps * r.global_batch(accelerator.num_processes) // r.micro_batch_size
     collate = _collate

@@ -330,6 +330,22 @@ def test_resume_on_another_process_count_continues_the_same_run(world, engine, d
     assert_same_run(reference(world, "moe", "cpu"), cut)
 
 
+@pytest.mark.parametrize("direction", ["1-to-2", "2-to-1"])
+def test_a_streamed_blend_resumes_in_place_on_another_process_count(world, direction):
+    """A streamed, shuffled blend killed after the step-3 checkpoint and resumed on the other process count: the
+    main process saved (or reads) where the stream stood, the resume starts there, and the run ends as one
+    uninterrupted process's."""
+    (world["root"] / "kill.py").write_text(KILL_AFTER_CHECKPOINT)
+    many = [*LAUNCH, "--config_file", str(CONFIGS / ENGINES["cpu", "ddp"])]
+    first, then = ([sys.executable], many) if direction == "1-to-2" else (many, [sys.executable])
+    name = f"recount-stream-{direction}"
+    fields = blend_data(world, True)
+    cut = launch(world, name, "moe", [*first, str(world["root"] / "kill.py")], "cpu", check=False, **fields)
+    assert torch.load(cut / "checkpoints" / "step-0000003" / "extra.pt", weights_only=True)["stream"]["blocks"] == 24
+    launch(world, name, "moe", [*then, "-m", "mergekit_lite"], "cpu", "--resume", **fields)
+    assert_same_run(reference(world, "moe", "cpu", **fields), cut)
+
+
 def test_fsdp2_peak_memory_per_process_is_well_under_one_process(tmp_path):
     """scripts/bench_memory.py at a test size (a ~60M-parameter Llama, 3 steps, a checkpoint, the final save):
     every FSDP2 rank's peak anonymous memory <= 0.8 x one process's (docs/benchmarks.md: 0.59 at 269M)."""

@@ -349,3 +349,53 @@ def test_a_dataset_repository_is_read_by_config_split_and_revision(corpus, tmp_p
                          "output": "o"}, TrainRecipe)
     with pytest.raises(MoemergeError, match=r"data.config applies to dataset repositories .* data names only files"):
         check_repo_options(r.data)
+
+
+class CountingTokenizer:
+    """The corpus tokenizer, counting the documents it tokenises."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.documents = tokenizer, 0
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, texts, **kw):
+        self.documents += len(texts)
+        return self.tokenizer(texts, **kw)
+
+
+@pytest.mark.parametrize("kind", ["one", "one-shuffled", "blend-shuffled"])
+def test_a_stream_resumes_in_place_from_its_saved_position(corpus, tmp_path, kind):
+    """The state after block n (as a checkpoint stores it, through torch.save/load weights_only) makes a new
+    stream give exactly the blocks the first one gave after n, across passes and the shuffle buffer, without
+    tokenising the documents before that position again (a stream re-read from the start tokenised them all)."""
+    import io
+
+    import torch
+
+    from mergekit_lite.train.stream import StreamedBlocks
+
+    root, tokenizer = corpus
+    data = {"streaming": True, "shuffle_buffer": 0 if kind == "one" else 32, "validation_blocks": 8}
+    if kind.startswith("blend"):
+        (tmp_path / "b.txt").write_text("".join(" ".join([f"d{i}"] * 7) + "\n" for i in range(200, 260)))
+        data |= {"train": [str(root / "train.txt"), str(tmp_path / "b.txt")], "weights": [3, 1]}
+    r = validate_recipe({"model": str(root / "tok"), "data": {"train": [str(root / "train.txt")], **data},
+                         "seq_len": 16, "micro_batch_size": 4, "max_steps": 1, "learning_rate": 1e-3,
+                         "output": str(tmp_path / "run")}, TrainRecipe)
+
+    def stream(tok):
+        return StreamedBlocks(r.data.train, "train", r.data, tok, 16, skip=8, shuffle=r.data.shuffle_buffer,
+                              seed=3, weights=r.data.weights)
+
+    first = stream(tokenizer)
+    blocks = [b["input_ids"].tolist() for b in itertools.islice(iter(first), 3000)]  # > 2 passes of train.txt
+    for n in (5, 1200, 2500):
+        saved = io.BytesIO()
+        torch.save(first.state_after(n), saved)
+        saved.seek(0)
+        counting = CountingTokenizer(tokenizer)
+        again = stream(counting)
+        again.resume_from(torch.load(saved, weights_only=True))
+        assert [b["input_ids"].tolist() for b in itertools.islice(iter(again), 200)] == blocks[n:n + 200], n
+        if n == 1200:  # about 500 documents into the stream: only the rest of its chunk and what follows is read
+            assert counting.documents < 400, counting.documents

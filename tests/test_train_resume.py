@@ -31,8 +31,8 @@ class TrainingTap(RouterTap):
         return super().losses()
 
 
-def crash_then_resume(world, out: Path, monkeypatch, **kw) -> None:
-    """Run until the first checkpoint, die there, then `--resume` to the end."""
+def crash_then_resume(world, out: Path, monkeypatch, **kw) -> list[str]:
+    """Run until the first checkpoint, die there, then `--resume` to the end; returns what the resume said."""
     real = loop.save_checkpoint
 
     def crash(*args, **kwargs):
@@ -45,7 +45,9 @@ def crash_then_resume(world, out: Path, monkeypatch, **kw) -> None:
     monkeypatch.setattr(loop, "save_checkpoint", real)
     with pytest.raises(MoemergeError, match="--resume"):  # a started run is never silently restarted
         loop.train(recipe(world, out, **kw), echo=quiet)
-    loop.train(recipe(world, out, **kw), resume=True, echo=quiet)
+    said: list[str] = []
+    loop.train(recipe(world, out, **kw), resume=True, echo=said.append)
+    return said
 
 
 def bias_at(out: Path, step: int) -> torch.Tensor:
@@ -195,18 +197,29 @@ def test_qwen2_moe_with_size0_shared_expert_resumes_exactly(world, tmp_path, mon
 
 
 def test_a_shuffled_stream_resumes_to_the_same_run(world, tmp_path, monkeypatch):
-    """Streaming with the seeded shuffle buffer (on by default): a run killed at its checkpoint and resumed re-reads
-    the stream, skips what it trained on and ends bit-identical to the uninterrupted run."""
+    """Streaming with the seeded shuffle buffer (on by default): a run killed at its checkpoint and resumed starts
+    the stream where the checkpoint says it stood (not re-reading it) and ends bit-identical to the uninterrupted
+    run; a checkpoint without that position (an older one) re-reads the stream and skips, also exactly."""
     kw = dict(max_steps=6, checkpoint_every=3, micro_batch_size=4, moe={"jitter": 0.5},
               data={"train": [world["train"]], "validation": [world["val"]], "streaming": True, "shuffle_buffer": 64})
     full, cut = tmp_path / "full", tmp_path / "cut"
     loop.train(recipe(world, full, **kw), echo=quiet)
-    crash_then_resume(world, cut, monkeypatch, **kw)
+    said = crash_then_resume(world, cut, monkeypatch, **kw)
+    assert any("(the stream continues after block 12)" in line for line in said), said  # 3 steps x 4 sequences
     assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(cut, "train")]
+
+    import mergekit_lite.train.checkpoint as checkpoint
+
+    older = tmp_path / "older"
+    monkeypatch.setattr(checkpoint, "data_state", lambda ckpt: None)
+    monkeypatch.setattr(loop, "data_state", lambda ckpt: None)
+    said = crash_then_resume(world, older, monkeypatch, **kw)
+    assert not any("stream continues" in line for line in said)
+    assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(older, "train")]
 
 
 def test_the_shuffle_buffer_is_seeded_and_loses_nothing():
-    from mergekit_lite.train.data import shuffled
+    from mergekit_lite.train.stream import shuffled
 
     items = list(range(1000))
     a, b, c = (list(shuffled(iter(items), 64, seed)) for seed in (1, 1, 2))

@@ -61,8 +61,12 @@ def _model_and_optim(model, optimizer) -> dict:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, step: int, state: dict,
-                    keep: int) -> Path:
-    """Write OUTPUT/checkpoints/step-N on every process; keeps the last `keep`. Returns the folder."""
+                    keep: int, data_state: dict | None = None) -> Path:
+    """Write OUTPUT/checkpoints/step-N on every process; keeps the last `keep`. Returns the folder.
+
+    `data_state`: where a streamed training set stands after this step's blocks (main process; see
+    `train.stream`), so `--resume` starts there instead of re-reading the stream.
+    """
     import torch.distributed.checkpoint as dcp
 
     final = RunFolder(out).checkpoint(step)
@@ -82,7 +86,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tap, out: Path, st
     tap_state = tap.state_dict(reduce=lambda t: accelerator.reduce(t, "sum"))  # every process takes part
     if accelerator.is_main_process:
         scaler = getattr(accelerator, "scaler", None)
-        torch.save({"scheduler": scheduler.state_dict(), "tap": tap_state,
+        torch.save({"scheduler": scheduler.state_dict(), "tap": tap_state, "stream": data_state,
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / EXTRA)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -203,6 +207,11 @@ def refuse_code_in_checkpoint(ckpt: Path) -> None:
         if named:
             raise MoemergeError(f"--resume: {path} names {named[0]}, which no checkpoint holds (it would run code "
                                 "when loaded); it was not written by moemerge: delete that checkpoint")
+
+
+def data_state(ckpt: Path) -> dict | None:
+    """Where the checkpoint's streamed training set stood (None: a cached corpus, or an older checkpoint)."""
+    return torch.load(ckpt / EXTRA, weights_only=True).get("stream")
 
 
 def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

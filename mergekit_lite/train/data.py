@@ -2,8 +2,8 @@
 
 Map-style (default): the packed blocks are saved once under `OUTPUT/cache/packed-<part>-<hash>` (the
 hash covers the files' names, sizes and mtimes, the tokenizer, `seq_len` and the held-out split), so a
-resumed run does not tokenise again. Streaming (`data.streaming: true`): blocks are packed on the fly
-from an `IterableDataset`, one document at a time, for corpora larger than memory.
+resumed run does not tokenise again. Streaming (`data.streaming: true`, `train/stream.py`): blocks are packed on
+the fly from an `IterableDataset`, for corpora larger than memory.
 
 Without `data.validation`, the held-out text is split off by *document* before packing (a block
 joins several documents, so a split of blocks would put one document on both sides).
@@ -278,15 +278,6 @@ def _blocks(docs, eos: int, seq_len: int) -> Iterator[dict[str, list[int]]]:
     yield from ({"input_ids": b} for b in pack_stream((row["ids"] for row in docs), eos, seq_len))
 
 
-def stream_docs(specs: list[str], field: str, cfg: TrainData, tokenizer, batch: int = 256) -> Iterator[list[int]]:
-    """Token ids of each non-empty document of a streamed dataset, in order; tokenised `batch` documents at a
-    time (the fast tokenizer's batch call runs on its threads), yielded one at a time."""
-    rows = iter(load_texts(specs, field, cfg, streaming=True))
-    while chunk := [row[cfg.text_field] for _, row in zip(range(batch), rows)]:
-        texts = text_column(chunk, field, cfg.text_field)
-        yield from (tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-
-
 def pack_stream(docs: Iterator[list[int]], eos: int, seq_len: int) -> Iterator[list[int]]:
     """Blocks from documents pulled one at a time: a caller that stops after a block has taken from `docs`
     exactly the documents up to the one that block ends in."""
@@ -294,102 +285,6 @@ def pack_stream(docs: Iterator[list[int]], eos: int, seq_len: int) -> Iterator[l
     for ids in docs:
         blocks, carry = pack_ids([ids], eos, seq_len, carry)
         yield from blocks
-
-
-class StreamedBlocks(torch.utils.data.IterableDataset):
-    """Packed blocks from a stream, re-read from the start when exhausted (epochs).
-
-    `limit` stops after block `limit` (the held-out validation stream). `skip` leaves out, on every
-    pass, the documents the first `skip` blocks come from (whole documents, the one the last of them
-    ends in included), so the training stream shares no document with that validation stream.
-
-    With `weights`, each entry of `specs` is a source streamed and packed on its own (each with its own
-    passes), and blocks are drawn from the sources in the weights' shares by `blend_order`'s rule (the
-    source furthest behind its share next); `skip` and `limit` are then shared out in the same proportions.
-    """
-
-    def __init__(self, specs, field, cfg, tokenizer, seq_len, skip: int = 0, limit: int | None = None,
-                 shuffle: int = 0, seed: int = 0, weights: list[float] | None = None):
-        self.args = (specs, field, cfg, tokenizer, seq_len)
-        self.skip, self.limit = skip, limit
-        self.shuffle, self.seed = shuffle, seed  # shuffle: blocks in the seeded buffer (0: the stream's order)
-        self.weights = weights
-        if weights:
-            share = [w / sum(weights) for w in weights]
-            self.moemerge_sources = [(spec, None, w) for spec, w in zip(specs, share)]  # the run header's lines
-
-    def __iter__(self):
-        if not self.weights:
-            yield from self._passes(self.args[0], self.skip, self.limit, self.shuffle)
-            return
-        specs, share = self.args[0], [w / sum(self.weights) for w in self.weights]
-        parts = [_share_of(n, share) for n in (self.skip, self.limit or 0)]
-        if self.limit is not None:  # validation: each source's held-out blocks, one source after the other
-            for spec, limit in zip(specs, parts[1]):
-                yield from self._passes([spec], 0, limit, 0)
-            return
-        sources = [self._passes([spec], skip, None, 0) for spec, skip in zip(specs, parts[0])]
-        blocks = (next(sources[s]) for s in _blend_choices(share))
-        yield from (shuffled(blocks, self.shuffle, self.seed * 1000003) if self.shuffle > 1 else blocks)
-
-    def _passes(self, specs, skip: int, limit: int | None, shuffle: int):
-        _, field, cfg, tokenizer, seq_len = self.args
-        epoch = 0
-        while True:
-            yielded = False
-            docs = stream_docs(specs, field, cfg, tokenizer)
-            for _ in zip(range(skip), pack_stream(docs, tokenizer.eos_token_id, seq_len)):
-                pass  # the held-out documents are read and dropped; `docs` now starts after them
-            blocks = pack_stream(docs, tokenizer.eos_token_id, seq_len)
-            if shuffle > 1 and limit is None:
-                blocks = shuffled(blocks, shuffle, self.seed * 1000003 + epoch)
-            epoch += 1
-            for i, block in enumerate(blocks):
-                if limit is not None and i >= limit:
-                    return
-                yielded = True
-                yield {"input_ids": torch.tensor(block)}
-            if limit is not None:
-                return
-            if not yielded:
-                where = f"data.{field}" if len(specs) > 1 or not self.weights else f"data.{field} entry {specs[0]!r}"
-                raise MoemergeError(f"{where}: the stream holds no block of {seq_len} tokens beyond the validation "
-                                    "blocks; add text or lower seq_len")
-
-
-def _share_of(n: int, share: list[float]) -> list[int]:
-    """`n` blocks shared out in proportion to `share`, at least one each (held-out validation blocks)."""
-    return [max(1, round(n * s)) for s in share]
-
-
-def _blend_choices(share: list[float]) -> Iterator[int]:
-    """The source of each sample of a blend, endlessly: the one furthest behind its share (ties: the first), so
-    every prefix holds each source in its share to within one sample (as `blend_order`, without the shuffle)."""
-    taken = [0] * len(share)
-    i = 0
-    while True:
-        s = max(range(len(share)), key=lambda j: share[j] * (i + 1) - taken[j])
-        taken[s] += 1
-        i += 1
-        yield s
-
-
-def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
-    """A seeded shuffle buffer of `size` items over a stream (as `datasets`' and tf.data's): each item out is
-    drawn from the buffer and replaced by the next one in. The same seed gives the same order, so a resumed run
-    that re-reads the stream skips exactly what it trained on."""
-    import random
-
-    rng, buf = random.Random(seed), list[Any]()
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
 
 
 def batch_order(n_blocks: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -410,11 +305,21 @@ def blend_order(sizes: list[int], weights: list[float], n_samples: int, seed: in
     taken = [0] * len(sizes)
     perm: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, its seeded block order for that pass)
     order = []
-    for _, s in zip(range(n_samples), _blend_choices(share)):
-        epoch, pos = divmod(taken[s], sizes[s])
+    for _ in range(n_samples):
+        s = next_source(share, taken)
+        epoch, pos = divmod(taken[s] - 1, sizes[s])  # this sample is the source's taken[s]-th
         if perm.get(s, (None,))[0] != epoch:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch * 7919 + s)
             perm[s] = (epoch, torch.randperm(sizes[s], generator=g).tolist())
         order.append(offsets[s] + perm[s][1][pos])
-        taken[s] += 1
     return order
+
+
+def next_source(share: list[float], taken: list[int]) -> int:
+    """The source of a blend's next sample: the one furthest behind its share (argmax of share * (i + 1) - taken,
+    ties: the first), counted into `taken`; so every prefix of a blend holds each source in its share to within
+    one sample (Megatron's blended dataset)."""
+    i = sum(taken)
+    s = max(range(len(share)), key=lambda j: share[j] * (i + 1) - taken[j])
+    taken[s] += 1
+    return s

@@ -24,7 +24,7 @@ from mergekit_lite.io.pool import map_large_allocations
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.recipe import TrainRecipe
-from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, load_checkpoint, save_checkpoint
+from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, data_state, load_checkpoint, save_checkpoint
 from mergekit_lite.train.engine import (
     allow_tf32,
     check_attention,
@@ -259,9 +259,12 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         ckpt = latest_checkpoint(out)
         state = json.loads((ckpt / RunFolder.TRAINER_STATE).read_text())
         step, tokens = state["step"], state["tokens"]
-        # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
-        train_dl = accelerator.skip_first_batches(train_dl, step * accum)
-        say(f"resumed from {ckpt} at step {step}")
+        if r.data.streaming and (where := data_state(ckpt)) is not None:
+            train_dl.dataset.resume_from(where)  # in place: the stream is not read again up to there
+            say(f"resumed from {ckpt} at step {step} (the stream continues after block {where['blocks']})")
+        else:  # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
+            train_dl = accelerator.skip_first_batches(train_dl, step * accum)
+            say(f"resumed from {ckpt} at step {step}")
     metrics = Metrics(accelerator, RunFolder(out).metrics, keep_until=step if resume else None)
     if step == 0:
         metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
@@ -330,7 +333,10 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
                      "log_micro_batches": micro * accelerator.num_processes,
                      "global_batch": r.global_batch(accelerator.num_processes),
                      "recipe": json.loads(r.model_dump_json())}
-            save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints)
+            where = (train_dl.dataset.state_after(step * r.global_batch(accelerator.num_processes))
+                     if r.data.streaming and accelerator.is_main_process else None)  # the main one reads it
+            save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints,
+                            data_state=where)
         if step >= max_steps:
             break
     bar.close()

@@ -21,16 +21,10 @@ from mergekit_lite.io.reader import read_config, refuse_leaving_links
 from mergekit_lite.io.safety import refuse_overlap, remove_own_entries
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
-from mergekit_lite.train.data import (
-    StreamedBlocks,
-    batch_order,
-    blend_order,
-    check_repo_options,
-    packed_dataset,
-    resolve_files,
-)
+from mergekit_lite.train.data import batch_order, blend_order, check_repo_options, packed_dataset, resolve_files
 from mergekit_lite.train.engine import main_builds
 from mergekit_lite.train.routing import check_routing
+from mergekit_lite.train.stream import StreamedBlocks
 
 _TRACKER_CHECK = {"tensorboard": "is_tensorboard_available", "mlflow": "is_mlflow_available",
                   "wandb": "is_wandb_available"}

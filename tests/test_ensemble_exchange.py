@@ -19,7 +19,7 @@ from mergekit_lite.ensemble.exchange import confidence, exchange, extract, final
 from mergekit_lite.ensemble.run import run_ensemble
 from mergekit_lite.ensemble.speakers import prompt_ids
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.recipe import EnsembleRecipe, Templates, validate_recipe
+from mergekit_lite.recipe import EnsembleRecipe, Generation, Templates, validate_recipe
 
 runner = CliRunner()
 PROMPTS = ["The quick brown fox", "A mixture of experts routes"]
@@ -268,7 +268,37 @@ def test_per_member_system_prompt_and_seeds(tmp_path, trio):
     assert first[1]["reply"] != first[2]["reply"]  # two seeds, two samples
     r = validate_recipe(yaml.safe_load(path.read_text()), EnsembleRecipe)
     assert r.member_generation(r.models[1]).model_dump() == {"max_new_tokens": NEW, "do_sample": True,
-                                                             "temperature": 1.5, "top_p": 1.0, "seed": 1}
+                                                             "temperature": 1.5, "top_p": 1.0, "seed": 1,
+                                                             "stop": []}
+
+
+def test_stop_strings_end_a_reply(tmp_path, trio, monkeypatch):
+    from mergekit_lite.ensemble import decode
+    from mergekit_lite.ensemble.speakers import cut
+
+    assert cut("7 apples\nQuestion: more", ["\n"]) == "7 apples"
+    assert cut("\n 7\nQ", ["\n"]) == "\n 7"  # leading whitespace never ends a reply
+    assert cut("a. b, c", [",", "."]) == "a" and cut("abc", ["x"]) == "abc"
+    full = ensemble(write_recipe(tmp_path, trio[:2], "full.yaml", method="exchange",
+                                 exchange={"topology": "memory", "rounds": 1}))["outputs"][0]["rounds"][0]
+    stop = full[0]["reply"].strip()[2:4]  # two characters inside member 0's first reply
+    assert len(stop) == 2 and stop not in full[0]["reply"][:2]
+    got = ensemble(write_recipe(tmp_path, trio[:2], "stop.yaml", method="exchange", generation={
+        "max_new_tokens": NEW, "stop": [stop]}, exchange={"topology": "memory", "rounds": 1}))["outputs"][0]
+    assert got["rounds"][0][0]["reply"] == cut(full[0]["reply"], [stop]).strip()
+    assert len(got["rounds"][0][0]["reply"]) < len(full[0]["reply"])
+    # decoding ends as soon as the stop string appears: fewer one-token forwards than max_new_tokens - 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_lite.ensemble.speakers import Speaker
+
+    model = AutoModelForCausalLM.from_pretrained(str(trio[0]), dtype=torch.float32).eval()
+    steps = []
+    real = decode.forward
+    monkeypatch.setattr(decode, "forward", lambda *a: steps.append(a[1].shape[1]) or real(*a))
+    speaker = Speaker(model, AutoTokenizer.from_pretrained(str(trio[0])), Generation(max_new_tokens=NEW, stop=[stop]))
+    assert speaker.reply(PROMPTS[0]).strip() == got["rounds"][0][0]["reply"]
+    assert steps[0] > 1 and 0 < steps.count(1) < NEW - 1
 
 
 def test_a_members_chat_template_is_used(tmp_path, trio):
@@ -350,6 +380,8 @@ EX = {"method": "exchange", "exchange": {"topology": "memory"}}
     ({**EX, "templates": {"fuse": "{prompt} {candidates"}}, "not a valid format string"),
     ({**EX, "models": ["A", {"model": "B", "generation": {"sede": 1}}]}, "unknown key (did you mean 'seed'?)"),
     ({**EX, "exchange": {"topology": "memory", "round": 2}}, "unknown key (did you mean 'rounds'?)"),
+    ({"generation": {"stop": ["\n"]}}, "generation.stop is read by exchange and fuse"),
+    ({**EX, "generation": {"stop": [""]}}, "an empty stop string"),
 ])
 def test_recipe_refusals(body, expected):
     with pytest.raises(MoemergeError, match=re.escape(expected)):

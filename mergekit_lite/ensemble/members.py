@@ -74,8 +74,16 @@ def text_vocab_size(folder: Path) -> int | None:
     return (cfg.get("text_config") or cfg).get("vocab_size")
 
 
-def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str) -> Member:
-    """A member's folder (or GGUF file) found and checked, and its tokenizer loaded; no weights are read."""
+def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str,
+                   tokenizers: dict | None = None) -> Member:
+    """A member's folder (or GGUF file) found and checked, and its tokenizer loaded; no weights are read.
+
+    Args:
+        spec: the member as the recipe writes it.
+        recipe_path: relative paths are taken from the working directory, else from beside the recipe.
+        where: how errors name the member (`models[1]`, `fuser`).
+        tokenizers: tokenizers already loaded, by folder and GGUF file (several members may name one model).
+    """
     from transformers import AutoTokenizer
 
     from mergekit_lite.io import resolve_model_path
@@ -94,8 +102,12 @@ def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str) ->
         refuse_leaving_links(folder, where)  # transformers would follow a link anywhere
         member = Member(spec.model, folder)
     extra = {"gguf_file": member.gguf} if member.gguf else {}
+    key = (member.folder.resolve(), member.gguf)
+    tokenizers = {} if tokenizers is None else tokenizers
     try:
-        member.tokenizer = AutoTokenizer.from_pretrained(str(member.folder), **extra)
+        if key not in tokenizers:
+            tokenizers[key] = AutoTokenizer.from_pretrained(str(member.folder), **extra)
+        member.tokenizer = tokenizers[key]
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is one user-facing line
         raise MoemergeError(f"{where} ({spec.model}): no usable tokenizer in {member.folder / (member.gguf or '')} "
                             f"({type(e).__name__}); the ensemble reads and writes text through it") from None
@@ -107,16 +119,21 @@ def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str) ->
     return member
 
 
-def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[list[Member], Any, int | None]:
+def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path, tokenizers: dict | None = None
+                    ) -> tuple[list[Member], Any, int | None]:
     """Resolve every member and check tokenizers and configs, loading no weights.
 
     Methods that combine distributions (probs, logits) or compare token ids (vote) need one vocabulary;
     exchange and fuse pass text between the members, whose tokenizers may differ.
 
+    Args:
+        tokenizers: filled with the tokenizers loaded, by folder and GGUF file (pass it on for the fuser).
+
     Returns:
         (members, the first member's tokenizer, the shared vocabulary size, or None for exchange and fuse).
     """
-    members = [resolve_member(spec, recipe_path, f"models[{j}]") for j, spec in enumerate(recipe.models)]
+    tokenizers = {} if tokenizers is None else tokenizers
+    members = [resolve_member(spec, recipe_path, f"models[{j}]", tokenizers) for j, spec in enumerate(recipe.models)]
     if recipe.method in TEXT_METHODS:
         return members, members[0].tokenizer, None
     vocab = check_vocabularies([m.name for m in members], [m.tokenizer for m in members])

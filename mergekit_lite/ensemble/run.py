@@ -48,13 +48,15 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
                             "no next-token distribution); set method: probs to score the probability ensemble")
     if score is not None and not Path(score).is_file():
         raise MoemergeError(f"--score {score}: file not found; give a .txt (one document per line) or .jsonl file")
-    members, tokenizer, vocab = prepare_members(recipe, recipe_path)  # tokenizers only: no weights yet
-    fuser = [resolve_member(recipe.fuser, recipe_path, "fuser")] if recipe.fuser else []
+    tokenizers: dict = {}  # tokenizers only: no weights yet (one per model, however many members name it)
+    members, tokenizer, vocab = prepare_members(recipe, recipe_path, tokenizers)
+    fuser = [resolve_member(recipe.fuser, recipe_path, "fuser", tokenizers)] if recipe.fuser else []
     load_members(members + fuser, recipe.dtype, torch.device(device) if device else default_device())
     names, models = [m.name for m in members], [m.model for m in members]
     if recipe.method in ("exchange", "fuse"):
-        return _print_text_answers(answer_text_all(prompts, recipe, members, fuser, progress), recipe, names,
-                                   as_json, echo, raw)
+        speakers, writer = make_speakers(recipe, members, fuser[0] if fuser else None)
+        return _print_text_answers(answer_text_all(prompts, recipe, speakers, writer, names, progress), recipe,
+                                   names, as_json, echo, raw)
     if score is not None:
         result = score_file(Path(score), recipe, names, models, tokenizer, members[0].folder, vocab, progress)
         record = {"members": result["members"], "ensemble": result["ensemble"]}
@@ -75,18 +77,22 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
     return record
 
 
-def answer_text_all(prompts: list[str], recipe: EnsembleRecipe, members: list, fuser: list, progress: bool = False
-                    ) -> list[ExchangeResult | FuseResult]:
-    """Every prompt through `exchange` or `fuse`, each member speaking with its own tokenizer and settings."""
-    from tqdm.auto import tqdm
-
+def make_speakers(recipe: EnsembleRecipe, members: list, fuser=None) -> tuple[list, object]:
+    """One `Speaker` per loaded member (its own tokenizer, system prompt, generation), and one for the fuser."""
     from mergekit_lite.ensemble.speakers import Speaker
 
     speakers = [Speaker(m.model, m.tokenizer, recipe.member_generation(spec), spec.system)
                 for m, spec in zip(members, recipe.models)]
-    writer = [Speaker(f.model, f.tokenizer, recipe.member_generation(recipe.fuser), recipe.fuser.system)
-              for f in fuser]
-    names = [m.name for m in members]
+    writer = None if fuser is None else Speaker(fuser.model, fuser.tokenizer, recipe.member_generation(recipe.fuser),
+                                                recipe.fuser.system)
+    return speakers, writer
+
+
+def answer_text_all(prompts: list[str], recipe: EnsembleRecipe, speakers: list, writer, names: list[str],
+                    progress: bool = False) -> list[ExchangeResult | FuseResult]:
+    """Every prompt through `exchange` or `fuse` (the recipe's method), the members speaking through `speakers`."""
+    from tqdm.auto import tqdm
+
     results: list[ExchangeResult | FuseResult] = []
     bar = tqdm(prompts, desc=f"ensemble ({recipe.method})", unit="prompt", file=sys.stderr, disable=not progress)
     for i, prompt in enumerate(bar):
@@ -96,7 +102,7 @@ def answer_text_all(prompts: list[str], recipe: EnsembleRecipe, members: list, f
             results.append(exchange(prompt, names, replies, topology=ex.topology, rounds=ex.rounds,
                                     answer_pattern=ex.answer_pattern, templates=recipe.templates))
         else:
-            results.append(fuse(prompt, names, replies, partial(writer[0].reply, index=i), recipe.templates))
+            results.append(fuse(prompt, names, replies, partial(writer.reply, index=i), recipe.templates))
     return results
 
 

@@ -33,7 +33,8 @@ class Speaker:
     Args:
         model: a loaded causal LM (possibly shared with other speakers).
         tokenizer: the model's own tokenizer.
-        generation: decoding settings; with sampling, prompt `index` draws from `seed + index`.
+        generation: decoding settings; with sampling, prompt `index` draws from `seed + index`. A reply ends
+            before the first `stop` string after its leading whitespace (decoding stops as soon as one appears).
         system: the system prompt, or None.
     """
 
@@ -49,6 +50,19 @@ class Speaker:
             ids = prompt_ids(self.tokenizer, text, self.system).to(self.model.device)
             rng = torch.Generator().manual_seed(self.generation.seed + index)
             tokens, _, _ = generate([self.model], ids, method="probs", weights=[1.0], vocab=len(self.tokenizer),
-                                    generation=self.generation, eos=self.eos, generator=rng)
-            self._said[key] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                                    generation=self.generation, eos=self.eos, generator=rng,
+                                    until=self._stopped if self.generation.stop else None)
+            self._said[key] = cut(self.tokenizer.decode(tokens, skip_special_tokens=True), self.generation.stop)
         return self._said[key]
+
+    def _stopped(self, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return cut(text, self.generation.stop) != text
+
+
+def cut(text: str, stop: list[str]) -> str:
+    """`text` up to (not including) the earliest `stop` string after its leading whitespace (a reply that opens
+    with a newline is not cut to nothing by `stop: ["\\n"]`)."""
+    start = len(text) - len(text.lstrip())
+    ends = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return text[:min(ends)] if ends else text

@@ -19,6 +19,15 @@ class Generation(Strict):
     temperature: float = Field(1.0, gt=0, description="divides the combined log-probabilities before sampling")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set holding top_p")
     seed: int = Field(0, description="sampling seed; prompt i uses seed + i, so answers do not depend on order")
+    stop: list[str] = Field([], description="exchange/fuse: a reply ends before the first of these strings "
+                                                 "(after its leading whitespace)")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if "" in stop:
+            raise ValueError("an empty stop string would end every reply at once; remove it")
+        return stop
 
 
 class EnsembleMember(Strict):
@@ -228,6 +237,9 @@ class EnsembleRecipe(Strict):
                              "add a model or use memory")
         if "templates" in self.model_fields_set and self.method not in TEXT_METHODS:
             raise ValueError(f"`templates:` is read by exchange and fuse only, not '{self.method}'; remove it")
+        if self.generation.stop and self.method not in TEXT_METHODS:
+            raise ValueError(f"generation.stop is read by exchange and fuse (replies in text), not '{self.method}'; "
+                             "remove it")
         own = [j for j, m in enumerate(self.models) if m.system is not None or m.generation is not None]
         if own and self.method not in TEXT_METHODS:
             raise ValueError(f"models.{own[0]}: a member's own `system`/`generation` is read by exchange and fuse "

@@ -90,7 +90,7 @@ def peers_text(seen: list[int], last: list[dict], templates: Templates, with_con
                                  confidence=last[j]["confidence"]) for j in seen)
 
 
-def exchange(prompt: str, names: list[str], replies: list[Reply], *, topology: str, rounds: int,
+def exchange(prompt: str, names: Sequence[str], replies: Sequence[Reply], *, topology: str, rounds: int,
              answer_pattern: str | None = None, templates: Templates | None = None) -> ExchangeResult:
     """Run Exchange-of-Thought rounds for one prompt.
 
@@ -146,7 +146,7 @@ class FuseResult:
                 "fuser_prompt": self.fuser_prompt}
 
 
-def fuse(prompt: str, names: list[str], replies: list[Reply], fuser: Reply,
+def fuse(prompt: str, names: Sequence[str], replies: Sequence[Reply], fuser: Reply,
          templates: Templates | None = None) -> FuseResult:
     """Members answer alone; the fuser reads the question and every candidate and writes the final answer."""
     templates = templates or Templates()

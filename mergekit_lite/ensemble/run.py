@@ -83,8 +83,9 @@ def make_speakers(recipe: EnsembleRecipe, members: list, fuser=None) -> tuple[li
 
     speakers = [Speaker(m.model, m.tokenizer, recipe.member_generation(spec), spec.system)
                 for m, spec in zip(members, recipe.models)]
-    writer = None if fuser is None else Speaker(fuser.model, fuser.tokenizer, recipe.member_generation(recipe.fuser),
-                                                recipe.fuser.system)
+    writer = None
+    if fuser is not None and recipe.fuser is not None:
+        writer = Speaker(fuser.model, fuser.tokenizer, recipe.member_generation(recipe.fuser), recipe.fuser.system)
     return speakers, writer
 
 
@@ -97,8 +98,8 @@ def answer_text_all(prompts: list[str], recipe: EnsembleRecipe, speakers: list, 
     bar = tqdm(prompts, desc=f"ensemble ({recipe.method})", unit="prompt", file=sys.stderr, disable=not progress)
     for i, prompt in enumerate(bar):
         replies = [partial(s.reply, index=i) for s in speakers]  # prompt i samples from seed + i
-        if recipe.method == "exchange":
-            ex = recipe.exchange
+        ex = recipe.exchange
+        if ex is not None:  # method exchange (the recipe refuses it without)
             results.append(exchange(prompt, names, replies, topology=ex.topology, rounds=ex.rounds,
                                     answer_pattern=ex.answer_pattern, templates=recipe.templates))
         else:
@@ -122,6 +123,7 @@ def _print_text_answers(results: list, recipe: EnsembleRecipe, names: list[str],
 def exchange_lines(r: ExchangeResult, i: int, n: int, recipe: EnsembleRecipe, names: list[str]) -> list[str]:
     """Readable lines for one exchange: who sees whom, each round's answers and replies, why it stopped."""
     ex = recipe.exchange
+    assert ex is not None, "exchange_lines needs method exchange"
     seen = "; ".join(f"[{k}] sees {', '.join(map(str, v))}" for k, v in enumerate(visible(ex.topology, len(names))))
     lines = [f"[{i + 1}/{n}] prompt: {r.prompt}", f"  exchange ({ex.topology}, at most {ex.rounds} rounds): {seen}"]
     for k, members in enumerate(r.rounds):
@@ -139,7 +141,8 @@ def fuse_lines(r: FuseResult, i: int, n: int, recipe: EnsembleRecipe) -> list[st
     """Readable lines for one fusion: every candidate, then the fuser's answer."""
     lines = [f"[{i + 1}/{n}] prompt: {r.prompt}", "  candidates:"]
     lines += [f"    [{j}] {c['model']}: {c['text']!r}" for j, c in enumerate(r.candidates)]
-    return lines + [f"  fuser {recipe.fuser.model} wrote the answer from {len(r.candidates)} candidates",
+    fuser = recipe.fuser.model if recipe.fuser else "?"
+    return lines + [f"  fuser {fuser} wrote the answer from {len(r.candidates)} candidates",
                     f"  answer: {r.text}"]
 
 

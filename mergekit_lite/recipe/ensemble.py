@@ -89,7 +89,7 @@ class Templates(Strict):
     @field_validator(*TEMPLATE_FIELDS)
     @classmethod
     def _placeholders(cls, text: str, info: ValidationInfo) -> str:
-        allowed, needed = TEMPLATE_FIELDS[info.field_name]
+        allowed, needed = TEMPLATE_FIELDS[str(info.field_name)]
         hint = "write placeholders as {name} and a literal brace as {{ or }}"
         try:
             names = {re.split(r"[.\[!:]", f)[0] for _, f, _, _ in string.Formatter().parse(text) if f is not None}

@@ -94,17 +94,21 @@ def main() -> None:
         print(f"[{i + 1}/{len(rows)}] {row['answer']:>4}: alone {[extract(a, ex.answer_pattern) for a in alone]}, "
               f"fuse {extract(res.text, ex.answer_pattern)!r}", flush=True)
 
-    total = time.perf_counter() - start
-    print(f"\n{len(rows)} problems from {recipe.prompts}; members: {model} x {len(members)} "
-          f"({', '.join(_how(m, recipe) for m in recipe.models)}); R = {ex.rounds}; "
-          f"max_new_tokens {recipe.generation.max_new_tokens}; load {loaded:.0f} s, total {total:.0f} s\n")
+        table(right, used, seconds, f"after {i + 1} of {len(rows)} problems from {recipe.prompts}; members: {model} x "
+              f"{len(members)} ({', '.join(_how(m, recipe) for m in recipe.models)}); R = {ex.rounds}; max_new_tokens "
+              f"{recipe.generation.max_new_tokens}; load {loaded:.0f} s, total {time.perf_counter() - start:.0f} s")
+
+
+def table(right: dict, used: dict, seconds: dict, title: str) -> None:
+    """The markdown table so far (printed after every problem, so a stopped run still gives its figures)."""
+    print(f"\n{title}\n")
     print("| method | accuracy | mean rounds used | max rounds used | seconds |")
     print("|--------|---------:|-----------------:|----------------:|--------:|")
     for method, hits in right.items():
         r = used[method]
         rounds = (f"{sum(r) / len(r):.2f} | {max(r)}" if method.startswith("exchange") else "– | –")
         print(f"| {method} | {sum(hits)}/{len(hits)} ({100 * sum(hits) / len(hits):.0f}%) | {rounds} | "
-              f"{seconds[method]:.0f} |")
+              f"{seconds[method]:.0f} |", flush=True)
 
 
 def _how(member, recipe) -> str:

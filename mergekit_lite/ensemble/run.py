@@ -22,6 +22,9 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
                  raw: Callable[[str], None] = print) -> dict:
     """Run an ensemble recipe: answers for its prompts, or with `score` the loss table of members and ensemble.
 
+    `exchange` and `fuse` pass text between the members (each with its own tokenizer); the other methods
+    combine next-token distributions or token ids over one shared vocabulary.
+
     Everything the user can get wrong (recipe, prompts, score file, vocabularies, device) is refused before
     any weights are read.
 

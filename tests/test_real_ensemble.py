@@ -78,5 +78,5 @@ def test_fuse_on_gemma(tmp_path, gguf, loads):
     assert len(loads) == 1  # the fuser is the members' model: still one load
     for o in out:
         assert len(o["candidates"]) == 3 and all(c["text"] for c in o["candidates"])
-        assert all(f"A student answered {c['text']}." in o["fuser_prompt"] for c in o["candidates"])
+        assert all(f"A student answered: {c['text']}" in o["fuser_prompt"] for c in o["candidates"])
         assert o["text"] and "\n" not in o["text"]

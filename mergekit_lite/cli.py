@@ -144,7 +144,7 @@ def ensemble(recipe: Path = typer.Argument(..., metavar="RECIPE", help="ensemble
              as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
              device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)")
              ) -> None:
-    """Combine models at inference: probability/logit averaging, perplexity weights, or crowd vote."""
+    """Combine models at inference: probability/logit averaging, perplexity weights, crowd vote, exchange, fuse."""
     from mergekit_lite.ensemble.run import run_ensemble
     from mergekit_lite.train.engine import is_main_process
 

@@ -36,17 +36,20 @@ def default_device() -> torch.device:
     return PartialState().device
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
-    """Load a model folder for comparison, refusing links that leave it before transformers reads anything."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, gguf_file: str | None = None):
+    """A causal LM from a model folder (or from the GGUF file `gguf_file` inside `path`), in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
     from mergekit_lite.io.reader import refuse_leaving_links
 
-    refuse_leaving_links(path, "verify")  # transformers would follow a link anywhere
+    if gguf_file is None:
+        refuse_leaving_links(path, "verify")  # transformers would follow a link anywhere
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
-        raise MoemergeError(f"transformers cannot load {path}: {type(e).__name__}: {first_line(e)}") from None
+        where = Path(path) / gguf_file if gguf_file else path
+        raise MoemergeError(f"transformers cannot load {where}: {type(e).__name__}: {first_line(e)}") from None
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
 
 

@@ -32,3 +32,14 @@ def pico_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pico_llama(pico_factory):
     return pico_factory("llama")
+
+
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Fail the test if any model's weights are loaded (every command loads them through verify.load_model)."""
+    import mergekit_lite.verify as verify
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(verify, "load_model", refuse)

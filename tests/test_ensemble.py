@@ -389,17 +389,6 @@ def test_jensen_probability_ensemble_beats_the_members_mean(tmp_path_factory):
 
 # --- refusals ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_weights_loaded(monkeypatch):
-    """Fail the test if any model's weights are loaded."""
-    import mergekit_lite.verify as verify
-
-    def refuse(*a, **k):
-        raise AssertionError("weights were loaded before the error")
-
-    monkeypatch.setattr(verify, "load_model", refuse)
-
-
 def test_different_vocabularies_are_refused_before_loading(tmp_path, pair, pico_factory, no_weights_loaded):
     other = pico_factory("llama", texts=["completely different words " * 20, "zebra quartz jump"])
     path = write_recipe(tmp_path, [pair[0], other])

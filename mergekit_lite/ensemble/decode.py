@@ -7,6 +7,7 @@ per member: the last chosen token is never fed, since nothing reads its logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +51,8 @@ def prompt_nll(logits: torch.Tensor, ids: torch.Tensor) -> float | None:
 
 def generate(models: list, ids: torch.Tensor, *, method: str, weights: list[float] | None, vocab: int,
              generation: Generation, eos: set[int], temperature_ppl: float = 1.0,
-             generator: torch.Generator | None = None) -> tuple[list[int], list[float], list[float] | None]:
+             generator: torch.Generator | None = None, until: Callable[[list[int]], bool] | None = None
+             ) -> tuple[list[int], list[float], list[float] | None]:
     """Decode from the combined next-token distribution of `models`.
 
     Args:
@@ -63,6 +65,7 @@ def generate(models: list, ids: torch.Tensor, *, method: str, weights: list[floa
         eos: token ids that end the answer (kept in the returned tokens).
         temperature_ppl: temperature of the perplexity weights.
         generator: the sampling RNG.
+        until: called with the tokens so far after each step; True ends the answer (stop strings).
 
     Returns:
         (new token ids, the normalised weights used, each model's prompt perplexity or None).
@@ -86,7 +89,7 @@ def generate(models: list, ids: torch.Tensor, *, method: str, weights: list[floa
         token = pick_token(combine(last, w, method), do_sample=generation.do_sample,
                            temperature=generation.temperature, top_p=generation.top_p, generator=generator)
         tokens.append(token)
-        if token in eos or step == generation.max_new_tokens - 1:
+        if token in eos or step == generation.max_new_tokens - 1 or (until is not None and until(tokens)):
             break
         last = torch.stack([forward(m, torch.tensor([[token]], device=m.device), c, vocab)[-1].to(last.device)
                             for m, c in zip(models, caches)])

@@ -1,4 +1,7 @@
-"""Member models of an ensemble: vocabularies checked from the tokenizers alone, then the weights loaded."""
+"""Member models of an ensemble: vocabularies checked from the tokenizers alone, then the weights loaded.
+
+A member is a Hugging Face model folder (or Hub id), or a `.gguf` file (transformers dequantises it on load).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,18 @@ from typing import Any
 import torch
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.recipe import EnsembleRecipe
+from mergekit_lite.recipe import EnsembleMember, EnsembleRecipe
+from mergekit_lite.recipe.ensemble import TEXT_METHODS
 
 
 @dataclass
 class Member:
-    """One loaded member: its name as the recipe writes it, its folder and (once loaded) the model."""
+    """One member: its name as the recipe writes it, its folder (and GGUF file), tokenizer and (once loaded) model."""
 
     name: str
     folder: Path
+    gguf: str | None = None  # a GGUF file inside `folder`, read alone (config and tokenizer from it)
+    tokenizer: Any = None
     model: Any = None
 
 
@@ -68,11 +74,15 @@ def text_vocab_size(folder: Path) -> int | None:
     return (cfg.get("text_config") or cfg).get("vocab_size")
 
 
-def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[list[Member], Any, int]:
-    """Resolve every member and check tokenizers and configs, loading no weights.
+def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str,
+                   tokenizers: dict | None = None) -> Member:
+    """A member's folder (or GGUF file) found and checked, and its tokenizer loaded; no weights are read.
 
-    Returns:
-        (members, the first member's tokenizer, the shared vocabulary size).
+    Args:
+        spec: the member as the recipe writes it.
+        recipe_path: relative paths are taken from the working directory, else from beside the recipe.
+        where: how errors name the member (`models[1]`, `fuser`).
+        tokenizers: tokenizers already loaded, by folder and GGUF file (several members may name one model).
     """
     from transformers import AutoTokenizer
 
@@ -80,33 +90,68 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
     from mergekit_lite.io.reader import refuse_leaving_links
     from mergekit_lite.recipe.paths import resolve_relative
 
-    members, tokenizers = [], []
-    for j, (name, rev) in enumerate(zip(recipe.paths(), recipe.revisions())):
-        folder = resolve_model_path(resolve_relative(name, recipe_path), rev)
+    resolved = resolve_relative(spec.model, recipe_path)
+    given = Path(resolved).expanduser()
+    if given.suffix == ".gguf" and given.is_file():
+        member = Member(spec.model, given.parent, given.name)
+    else:
+        folder = resolve_model_path(resolved, spec.revision)
         if not (folder / "config.json").is_file():
-            raise MoemergeError(f"models[{j}]: {folder} has no config.json; point to a Hugging Face model folder")
-        refuse_leaving_links(folder, f"models[{j}]")  # transformers would follow a link anywhere
-        try:
-            tokenizers.append(AutoTokenizer.from_pretrained(str(folder)))
-        except Exception as e:  # noqa: BLE001 - any tokenizer failure is one user-facing line
-            raise MoemergeError(f"models[{j}] ({name}): no usable tokenizer in {folder} ({type(e).__name__}); "
-                                "the ensemble compares vocabularies through the tokenizers") from None
-        members.append(Member(name, folder))
-    vocab = check_vocabularies([m.name for m in members], tokenizers)
-    for j, m in enumerate(members):
-        size = text_vocab_size(m.folder)
-        if size is not None and size < vocab:
-            raise MoemergeError(f"models[{j}] ({m.name}): config vocab_size {size} is smaller than its tokenizer's "
-                                f"{vocab} tokens; the model cannot score every token")
-    return members, tokenizers[0], vocab
+            raise MoemergeError(f"{where}: {folder} has no config.json; point to a Hugging Face model folder "
+                                "or a .gguf file")
+        refuse_leaving_links(folder, where)  # transformers would follow a link anywhere
+        member = Member(spec.model, folder)
+    extra = {"gguf_file": member.gguf} if member.gguf else {}
+    key = (member.folder.resolve(), member.gguf)
+    tokenizers = {} if tokenizers is None else tokenizers
+    try:
+        if key not in tokenizers:
+            tokenizers[key] = AutoTokenizer.from_pretrained(str(member.folder), **extra)
+        member.tokenizer = tokenizers[key]
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is one user-facing line
+        raise MoemergeError(f"{where} ({spec.model}): no usable tokenizer in {member.folder / (member.gguf or '')} "
+                            f"({type(e).__name__}); the ensemble reads and writes text through it") from None
+    if member.gguf is None:
+        size = text_vocab_size(member.folder)
+        if size is not None and size < len(member.tokenizer):
+            raise MoemergeError(f"{where} ({spec.model}): config vocab_size {size} is smaller than its tokenizer's "
+                                f"{len(member.tokenizer)} tokens; the model cannot score every token")
+    return member
+
+
+def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path, tokenizers: dict | None = None
+                    ) -> tuple[list[Member], Any, int | None]:
+    """Resolve every member and check tokenizers and configs, loading no weights.
+
+    Methods that combine distributions (probs, logits) or compare token ids (vote) need one vocabulary;
+    exchange and fuse pass text between the members, whose tokenizers may differ.
+
+    Args:
+        recipe: the validated ensemble recipe.
+        recipe_path: the recipe file (relative member paths are also looked up beside it).
+        tokenizers: filled with the tokenizers loaded, by folder and GGUF file (pass it on for the fuser).
+
+    Returns:
+        (members, the first member's tokenizer, the shared vocabulary size, or None for exchange and fuse).
+    """
+    tokenizers = {} if tokenizers is None else tokenizers
+    members = [resolve_member(spec, recipe_path, f"models[{j}]", tokenizers) for j, spec in enumerate(recipe.models)]
+    if recipe.method in TEXT_METHODS:
+        return members, members[0].tokenizer, None
+    vocab = check_vocabularies([m.name for m in members], [m.tokenizer for m in members])
+    return members, members[0].tokenizer, vocab
 
 
 def load_members(members: list[Member], dtype: str, device: torch.device) -> None:
-    """Load each member's weights (eval mode) onto `device` in `dtype`."""
+    """Load each member's weights (eval mode) onto `device` in `dtype`; members naming one model share it."""
     from mergekit_lite.verify import load_model
 
+    loaded: dict[tuple[Path, str | None], Any] = {}
     for m in members:
-        m.model = load_model(m.folder, getattr(torch, dtype), device)
+        key = (m.folder.resolve(), m.gguf)
+        if key not in loaded:  # one model asked with different seeds or system prompts is held once
+            loaded[key] = load_model(m.folder, getattr(torch, dtype), device, gguf_file=m.gguf)
+        m.model = loaded[key]
 
 
 def read_prompts(spec: str | list[str] | None, recipe_path: str | Path) -> list[str]:

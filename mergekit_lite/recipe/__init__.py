@@ -16,12 +16,19 @@ from mergekit_lite.recipe.base import (
     read_yaml,
     validate_recipe,
 )
-from mergekit_lite.recipe.ensemble import EnsembleMember, EnsembleRecipe, Generation, ScoreSettings
+from mergekit_lite.recipe.ensemble import (
+    EnsembleMember,
+    EnsembleRecipe,
+    ExchangeSettings,
+    Generation,
+    ScoreSettings,
+    Templates,
+)
 from mergekit_lite.recipe.graft import GraftRecipe, GraftSlice
 from mergekit_lite.recipe.train import LoraSettings, MoETraining, TrainData, TrainRecipe
 from mergekit_lite.recipe.upcycle import ExpertSource, MoEEvery, RouterInit, Target, UpcycleRecipe
 
-__all__ = ["ByteSize", "DType", "EnsembleMember", "EnsembleRecipe", "ExpertSource", "Generation", "GraftRecipe",
-           "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit", "ScoreSettings", "Strict", "Target",
-           "TrainData", "TrainRecipe", "UpcycleRecipe", "format_validation_error", "load_recipe", "parse_size",
-           "read_yaml", "validate_recipe"]
+__all__ = ["ByteSize", "DType", "EnsembleMember", "EnsembleRecipe", "ExchangeSettings", "ExpertSource", "Generation",
+           "GraftRecipe", "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit", "ScoreSettings",
+           "Strict", "Target", "Templates", "TrainData", "TrainRecipe", "UpcycleRecipe", "format_validation_error",
+           "load_recipe", "parse_size", "read_yaml", "validate_recipe"]

@@ -37,7 +37,8 @@ class DocStream:
         self.ds = load_texts(specs, field, cfg, streaming=True)
         # the state at the start of the chunk being read; None: the dataset's start (its state_dict() before the
         # first row is read again may still be that of an earlier iteration, such as load_texts' peek)
-        self.base, self.skip = (None, 0) if position is None else (position["ds"], position["row"])
+        self.base: dict | None = None if position is None else position["ds"]
+        self.skip: int = 0 if position is None else position["row"]
         if self.base is not None:
             self.ds.load_state_dict(copy.deepcopy(self.base))
         self.rows = iter(self.ds)
@@ -155,7 +156,8 @@ class SourcePasses:
         specs, field, cfg, tokenizer, seq_len = self.owner.spec_args(self.specs)
         inner = state.get("inner", state) if state else None
         docs = DocStream(specs, field, cfg, tokenizer, position=inner["docs"] if inner else None)
-        blocks = PackedBlocks(docs, tokenizer.eos_token_id, seq_len, inner["pending"] if inner else None)
+        blocks: PackedBlocks | Shuffled = PackedBlocks(docs, tokenizer.eos_token_id, seq_len,
+                                                       inner["pending"] if inner else None)
         if state is None:
             for _ in zip(range(self.skip), blocks):
                 pass  # the held-out documents are read and dropped

@@ -42,6 +42,7 @@ class EnsembleMember(Strict):
     model: str = Field(description="HF model folder, a .gguf file, or a Hub id when online")
     weight: float | None = Field(None, ge=0, description="relative weight; normalised over the members")
     revision: str | None = None
+    """Hub revision when `model` is a Hub id"""
     system: str | None = Field(None, description="exchange/fuse: this member's system prompt")
     generation: Generation | None = Field(None, description="exchange/fuse: keys that override `generation`")
 
@@ -165,6 +166,7 @@ class EnsembleRecipe(Strict):
     exchange: ExchangeSettings | None = Field(None, description="method exchange: topology, rounds, answer_pattern")
     fuser: EnsembleMember | None = Field(None, description="method fuse: the model that writes the final answer")
     templates: Templates = Templates()
+    """exchange and fuse: the prompt templates (the templates.* fields)"""
 
     @field_validator("models", mode="before")
     @classmethod

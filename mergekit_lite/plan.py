@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mergekit_lite.models import text_part
+
 
 # recipe `dtype` names -> torch dtypes (`source` keeps each tensor's stored dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,6 +67,7 @@ class Plan:
     active_params: int | None = None       # per token; None when the model is dense
     notes: list[str] = field(default_factory=list)   # warnings and parity remarks shown to the user
     record: dict[str, Any] = field(default_factory=dict)  # provenance stored in the output sidecar
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes (custom code of moemerge)
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +86,7 @@ class Plan:
         lines = [
             f"plan: {self.kind} -> {self.config.get('architectures', ['?'])[0]}",
             f"  sources: {', '.join(str(s) for s in self.sources)}",
-            f"  layers: {self.config.get('num_hidden_layers')}",
+            f"  layers: {text_part(self.config).get('num_hidden_layers')}",
             f"  tensors: {len(self.ops)}   output bytes: {format_bytes(self.nbytes)}",
             f"  parameters: total {format_count(self.total_params)}   active per token {format_count(active)}",
         ]
@@ -94,6 +97,8 @@ class Plan:
             lines.append(f"    {op.key} {list(op.shape)} {str(op.dtype).removeprefix('torch.')} = {op.fn}({src})")
         if max_tensors and len(self.ops) > max_tensors:
             lines.append(f"    ... {len(self.ops) - max_tensors} more (use --verbose for all)")
+        if self.extra_files:
+            lines.append(f"  files: {', '.join(sorted(self.extra_files))}")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 

@@ -181,12 +181,15 @@ def verify(model: Path = typer.Argument(..., metavar="MODEL", help="output model
            record: Optional[bool] = typer.Option(None, "--record/--no-record",
                                                  help="store the figures in the folder's moemerge.json and model "
                                                       "card (default: only when --against is its recorded source)"
-                                                 )) -> None:
+                                                 ),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                  help="run custom code that is not this version's moemerge code")
+           ) -> None:
     """Compare logits with the source model: max/mean |Δlogits| and top-1 agreement."""
     from mergekit_lite.verify import compare_logits, is_recorded_source, record_parity, recorded_sources
 
     kwargs = {"text": text} if text else {}
-    report = compare_logits(model, against, device=device, **kwargs)
+    report = compare_logits(model, against, device=device, trust_remote_code=trust_remote_code, **kwargs)
     for line in report.lines():
         echo(line)
     own = is_recorded_source(model, against)
@@ -222,11 +225,14 @@ def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="w
 
 
 @app.command()
-def check(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")) -> None:
+def check(model: Path = typer.Argument(..., metavar="MODEL", help="model folder"),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                 help="run custom code that is not this version's moemerge code")
+          ) -> None:
     """Is this folder a sound checkpoint? Index/shards/headers, key set vs config class, tokenizer, no NaN/Inf."""
     from mergekit_lite.check import check_folder
 
-    for line in check_folder(model, progress=echo).lines():
+    for line in check_folder(model, progress=echo, trust_remote_code=trust_remote_code).lines():
         echo(line)
 
 

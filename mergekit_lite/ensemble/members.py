@@ -64,8 +64,9 @@ def text_vocab_size(folder: Path) -> int | None:
     """`vocab_size` of a model folder's config.json (text part for multimodal ones)."""
     from mergekit_lite.io.reader import read_config
 
-    cfg = read_config(folder)
-    return (cfg.get("text_config") or cfg).get("vocab_size")
+    from mergekit_lite.models import text_part
+
+    return text_part(read_config(folder)).get("vocab_size")
 
 
 def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[list[Member], Any, int]:
@@ -86,6 +87,9 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
         if not (folder / "config.json").is_file():
             raise MoemergeError(f"models[{j}]: {folder} has no config.json; point to a Hugging Face model folder")
         refuse_leaving_links(folder, f"models[{j}]")  # transformers would follow a link anywhere
+        from mergekit_lite.models import trust_for
+
+        trust_for(folder, recipe.trust_remote_code, f"models[{j}]")  # foreign custom code refused before any work
         try:
             tokenizers.append(AutoTokenizer.from_pretrained(str(folder)))
         except Exception as e:  # noqa: BLE001 - any tokenizer failure is one user-facing line
@@ -101,12 +105,12 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path) -> tuple[li
     return members, tokenizers[0], vocab
 
 
-def load_members(members: list[Member], dtype: str, device: torch.device) -> None:
+def load_members(members: list[Member], dtype: str, device: torch.device, trust_remote_code: bool = False) -> None:
     """Load each member's weights (eval mode) onto `device` in `dtype`."""
     from mergekit_lite.verify import load_model
 
     for m in members:
-        m.model = load_model(m.folder, getattr(torch, dtype), device)
+        m.model = load_model(m.folder, getattr(torch, dtype), device, trust_remote_code)
 
 
 def read_prompts(spec: str | list[str] | None, recipe_path: str | Path) -> list[str]:

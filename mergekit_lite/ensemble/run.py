@@ -47,7 +47,8 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
     if score is not None and not Path(score).is_file():
         raise MoemergeError(f"--score {score}: file not found; give a .txt (one document per line) or .jsonl file")
     members, tokenizer, vocab = prepare_members(recipe, recipe_path)  # tokenizers only: no weights yet
-    load_members(members, recipe.dtype, torch.device(device) if device else default_device())
+    load_members(members, recipe.dtype, torch.device(device) if device else default_device(),
+                 recipe.trust_remote_code)
     names, models = [m.name for m in members], [m.model for m in members]
     if score is not None:
         result = score_file(Path(score), recipe, names, models, tokenizer, members[0].folder, vocab, progress)

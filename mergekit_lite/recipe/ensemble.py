@@ -48,6 +48,8 @@ class EnsembleRecipe(Strict):
     generation: Generation = Generation()
     similarity: Literal["rouge_l", "token_f1"] = Field("rouge_l", description="vote: candidate similarity on tokens")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = Field(False, description="run custom code in member folders that is not this "
+                                    "version's own moemerge code (read it first)")
     score: ScoreSettings = ScoreSettings()
 
     @field_validator("models", mode="before")

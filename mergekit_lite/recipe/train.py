@@ -150,6 +150,8 @@ class TrainRecipe(Strict):
     trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"
     lora: LoraSettings = LoraSettings()
     moe: MoETraining = MoETraining()
+    trust_remote_code: bool = Field(False, description="run custom code in the model folder that is not this "
+                                    "version's own moemerge code (read it first); own moemerge folders need nothing")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="steps between validations; 0 = only at the end")

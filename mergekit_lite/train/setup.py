@@ -53,8 +53,11 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise MoemergeError(f"model: {model_dir} has no config.json; is this a Hugging Face model folder?")
+    from mergekit_lite.models import text_part, trust_for
+
+    trust_for(model_dir, r.trust_remote_code, "model")  # foreign custom code refused before any work
     cfg = read_config(model_dir)
-    max_pos = (cfg.get("text_config") or cfg).get("max_position_embeddings")
+    max_pos = text_part(cfg).get("max_position_embeddings")
     if max_pos and r.seq_len > max_pos:
         raise MoemergeError(f"seq_len = {r.seq_len} is larger than the model's max_position_embeddings "
                             f"({max_pos}); set seq_len to at most {max_pos}")
@@ -123,7 +126,9 @@ def resumable_checkpoint(out: Path) -> Path:
 
 def has_experts(cfg: dict[str, Any]) -> bool:
     """Whether a config.json (text part for multimodal ones) describes routed experts."""
-    return moe_counts(cfg.get("text_config") or cfg)[0] is not None
+    from mergekit_lite.models import text_part
+
+    return moe_counts(text_part(cfg))[0] is not None
 
 
 def finished_run(out: Path) -> dict[str, Any] | None:

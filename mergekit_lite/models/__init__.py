@@ -87,11 +87,26 @@ def trust_for(folder: str | Path, trust_remote_code: bool, where: str) -> bool:
     return True
 
 
+def _folder_class(folder: str | Path, auto_name: str):
+    """The class the folder's own `auto_map` names for `auto_name`, imported from the folder's files (trusted).
+
+    transformers prefers a registered class to a folder's code even when trusted; a trusted edited moemerge
+    folder must run its own files, so its classes are imported here.
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    ref = (json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}).get(auto_name)
+    return get_class_from_dynamic_module(ref, str(folder)) if isinstance(ref, str) else None
+
+
 def load_config(folder: str | Path, *, trust_remote_code: bool = False, where: str = "load", **kwargs: Any):
     """`AutoConfig.from_pretrained` with the rules above."""
     from transformers import AutoConfig
 
     trust = trust_for(folder, trust_remote_code, where)
+    cls = _folder_class(folder, "AutoConfig") if trust else None
+    if cls is not None:
+        return cls.from_pretrained(str(folder), **kwargs)
     return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust, **kwargs)
 
 
@@ -100,6 +115,9 @@ def load_causal_lm(folder: str | Path, *, trust_remote_code: bool = False, where
     from transformers import AutoModelForCausalLM
 
     trust = trust_for(folder, trust_remote_code, where)
+    cls = _folder_class(folder, "AutoModelForCausalLM") if trust else None
+    if cls is not None:
+        return cls.from_pretrained(str(folder), **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust, **kwargs)
 
 

@@ -155,3 +155,53 @@ def test_edited_model_refused_before_training(mworld, tmp_path):
     with pytest.raises(MoemergeError, match="trust_remote_code: true"):
         train(recipe(mworld, tmp_path / "run", edited, max_steps=3), echo=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def sliced_moe(tmp_path: Path, moe: Path) -> Path:
+    """A 3-layer moemerge model (dense, MoE, MoE) grafted from the 2-layer one."""
+    from mergekit_lite.ops.graft import run_graft
+
+    recipe_path = tmp_path / "three.yaml"
+    recipe_path.write_text(yaml.safe_dump({"slices": [{"model": str(moe), "layers": [0, 2]},
+                                                      {"model": str(moe), "layers": [1, 2]}]}))
+    run_graft(recipe_path, tmp_path / "three", echo=quiet, progress=False)
+    return tmp_path / "three"
+
+
+# --- graft -------------------------------------------------------------------------------------------------------------
+
+def test_graft_expand_drop_and_slices_on_moemerge_folders(mworld, tmp_path):
+    """--expand keeps the logits (identity blocks zero o_proj, every expert's and the dense FFN's down_proj);
+    --drop and slices write moemerge folders whose nested config follows the layers (Gemma3 layer_types,
+    mlp_only_layers), with the custom code carried along."""
+    from mergekit_lite.check import check_folder
+    from mergekit_lite.ops.graft import run_graft
+    from mergekit_lite.verify import compare_logits
+
+    src = tmp_path / "src.yaml"  # layer 0 dense, 1 MoE with a shared expert: every kind of FFN
+    src.write_text(yaml.safe_dump({"source": str(mworld["dense"]), "architecture": "moemerge", "num_experts": 4,
+                                   "experts_per_token": 2, "dtype": "float32", "noise": 0.3, "dense_layers": 1,
+                                   "shared_experts": 1, "shared_split": True}))
+    moe = tmp_path / "moe"
+    run_upcycle(src, moe, echo=quiet, progress=False)
+    expanded = tmp_path / "expanded"
+    run_graft(moe, expanded, expand=2, echo=quiet, progress=False)
+    cfg = json.loads((expanded / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 4 and cfg["mlp_only_layers"] == [0, 1]
+    assert len(cfg["text_config"]["layer_types"]) == 4 and "num_hidden_layers" not in cfg
+    assert code_status(expanded) == "own"
+    assert compare_logits(expanded, moe, device="cpu").max_abs <= 1e-4
+    check_folder(expanded)
+    dropped = tmp_path / "dropped"
+    run_graft(sliced_moe(tmp_path, moe), dropped, drop=1, echo=quiet, progress=False)  # 0, 1, 2 then 1, 2
+    cfg = json.loads((dropped / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [0] and cfg["text_config"]["num_hidden_layers"] == 4
+    check_folder(dropped)
+    model = load_causal_lm(dropped, dtype=torch.float32)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Gemma3MLP"] + ["MoemergeSparseBlock"] * 3
+    sliced = tmp_path / "slices.yaml"  # MoE layer first, then the dense one
+    sliced.write_text(yaml.safe_dump({"slices": [{"model": str(moe), "layers": [1, 2]},
+                                                 {"model": str(moe), "layers": [0, 1]}]}))
+    run_graft(sliced, tmp_path / "sliced", echo=quiet, progress=False)
+    assert json.loads((tmp_path / "sliced" / "config.json").read_text())["mlp_only_layers"] == [1]
+    check_folder(tmp_path / "sliced")

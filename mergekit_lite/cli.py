@@ -243,13 +243,16 @@ def push(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")
          revision: str = typer.Option("main", "--revision", help="branch to commit to (created if needed)"),
          dry_run: bool = typer.Option(False, "--dry-run", help="check and list files and sizes; no network call"),
          include_checkpoints: bool = typer.Option(False, "--include-checkpoints",
-                                                  help="also upload checkpoints/ and optimizer states")) -> None:
+                                                  help="also upload checkpoints/ and optimizer states"),
+         trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                help="check runs custom code that is not this version's moemerge code")
+         ) -> None:
     """Check a model folder, then upload it to the Hugging Face Hub in one commit and print the URL."""
     from mergekit_lite.hub import push_folder
 
     INTERRUPTED["message"] = lambda: "interrupted; no commit was made (the Hub repo may already exist)"
     push_folder(model, repo, private=private, revision=revision, dry_run=dry_run,
-                include_checkpoints=include_checkpoints, echo=echo)
+                include_checkpoints=include_checkpoints, echo=echo, trust_remote_code=trust_remote_code)
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin"
                "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                "processor_config.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "README.md",
                "moemerge.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               ".gitattributes")
+               ".gitattributes",
+               # Hugging Face custom code (moemerge's own classes: configuration_moemerge.py, modeling_moemerge.py)
+               "configuration_*.py", "modeling_*.py")
 # Files that look like credentials: push refuses the folder rather than upload one (Hub repos are public by default).
 SECRETS = (".env", ".env.*", "*.env", "token", "hf_token", "*_token", "*.token", "*access_token*", ".netrc",
            "_netrc", ".git-credentials", "credentials", "credentials.*", "*.pem", "*.key", "*.p12", "*.pfx",
@@ -143,7 +145,8 @@ def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def push_folder(folder: str | Path, repo: str, *, private: bool = False, revision: str = "main",
-                dry_run: bool = False, include_checkpoints: bool = False, echo: Callable[[str], None] = print) -> str:
+                dry_run: bool = False, include_checkpoints: bool = False, echo: Callable[[str], None] = print,
+                trust_remote_code: bool = False) -> str:
     """`moemerge push`: check, list, then (unless `dry_run`) create the repo and upload in one commit.
 
     Returns the repo URL (with `/tree/REVISION` for another branch), or "" for a dry run.
@@ -153,7 +156,7 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     folder = Path(folder)
     if not _REPO_ID.match(repo):
         raise MoemergeError(f"--repo {repo!r} is not a Hub repo id; use ORG/NAME, e.g. my-org/mixtral-8x-upcycled")
-    for line in check_folder(folder).lines():
+    for line in check_folder(folder, trust_remote_code=trust_remote_code).lines():
         echo(line)
     files = upload_files(folder, include_checkpoints)
     _refuse_missing_index_entries(folder, files, include_checkpoints)

@@ -283,3 +283,34 @@ def test_check_catches_a_missing_expert(gemma_out, tmp_path):
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MoemergeError, match="experts.3.down_proj"):
         check_folder(broken)
+
+
+def test_push_dry_run_sends_the_custom_code(gemma_out):
+    from mergekit_lite.hub import push_folder, upload_files
+
+    out, _ = gemma_out
+    lines: list[str] = []
+    push_folder(out, "my-org/gemma-moemerge", dry_run=True, echo=lines.append)
+    names = {rel for rel, _ in upload_files(out)}
+    assert {"configuration_moemerge.py", "modeling_moemerge.py", "config.json", "model.safetensors"} <= names
+    assert not any(line.startswith("left out") for line in lines)
+
+
+def test_ensemble_of_dense_and_moemerge(gemma_out, tmp_path):
+    """A moemerge folder is an ensemble member like any other; identical experts: the same scores as the dense."""
+    from mergekit_lite.ensemble.run import run_ensemble
+    from mergekit_lite.pico import SAMPLE_TEXT
+
+    out, dense = gemma_out
+    score = tmp_path / "score.txt"
+    score.write_text(SAMPLE_TEXT + "\n" + SAMPLE_TEXT.upper() + "\n")
+    recipe_path = tmp_path / "ens.yaml"
+    recipe_path.write_text(yaml.safe_dump({"models": [str(dense), str(out)], "method": "probs",
+                                           "score": {"seq_len": 16, "batch_size": 2}}))
+    result = run_ensemble(recipe_path, score=score, device="cpu", progress=False, echo=quiet, raw=quiet)
+    losses = [m["loss"] for m in result["members"]]
+    assert abs(losses[0] - losses[1]) < 1e-4  # shared expert split, dense layer 0: still the dense model
+    answers = tmp_path / "ans.yaml"
+    answers.write_text(yaml.safe_dump({"models": [str(dense), str(out)], "prompts": ["the quick brown"],
+                                       "generation": {"max_new_tokens": 4, "do_sample": False}}))
+    run_ensemble(answers, device="cpu", progress=False, echo=quiet, raw=quiet)

@@ -212,7 +212,8 @@ def _how_to_load(name: str, custom_code: bool = False) -> list[str]:
     trust = ", trust_remote_code=True" if custom_code else ""
     note = (["The MoE blocks are custom code (`modeling_moemerge.py`, read it first): `trust_remote_code=True` is "
              "needed, and vLLM and llama.cpp cannot load this architecture.", ""] if custom_code else [])
-    return ["## How to load", "", *note, "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+    return ["## How to load", "", *note, "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model_id = "org/{name}"  # its Hub repo once pushed; or this folder\'s path, e.g. "./{name}"',
             "tokenizer = AutoTokenizer.from_pretrained(model_id)",
             f'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto"{trust})',

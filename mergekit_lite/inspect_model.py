@@ -50,7 +50,8 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
         f"  layers         {d['layers']}   hidden {d['hidden_size']}",
     ]
     code = {"own": "moemerge's own classes, this version's files (trust_remote_code=True to load elsewhere)",
-            "foreign": "custom code NOT from this moemerge version: read it before trusting it"}.get(d.get("custom_code"))
+            "foreign": "custom code NOT from this moemerge version: read it before trusting it"}
+    code = code.get(d.get("custom_code"))
     if code:
         lines.append(f"  custom code    {code}")
     if d["experts"]:

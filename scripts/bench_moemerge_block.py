@@ -2,9 +2,9 @@
 
 Both blocks get the same shapes and the same weights (our per-expert Linear modules are loaded from the
 Qwen3-MoE fused 3-D tensors), are checked to compute the same output, and are then timed side by side in
-one run, call by call alternately (fastest of each), on forward and on forward + backward. Qwen3-MoE runs with transformers' default
-experts implementation (`grouped_mm`) and with `eager`. Prints tokens/s and the ratio ours / theirs
-(goal >= 0.9).
+one run, call by call alternately (fastest of each), on forward and on forward + backward. Qwen3-MoE runs
+with transformers' default experts implementation (`grouped_mm`) and with `eager`. Prints tokens/s and the
+ratio ours / theirs (goal >= 0.9).
 
     python scripts/bench_moemerge_block.py                        # CPU (or the GPU accelerate picks)
     python scripts/bench_moemerge_block.py --tokens 8192 --hidden 1024 --inter 512 --experts 16 --top-k 2

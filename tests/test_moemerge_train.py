@@ -77,9 +77,10 @@ def test_val_loss_drops_and_final_is_a_moemerge_folder(mworld, tmp_path):
     # the saved folder is the trained model: its validation loss is the one train reported
     assert records(out, "train")[-1]["balance"] > 0 and records(out, "train")[-1]["z"] > 0
     model = load_causal_lm(final, dtype=torch.float32)
+    from transformers import AutoTokenizer
+
     from mergekit_lite.train.loop import causal_lm_loss
     from mergekit_lite.train.setup import build_loaders
-    from transformers import AutoTokenizer
 
     class One:
         num_processes, is_main_process = 1, True
@@ -91,7 +92,8 @@ def test_val_loss_drops_and_final_is_a_moemerge_folder(mworld, tmp_path):
     r = recipe(mworld, out, final)
     _, val_dl = build_loaders(r, AutoTokenizer.from_pretrained(str(final)), final, One, 1)
     with torch.no_grad():
-        losses = [causal_lm_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"]) for _, b in zip(range(4), val_dl)]
+        losses = [causal_lm_loss(model(input_ids=b["input_ids"]).logits, b["input_ids"])
+                  for _, b in zip(range(4), val_dl)]
     assert abs(torch.stack(losses).mean().item() - summary["final_val_loss"]) < 1e-4
 
 
@@ -130,7 +132,8 @@ def test_lora_on_routed_experts(mworld, tmp_path):
     assert set(after) == set(before)
     key = "model.layers.1.mlp.experts.2.down_proj.weight"
     assert not torch.equal(after[key], before[key])  # the adapter on the expert was merged
-    assert torch.equal(after["model.layers.1.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"])
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(after[q], before[q])
 
 
 def test_routers_plus_experts_freezes_attention(mworld, tmp_path):
@@ -138,7 +141,8 @@ def test_routers_plus_experts_freezes_attention(mworld, tmp_path):
     train(recipe(mworld, out, mworld["softmax"], max_steps=3, trainable="routers+experts"), echo=quiet)
     before = load_file(mworld["softmax"] / "model.safetensors")
     after = load_file(out / "final" / "model.safetensors")
-    assert torch.equal(after["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"])
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(after[k], before[k])
     assert not torch.equal(after["model.layers.0.mlp.gate.weight"], before["model.layers.0.mlp.gate.weight"])
     assert not torch.equal(after["model.layers.0.mlp.experts.0.up_proj.weight"],
                            before["model.layers.0.mlp.experts.0.up_proj.weight"])
@@ -168,7 +172,7 @@ def sliced_moe(tmp_path: Path, moe: Path) -> Path:
     return tmp_path / "three"
 
 
-# --- graft -------------------------------------------------------------------------------------------------------------
+# --- graft -----------------------------------------------------------------------------------------------------------
 
 def test_graft_expand_drop_and_slices_on_moemerge_folders(mworld, tmp_path):
     """--expand keeps the logits (identity blocks zero o_proj, every expert's and the dense FFN's down_proj);

@@ -115,8 +115,9 @@ def gemma_8x(tmp_path_factory, gemma) -> Path:
 
 
 def test_moemerge_8x_top2_keeps_logits_and_greedy(gemma, gemma_8x):
-    from mergekit_lite.models import code_status, load_causal_lm
     from transformers import AutoTokenizer
+
+    from mergekit_lite.models import code_status, load_causal_lm
 
     cfg = json.loads((gemma_8x / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"]) == ("moemerge", 8, 2)

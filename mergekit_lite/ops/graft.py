@@ -126,8 +126,9 @@ class GraftPlanner:
                 self._check_tensor(rd, key, ref, ref_shapes)
         for m, i, _ in self.layers:
             if i not in self.by_layer[m]:
+                n = text_part(self.readers[m].config)["num_hidden_layers"]
                 raise MoemergeError(f"{self.readers[m].path} has no tensors for layer {i} "
-                                    f"(config.json says {text_part(self.readers[m].config)['num_hidden_layers']} layers)")
+                                    f"(config.json says {n} layers)")
 
     @staticmethod
     def _generic(key: str) -> str:

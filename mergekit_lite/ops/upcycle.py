@@ -94,7 +94,7 @@ def check_dense_tensors(reader: CheckpointReader, fam: MoEFamily) -> DenseShapes
             raise MoemergeError(f"tensor {key!r} belongs to layer {i}, but config.json says {n} layers")
         if rel.startswith("mlp.") and rel not in mlp_rel:
             raise MoemergeError(f"unexpected FFN tensor {key!r}: {model_type_of(cfg)}'s FFN here is not the bias-free "
-                                f"gated FFN (gate/up/down) that {fam.model_type} experts copy, so it cannot be upcycled")
+                                f"gated FFN (gate/up/down) that {fam.model_type} experts copy; it cannot be upcycled")
         if rel not in mlp_rel and rel not in fam.layer_keys:
             raise MoemergeError(f"{fam.model_type} has no place for {key!r}; writing it would change the model "
                                 f"(pick another architecture or a source without this tensor)")

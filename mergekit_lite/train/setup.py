@@ -261,13 +261,21 @@ def unused_parameters_possible(model: nn.Module) -> bool:
 
 
 def identical_expert_layers(model: nn.Module) -> int:
-    """MoE layers whose routed experts are all equal (a fresh upcycle without noise or Drop-Upcycling)."""
+    """MoE layers whose routed experts are all equal (a fresh upcycle without noise or Drop-Upcycling): fused 3-D
+    experts (transformers' classes), or per-expert modules `...experts.{e}.gate_proj` (moemerge's own classes)."""
     count = 0
+    per_expert: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
         if p.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.w1", "input_linear.weight")) \
-                and p.device.type != "meta" and p.shape[0] > 1:
+                and p.shape[0] > 1:
             w = p.detach()  # (E, out, in)
             count += bool(all(torch.equal(w[0], w[e]) for e in range(1, w.shape[0])))
+        elif (m := re.fullmatch(r"(.*\.experts)\.\d+\.gate_proj\.weight", name)) is not None:
+            per_expert.setdefault(m.group(1), []).append(p.detach())
+    for ws in per_expert.values():
+        count += len(ws) > 1 and all(torch.equal(ws[0], w) for w in ws[1:])
     return count
 
 

@@ -228,8 +228,14 @@ def test_foreign_auto_map_is_foreign(gemma_out, tmp_path):
     assert code_status(other) == "foreign"
     (other / "config.json").write_text(json.dumps({**cfg, "auto_map": json.loads((out / "config.json").read_text())
                                                    ["auto_map"]}))
-    (other / "helper.py").write_text("x = 1\n")  # one more Python file beside ours
+    assert code_status(other) == "own"
+    (other / "modeling_moemerge.py").unlink()  # auto_map pointing to a missing file
     assert code_status(other) == "foreign"
+    plain = tmp_path / "plain"  # no auto_map: transformers never imports a .py file lying in the folder
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (plain / "convert.py").write_text("raise SystemExit\n")
+    assert code_status(plain) == "none"
 
 
 # --- bad inputs ------------------------------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ def _digest(data: bytes) -> str:
 def code_status(folder: str | Path) -> str:
     """"none" (no custom code: plain transformers), "own" (this version's moemerge files, unchanged) or "foreign".
 
-    A folder is "own" only when its config names our model type and auto_map, and every Python file the
-    auto_map points to is byte-identical to this package's; any other `.py` file or `auto_map` is foreign.
+    transformers runs a folder's code only through config.json's `auto_map`, so a folder without one is "none"
+    (other `.py` files in it never run). It is "own" only when the config names our model type and our
+    auto_map and both files it points to are byte-identical to this package's (they import nothing else);
+    any other auto_map, or an edited file, is foreign.
     """
     folder = Path(folder)
     try:
@@ -49,13 +51,12 @@ def code_status(folder: str | Path) -> str:
     except (OSError, ValueError):
         return "none"
     auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
-    py_files = sorted(p.name for p in folder.glob("*.py"))
-    if not auto_map and not py_files:
+    if not auto_map:
         return "none"
-    if cfg.get("model_type") != MODEL_TYPE or auto_map != AUTO_MAP or py_files != sorted(CODE_FILES):
+    if cfg.get("model_type") != MODEL_TYPE or auto_map != AUTO_MAP:
         return "foreign"
     ours = code_files()
-    same = all(_digest((folder / n).read_bytes()) == _digest(ours[n]) for n in CODE_FILES)
+    same = all((folder / n).is_file() and _digest((folder / n).read_bytes()) == _digest(ours[n]) for n in CODE_FILES)
     return "own" if same else "foreign"
 
 

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.models import text_part
-
 
 # recipe `dtype` names -> torch dtypes (`source` keeps each tensor's stored dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,10 +81,11 @@ class Plan:
     def summary_lines(self, max_tensors: int = 0) -> list[str]:
         """Human-readable plan: sizes, parameters, what each kind of tensor is made from."""
         active = self.active_params if self.active_params is not None else self.total_params
+        text = self.config.get("text_config") or {}  # moemerge keeps the dense config nested
         lines = [
             f"plan: {self.kind} -> {self.config.get('architectures', ['?'])[0]}",
             f"  sources: {', '.join(str(s) for s in self.sources)}",
-            f"  layers: {text_part(self.config).get('num_hidden_layers')}",
+            f"  layers: {self.config.get('num_hidden_layers') or text.get('num_hidden_layers')}",
             f"  tensors: {len(self.ops)}   output bytes: {format_bytes(self.nbytes)}",
             f"  parameters: total {format_count(self.total_params)}   active per token {format_count(active)}",
         ]

@@ -42,10 +42,12 @@ def choose_target(architecture: str, dense_type: str) -> MoEFamily:
     if dense_type not in DENSE:
         raise MoemergeError(
             f"source architecture {dense_type!r} is not supported; upcycle reads {', '.join(AUTO_TARGET)}")
-    if dense_type not in AUTO_TARGET and architecture == "auto":
+    native = [t for t, f in MOE.items() if dense_type in f.sources and not f.nests_text_config]
+    if not native and (architecture == "auto" or dense_type not in MOE.get(architecture, MOE["moemerge"]).sources):
+        asked = "" if architecture == "auto" else f" ({architecture} cannot hold its tensors)"
         raise MoemergeError(
-            f"{dense_type} has no native Hugging Face MoE class to upcycle into; use architecture: moemerge (the "
-            f"project's own classes, loaded with trust_remote_code=True), or graft it (`moemerge graft`)")
+            f"{dense_type} has no native Hugging Face MoE class to upcycle into{asked}; use architecture: moemerge "
+            f"(the project's own classes, loaded with trust_remote_code=True), or graft it (`moemerge graft`)")
     target = AUTO_TARGET[dense_type] if architecture == "auto" else architecture
     if target not in MOE:
         raise MoemergeError(f"architecture: {target} is not available in this version; use one of "

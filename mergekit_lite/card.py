@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_lite.arch.tables import moe_counts, router_summary
 from mergekit_lite.io.sidefiles import write_own_file
+from mergekit_lite.models import is_moemerge, text_part
 from mergekit_lite.plan import format_count
 
 BEGIN = "<!-- moemerge:card:begin (generated; edits inside are replaced on the next build) -->"
@@ -65,6 +66,8 @@ def front_matter(record: dict[str, Any], config: dict[str, Any], source: str | P
     tags = ["mergekit-lite"]
     if moe_counts(config)[0]:
         tags.append("moe")
+    if is_moemerge(config):
+        tags.append("custom_code")  # the Hub's tag for folders that need trust_remote_code
     for step in record.get("lineage", []):
         tags += STEP_TAGS.get(step.get("step"), [])
     front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
@@ -103,7 +106,7 @@ def body_lines(name: str, record: dict[str, Any], config: dict[str, Any], folder
     if recipe:
         lines += ["## Recipe", "", f"The `moemerge {record.get('kind', '')}` recipe, verbatim:", "",
                   "```yaml", recipe, "```", ""]
-    lines += [*_how_to_load(name), END]
+    lines += [*_how_to_load(name, is_moemerge(config)), END]
     return lines
 
 
@@ -117,6 +120,10 @@ def _summary(record: dict[str, Any], config: dict[str, Any]) -> str:
     if lineage and "model" in lineage[0] and steps:
         src = str(lineage[0]["model"])
         made += f" Its source, `{hub_id(src) or Path(src).name}`, was {', then '.join(steps)}."
+    if is_moemerge(config):
+        return made + (" Its MoE blocks are mergekit-lite's own classes, shipped as custom code in this folder "
+                       "(`modeling_moemerge.py`): load it with `trust_remote_code=True` (mergekit-lite need not be "
+                       "installed). vLLM and llama.cpp cannot read this architecture.")
     return made + " It loads with plain `transformers`; no custom code."
 
 
@@ -124,6 +131,7 @@ def _model_table(record: dict[str, Any], config: dict[str, Any], folder: Path) -
     total, active = record.get("total_params"), record.get("active_params")
     if total is None:
         total, active = _count_params(folder)
+    config = text_part(config)
     experts = moe_counts(config)[0]
     rows = [("architecture", f"`{(config.get('architectures') or ['?'])[0]}` ({config.get('model_type')})"),
             ("layers", config.get("num_hidden_layers")), ("hidden size", config.get("hidden_size"))]
@@ -200,11 +208,15 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def _how_to_load(name: str) -> list[str]:
-    return ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+def _how_to_load(name: str, custom_code: bool = False) -> list[str]:
+    trust = ", trust_remote_code=True" if custom_code else ""
+    note = (["The MoE blocks are custom code (`modeling_moemerge.py`, read it first): `trust_remote_code=True` is "
+             "needed, and vLLM and llama.cpp cannot load this architecture.", ""] if custom_code else [])
+    return ["## How to load", "", *note, "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model_id = "org/{name}"  # its Hub repo once pushed; or this folder\'s path, e.g. "./{name}"',
             "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-            'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")',
+            f'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto"{trust})',
             'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))", "```", ""]
 

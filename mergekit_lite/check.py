@@ -51,7 +51,8 @@ class CheckReport:
                 *(f"  note           {n}" for n in self.notes)]
 
 
-def check_folder(path: str | Path, progress: Callable[[str], None] | None = None) -> CheckReport:
+def check_folder(path: str | Path, progress: Callable[[str], None] | None = None,
+                 trust_remote_code: bool = False) -> CheckReport:
     """Run every check on a model folder; raises MoemergeError on the first hard failure."""
     path = Path(path)
     debris = [f"temporary folder beside it: {d.describe()}; " + ("a write of this folder is in progress" if d.alive
@@ -61,11 +62,14 @@ def check_folder(path: str | Path, progress: Callable[[str], None] | None = None
         raise MoemergeError(f"check: {path} is not a folder" + (f" ({debris[0]})" if debris else ""))
     refuse_run_folder(path)
     report = CheckReport(path, notes=debris)
-    config = _load_config(path, report)
+    from mergekit_lite.models import trust_for
+
+    trust = trust_for(path, trust_remote_code, "check")  # foreign custom code: one line, before anything runs
+    config = _load_config(path, report, trust)
     reader = CheckpointReader(path)  # headers of every shard; index <-> shard consistency
     try:
         _check_files(path, reader, report)
-        _check_keys(config, reader)
+        _check_keys(config, reader, trust)
         report.tokenizer = _check_tokenizer(path, config)
         _check_routing(path, config)
         _check_values(reader, progress)
@@ -96,11 +100,11 @@ def _link_notes(path: Path) -> list[str]:
             f"to: {format_bytes(sum(n for _, n in files))} in all"]
 
 
-def _load_config(path: Path, report: CheckReport) -> Any:
-    from transformers import AutoConfig
+def _load_config(path: Path, report: CheckReport, trust_remote_code: bool = False) -> Any:
+    from mergekit_lite.models import load_config
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means transformers cannot load the folder
         raise MoemergeError(f"check: {path / 'config.json'} does not load with AutoConfig ({first_line(e)}); "
                             "fix or regenerate config.json") from None
@@ -128,7 +132,8 @@ def _check_files(path: Path, reader: CheckpointReader, report: CheckReport) -> N
                                 f"{report.nbytes} bytes of tensors; the index is stale: regenerate it")
 
 
-def expected_keys(config: Any) -> tuple[dict[str, tuple[int, ...]], set[str], list[str], list[str]]:
+def expected_keys(config: Any, trust_remote_code: bool = False
+                  ) -> tuple[dict[str, tuple[int, ...]], set[str], list[str], list[str]]:
     """Checkpoint keys the config's class would load, as saved on disk (Hub layout), with their shapes.
 
     transformers v5 holds fused 3-D expert tensors in memory and converts the Hub's per-expert keys
@@ -143,7 +148,8 @@ def expected_keys(config: Any) -> tuple[dict[str, tuple[int, ...]], set[str], li
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):
-        model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(config)
+        model = (cls(config) if cls is not None
+                 else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
     state = model.state_dict()
     try:
         from transformers.core_model_loading import revert_weight_conversion
@@ -157,9 +163,9 @@ def expected_keys(config: Any) -> tuple[dict[str, tuple[int, ...]], set[str], li
             list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []))
 
 
-def _check_keys(config: Any, reader: CheckpointReader) -> None:
+def _check_keys(config: Any, reader: CheckpointReader, trust_remote_code: bool = False) -> None:
     """Every tensor the class expects is present with its shape; nothing it would drop is stored."""
-    want, tied, ok_missing, ok_unexpected = expected_keys(config)
+    want, tied, ok_missing, ok_unexpected = expected_keys(config, trust_remote_code)
     have = set(reader.tensors)
     cls = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     missing = sorted(k for k in want.keys() - have
@@ -184,7 +190,9 @@ def _check_routing(path: Path, config: Any) -> None:
     from mergekit_lite.arch.tables import moe_counts
 
     raw = read_config(path)
-    experts, k = moe_counts(raw.get("text_config") or raw)
+    from mergekit_lite.models import text_part
+
+    experts, k = moe_counts(text_part(raw))
     if experts is not None and k is not None and k > experts:
         raise MoemergeError(f"check: {path}/config.json routes each token to {k} experts but layers hold {experts}; "
                             f"set num_experts_per_tok to at most {experts}")

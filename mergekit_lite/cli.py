@@ -182,12 +182,15 @@ def verify(model: Path = typer.Argument(..., metavar="MODEL", help="output model
            record: bool | None = typer.Option(None, "--record/--no-record",
                                                  help="store the figures in the folder's moemerge.json and model "
                                                       "card (default: only when --against is its recorded source)"
-                                                 )) -> None:
+                                                 ),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                  help="run custom code that is not this version's moemerge code")
+           ) -> None:
     """Compare logits with the source model: max/mean |Δlogits| and top-1 agreement."""
     from mergekit_lite.verify import compare_logits, is_recorded_source, record_parity, recorded_sources
 
     kwargs = {"text": text} if text else {}
-    report = compare_logits(model, against, device=device, **kwargs)
+    report = compare_logits(model, against, device=device, trust_remote_code=trust_remote_code, **kwargs)
     for line in report.lines():
         echo(line)
     own = is_recorded_source(model, against)
@@ -223,11 +226,14 @@ def quickstart(workdir: Path = typer.Option(Path("moemerge-quickstart"), help="w
 
 
 @app.command()
-def check(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")) -> None:
+def check(model: Path = typer.Argument(..., metavar="MODEL", help="model folder"),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                 help="run custom code that is not this version's moemerge code")
+          ) -> None:
     """Is this folder a sound checkpoint? Index/shards/headers, key set vs config class, tokenizer, no NaN/Inf."""
     from mergekit_lite.check import check_folder
 
-    for line in check_folder(model, progress=echo).lines():
+    for line in check_folder(model, progress=echo, trust_remote_code=trust_remote_code).lines():
         echo(line)
 
 
@@ -238,13 +244,16 @@ def push(model: Path = typer.Argument(..., metavar="MODEL", help="model folder")
          revision: str = typer.Option("main", "--revision", help="branch to commit to (created if needed)"),
          dry_run: bool = typer.Option(False, "--dry-run", help="check and list files and sizes; no network call"),
          include_checkpoints: bool = typer.Option(False, "--include-checkpoints",
-                                                  help="also upload checkpoints/ and optimizer states")) -> None:
+                                                  help="also upload checkpoints/ and optimizer states"),
+         trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                help="check runs custom code that is not this version's moemerge code")
+         ) -> None:
     """Check a model folder, then upload it to the Hugging Face Hub in one commit and print the URL."""
     from mergekit_lite.hub import push_folder
 
     INTERRUPTED["message"] = lambda: "interrupted; no commit was made (the Hub repo may already exist)"
     push_folder(model, repo, private=private, revision=revision, dry_run=dry_run,
-                include_checkpoints=include_checkpoints, echo=echo)
+                include_checkpoints=include_checkpoints, echo=echo, trust_remote_code=trust_remote_code)
 
 
 def main() -> None:

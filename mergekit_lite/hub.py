@@ -28,7 +28,8 @@ _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 def push_folder(folder: str | Path, repo: str, *, private: bool = False, revision: str = "main",
-                dry_run: bool = False, include_checkpoints: bool = False, echo: Callable[[str], None] = print) -> str:
+                dry_run: bool = False, include_checkpoints: bool = False, echo: Callable[[str], None] = print,
+                trust_remote_code: bool = False) -> str:
     """`moemerge push`: check, list, then (unless `dry_run`) create the repo and upload in one commit.
 
     Returns the repo URL (with `/tree/REVISION` for another branch), or "" for a dry run.
@@ -38,7 +39,7 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False, revisio
     folder = Path(folder)
     if not _REPO_ID.match(repo):
         raise MoemergeError(f"--repo {repo!r} is not a Hub repo id; use ORG/NAME, e.g. my-org/mixtral-8x-upcycled")
-    for line in check_folder(folder).lines():
+    for line in check_folder(folder, trust_remote_code=trust_remote_code).lines():
         echo(line)
     files = upload_files(folder, include_checkpoints)
     refuse_missing_index_entries(folder, files, include_checkpoints)

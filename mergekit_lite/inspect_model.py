@@ -16,8 +16,10 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 def describe(path: str | Path) -> dict[str, Any]:
     """Architecture, layers, experts, parameters (total / active per token), dtypes, shards, provenance."""
+    from mergekit_lite.models import code_status, text_part
+
     reader = CheckpointReader(path)
-    cfg = reader.config
+    cfg = text_part(reader.config)
     total = expert = 0
     dtypes: dict[str, int] = {}
     fam = MOE.get(model_type_of(cfg))  # experts fused on disk (granitemoe: input_linear [E, 2I, H]) count too
@@ -37,7 +39,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "hidden_size": cfg.get("hidden_size"), "experts": n_experts, "experts_per_token": top_k,
         "router": router_summary(cfg) if n_experts else None,
         "total_params": total, "active_params": active, "dtypes": dtypes, "shards": files,
-        "bytes": reader.total_bytes(), "built_by": read_sidecar(path),
+        "bytes": reader.total_bytes(), "built_by": read_sidecar(path), "custom_code": code_status(path),
     }
 
 
@@ -48,6 +50,11 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
         f"  architecture   {d['architecture']} ({d['model_type']})",
         f"  layers         {d['layers']}   hidden {d['hidden_size']}",
     ]
+    says = {"own": "moemerge's own classes, this version's files (trust_remote_code=True to load elsewhere)",
+            "foreign": "custom code NOT from this moemerge version: read it before trusting it"}
+    code = says.get(d.get("custom_code"))
+    if code:
+        lines.append(f"  custom code    {code}")
     if d["experts"]:
         lines.append(f"  experts        {d['experts']} per MoE layer, top-{d['experts_per_token']}")
         if d.get("router"):

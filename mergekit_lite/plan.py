@@ -66,6 +66,7 @@ class Plan:
     active_params: int | None = None       # per token; None when the model is dense
     notes: list[str] = field(default_factory=list)   # warnings and parity remarks shown to the user
     record: dict[str, Any] = field(default_factory=dict)  # provenance stored in the output sidecar
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes (custom code of moemerge)
 
     @property
     def nbytes(self) -> int:
@@ -84,10 +85,11 @@ class Plan:
     def summary_lines(self, max_tensors: int = 0) -> list[str]:
         """Human-readable plan: sizes, parameters, what each kind of tensor is made from."""
         active = self.active_params if self.active_params is not None else self.total_params
+        text = self.config.get("text_config") or {}  # moemerge keeps the dense config nested
         lines = [
             f"plan: {self.kind} -> {self.config.get('architectures', ['?'])[0]}",
             f"  sources: {', '.join(str(s) for s in self.sources)}",
-            f"  layers: {self.config.get('num_hidden_layers')}",
+            f"  layers: {self.config.get('num_hidden_layers') or text.get('num_hidden_layers')}",
             f"  tensors: {len(self.ops)}   output bytes: {format_bytes(self.nbytes)}",
             f"  parameters: total {format_count(self.total_params)}   active per token {format_count(active)}",
         ]
@@ -98,6 +100,8 @@ class Plan:
             lines.append(f"    {op.key} {list(op.shape)} {str(op.dtype).removeprefix('torch.')} = {op.fn}({src})")
         if max_tensors and len(self.ops) > max_tensors:
             lines.append(f"    ... {len(self.ops) - max_tensors} more (use --verbose for all)")
+        if self.extra_files:
+            lines.append(f"  files: {', '.join(sorted(self.extra_files))}")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 

@@ -36,21 +36,23 @@ def default_device() -> torch.device:
     return PartialState().device
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, gguf_file: str | None = None):
-    """A causal LM from a model folder (or from the GGUF file `gguf_file` inside `path`), in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
-
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, gguf_file: str | None = None,
+               trust_remote_code: bool = False):
+    """A causal LM from a model folder (or from the GGUF file `gguf_file` inside `path`), in eval mode on `device`;
+    foreign custom code in a folder only with `trust_remote_code`."""
     from mergekit_lite.io.reader import refuse_leaving_links
+    from mergekit_lite.models import load_causal_lm, trust_for
 
     if gguf_file is None:
         refuse_leaving_links(path, "verify")  # transformers would follow a link anywhere
+        trust_for(path, trust_remote_code, "load")  # foreign custom code refused before transformers reads it
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+        model = load_causal_lm(path, trust_remote_code=trust_remote_code and gguf_file is None, dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001 - report any load failure as a one-line user error
         where = Path(path) / gguf_file if gguf_file else path
         raise MoemergeError(f"transformers cannot load {where}: {type(e).__name__}: {first_line(e)}") from None
-    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` as its own decorator
+    return model.to(device).eval()
 
 
 def sample_ids(model_dir: Path, reference: Path, text: str, vocab_size: int) -> torch.Tensor:
@@ -107,18 +109,19 @@ def record_parity(model_dir: str | Path, reference: str | Path, report: ParityRe
 
 @torch.no_grad()
 def compare_logits(model_dir: str | Path, reference: str | Path, *, text: str = SAMPLE_TEXT,
-                   dtype: str = "float32", device: str | None = None) -> ParityReport:
+                   dtype: str = "float32", device: str | None = None,
+                   trust_remote_code: bool = False) -> ParityReport:
     """Run both models on the same tokens and compare the logits position by position."""
     from mergekit_lite.ops.router_init import check_device
 
     check_device(device)  # one line before loading anything, not torch's assertion after the first model
     dev = torch.device(device) if device else default_device()
     tdtype = getattr(torch, dtype)
-    ref = load_model(reference, tdtype, dev)
+    ref = load_model(reference, tdtype, dev, trust_remote_code=trust_remote_code)
     ids = sample_ids(Path(model_dir), Path(reference), text, ref.config.get_text_config().vocab_size).to(dev)
     ref_logits = ref(ids).logits.float()
     del ref
-    out = load_model(model_dir, tdtype, dev)
+    out = load_model(model_dir, tdtype, dev, trust_remote_code=trust_remote_code)
     out_logits = out(ids).logits.float()
     if out_logits.shape != ref_logits.shape:
         raise MoemergeError(f"logit shapes differ: {tuple(out_logits.shape)} vs reference {tuple(ref_logits.shape)} "

@@ -46,7 +46,7 @@ def test_zero_two_processes_match_one(world, model, stage):
     assert_same_run(reference(world, model, "cpu"), two)
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("family", ["glm4_moe", "ernie4_5_moe", "moemerge_gemma3"])
 def test_zero3_moves_the_saved_selection_bias_as_one_process(world, family):
     """glm4_moe holds size-0 shared experts and a bias buffer; ERNIE's bias is a parameter ZeRO-3 partitions."""
     fields = {"moe": {"bias_update_rate": 0.5}}

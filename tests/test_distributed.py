@@ -96,17 +96,26 @@ def model_path(world, model: str) -> Path:
     """`dense`/`moe` (Llama, Mixtral), or an upcycle of the dense pico model into `model` (built once): a
     Qwen3 source for dots1 and qwen3_moe, which need its q/k norms."""
     if model not in world:
-        src = world["dense"]
+        src, arch = world["dense"], "moemerge" if model in MOEMERGE_SOURCES else model
+        if model in MOEMERGE_SOURCES and MOEMERGE_SOURCES[model] != "llama":
+            family = MOEMERGE_SOURCES[model]
+            src = world.get(family) or build_pico_model(family, world["root"] / family, texts=stdlib_docstrings(),
+                                                        head_dim=8, **SMALL)
+            world[family] = src
         if model in ("dots1", "qwen3_moe"):
             src = world.get("qwen3") or build_pico_model("qwen3", world["root"] / "qwen3", texts=stdlib_docstrings(),
                                                          head_dim=8, **SMALL)
             world["qwen3"] = src
         (world["root"] / f"up-{model}.yaml").write_text(yaml.safe_dump({
-            "source": str(src), "architecture": model, "num_experts": 4, "experts_per_token": 2, "dtype": "float32",
+            "source": str(src), "architecture": arch, "num_experts": 4, "experts_per_token": 2, "dtype": "float32",
             "seed": 3}))
         run_upcycle(world["root"] / f"up-{model}.yaml", world["root"] / model, echo=lambda _: None)
         world[model] = world["root"] / model
     return world[model]
+
+
+# `architecture: moemerge` (the project's own classes, custom code in the folder) upcycled from these dense families
+MOEMERGE_SOURCES = {"moemerge_llama": "llama", "moemerge_gemma3": "gemma3_text"}
 
 
 def reference(world, model: str, device: str, **fields) -> Path:
@@ -229,8 +238,9 @@ def test_only_rank_zero_speaks(world):
 # model's own e_score_correction_bias (ERNIE's a parameter, FSDP2 shards it); Mixtral and Qwen2-MoE the tap's
 # training-only bias (as Qwen3-MoE and Granite). qwen2_moe, glm4_moe and dots1 upcycles hold size-0 shared experts;
 # granitemoe(shared) stores its experts fused on disk.
-FAMILIES = ["moe", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "granitemoeshared"]
-SAVED_BIAS = {"glm4_moe", "dots1", "ernie4_5_moe"}
+FAMILIES = ["moe", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "granitemoeshared",
+            "moemerge_llama", "moemerge_gemma3"]
+SAVED_BIAS = {"glm4_moe", "dots1", "ernie4_5_moe", "moemerge_llama", "moemerge_gemma3"}
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
@@ -357,3 +367,17 @@ def test_fsdp2_peak_memory_per_process_is_well_under_one_process(tmp_path):
     assert sorted(peaks["fsdp2"]) == [0, 1]
     ratios = {rank: peak / peaks["one"] for rank, peak in peaks["fsdp2"].items()}
     assert all(r <= 0.8 for r in ratios.values()), (peaks, ratios)
+
+
+def test_moemerge_lora_on_experts_under_fsdp2(world):
+    """The project's own classes keep experts as per-expert Linear modules: LoRA on each of them, sharded, gives
+    final/ (merged) and adapter/ equal to one process's, and final/ is a moemerge folder with its code."""
+    from mergekit_lite.models import code_status
+
+    fields = {"trainable": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "gate_proj", "up_proj",
+                                                                                       "down_proj"]}}
+    one = reference(world, "moemerge_gemma3", "cpu", **fields)
+    two = launch(world, "fsdp-lora-moemerge", "moemerge_gemma3", engine_cmd("cpu", "fsdp"), "cpu", **fields)
+    assert_engine(two, "fsdp", "cpu")
+    assert_same_run(one, two)
+    assert code_status(two / "final") == "own" and (two / "adapter" / "adapter_model.safetensors").is_file()

@@ -92,3 +92,63 @@ def test_drop_4_loads_and_generates(tmp_path, gemma):
     assert cfg["layer_types"] == src["layer_types"][:14] + src["layer_types"][4:]
     text = greedy(out)
     assert text.strip(), "the grafted model generated nothing"
+
+
+# --- architecture: moemerge (issue 26): Gemma3 has no native MoE class, the project's own classes hold it ----------
+
+REAL_TEXT = ("The capital of France is Paris. Water boils at one hundred degrees Celsius at sea level. In 1969 "
+             "astronauts walked on the Moon for the first time, and millions watched the landing on television.")
+
+
+@pytest.fixture(scope="module")
+def gemma_8x(tmp_path_factory, gemma) -> Path:
+    """Gemma-3-270M -> 8 experts, top-2, float32, as the project's own classes (recipes/upcycle/gemma3-to-moemerge)."""
+    import yaml
+
+    from mergekit_lite.ops.upcycle import run_upcycle
+
+    root = tmp_path_factory.mktemp("gemma8x")
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes/upcycle/gemma3-to-moemerge.yaml").read_text())
+    (root / "r.yaml").write_text(yaml.safe_dump({**recipe, "source": str(gemma)}))
+    run_upcycle(root / "r.yaml", root / "out", echo=lambda s: None, progress=False)
+    return root / "out"
+
+
+def test_moemerge_8x_top2_keeps_logits_and_greedy(gemma, gemma_8x):
+    from transformers import AutoTokenizer
+
+    from mergekit_lite.models import code_status, load_causal_lm
+
+    cfg = json.loads((gemma_8x / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_experts"], cfg["num_experts_per_tok"]) == ("moemerge", 8, 2)
+    assert code_status(gemma_8x) == "own"
+    report = compare_logits(gemma_8x, gemma, text=REAL_TEXT, device="cpu")
+    assert report.max_abs <= 1e-3 and report.top1_agreement == 1.0, report.lines()
+    tok = AutoTokenizer.from_pretrained(str(gemma_8x))
+    model = load_causal_lm(gemma_8x, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True)
+    assert text == greedy(gemma)
+
+
+def test_moemerge_train_lowers_validation_loss(tmp_path, gemma_8x):
+    """A few dozen LoRA steps (routers, attention and every expert; the 8x model is too large for full AdamW on
+    this machine) on the stdlib corpus lower the validation loss."""
+    from mergekit_lite.recipe import TrainRecipe, validate_recipe
+    from mergekit_lite.train.corpus import write_corpus
+    from mergekit_lite.train.loop import train
+
+    train_txt, val_txt = write_corpus(tmp_path / "corpus")
+    r = validate_recipe({"model": str(gemma_8x), "data": {"train": [str(train_txt)], "validation": [str(val_txt)]},
+                         "seq_len": 64, "micro_batch_size": 2, "max_steps": 24, "learning_rate": 5e-4,
+                         "warmup_steps": 2, "eval_batches": 4, "eval_every": 24, "trainable": "lora",
+                         "lora": {"r": 8, "alpha": 16,
+                                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]},
+                         "output": str(tmp_path / "run")}, TrainRecipe)
+    summary = train(r, echo=lambda *a: None, progress=False)
+    vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v["type"] == "val"]
+    assert vals[0]["step"] == 0 and summary["final_val_loss"] < vals[0]["val_loss"] - 0.05, vals

@@ -366,7 +366,8 @@ BAD = [
     ("llama", {"granularity": 2, "num_experts": 8, "experts_per_token": 3}, ["experts_per_token=3", "multiple"]),
     ("llama", {"granularity": 2, "router": {"init": "zeros"}}, ["zeros", "incomplete"]),
     ("llama", {"shared_experts": 1}, ["shared_experts=1", "mixtral has no shared expert",
-                                      "use architecture: ernie4_5_moe / glm4_moe / granitemoeshared / qwen2_moe,"]),
+                                      "use architecture: ernie4_5_moe / glm4_moe / granitemoeshared / moemerge / "
+                                      "qwen2_moe,"]),
     ("qwen3", {"shared_experts": 1}, ["qwen3_moe has no shared expert"]),
     ("qwen2", {"shared_split": True}, ["shared_split: true needs shared_experts"]),
     ("qwen2", {"shared_experts": 1, "shared_split": True, "granularity": 2, "experts_per_token": 2},

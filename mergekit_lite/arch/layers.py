@@ -36,8 +36,17 @@ def hf_config(cfg: dict[str, Any]):
     """transformers' own config for `cfg`, so that defaults computed from other fields are applied."""
     from transformers import AutoConfig
 
+    from mergekit_lite.models import register_own_classes
+
+    register_own_classes()
     body = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
     return AutoConfig.for_model(model_type_of(cfg), **body)
+
+
+def nests_text_config(cfg: dict[str, Any]) -> bool:
+    """The project's own classes: the dense config under `text_config`, MoE fields beside it."""
+    fam = MOE.get(model_type_of(cfg))
+    return bool(fam and fam.nests_text_config and isinstance(cfg.get("text_config"), dict))
 
 
 def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
@@ -45,7 +54,12 @@ def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
 
     Returns `layer_types` -> attention kind, `max_window_layers` -> True below the boundary,
     `mlp_only_layers` -> True for a dense (non-MoE) layer. Fields the family lacks are absent.
+    A nested config (moemerge) gives its dense part's views plus its own `mlp_only_layers`.
     """
+    if nests_text_config(cfg):
+        dense = set(cfg.get("mlp_only_layers") or [])
+        n = cfg["text_config"]["num_hidden_layers"]
+        return {**layer_views(cfg["text_config"]), "mlp_only_layers": [i in dense for i in range(n)]}
     fields = per_layer_fields(model_type_of(cfg))
     obj = hf_config(cfg)
     n = cfg["num_hidden_layers"]
@@ -64,8 +78,15 @@ def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
 def remap_layers(configs: list[dict[str, Any]], origin: list[Origin]) -> dict[str, Any]:
     """The config of a model whose layer o is layer `origin[o][1]` of model `origin[o][0]`.
 
-    Everything but the per-layer fields comes from the first output layer's model.
+    Everything but the per-layer fields comes from the first output layer's model. A nested config (moemerge)
+    has its dense part remapped by the dense family's rules and its `mlp_only_layers` by the layers' kinds.
     """
+    if nests_text_config(configs[origin[0][0]]):
+        base = dict(configs[origin[0][0]])
+        base["text_config"] = remap_layers([c["text_config"] for c in configs], origin)
+        dense = [layer_views(c)["mlp_only_layers"] for c in configs]
+        base["mlp_only_layers"] = [o for o, (m, i) in enumerate(origin) if dense[m][i]]
+        return base
     base = dict(configs[origin[0][0]])
     views = [layer_views(c) for c in configs]
     out_n = len(origin)
@@ -87,6 +108,10 @@ def config_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """Name the first config field two models disagree on (layer-count fields aside), or None."""
     for key in sorted(set(a) | set(b)):
         if key in _IGNORED:
+            continue
+        if key == "text_config" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            if (diff := config_mismatch(a[key], b[key])) is not None:
+                return f"text_config: {diff}"
             continue
         if a.get(key) != b.get(key):
             return f"config field {key!r}: {a.get(key)!r} vs {b.get(key)!r}"

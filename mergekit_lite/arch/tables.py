@@ -83,6 +83,9 @@ class MoEFamily:
     # (start, end, interval) config fields when MoE layers are those with start <= i <= end and (i + 1) % interval
     # == 0 (ernie4_5_moe); upcycle and graft write them from the layers that hold experts
     moe_span_fields: tuple[str, str, str] | None = None
+    # the config keeps the dense source's whole config under `text_config` (the project's own classes, which run
+    # the dense family's decoder); the MoE fields sit beside it
+    nests_text_config: bool = False
 
     @property
     def any_dense_layers(self) -> bool:
@@ -225,6 +228,27 @@ MOE["granitemoeshared"] = replace(
     fixed_fields={**_GRANITE_FIXED, "shared_intermediate_size": 0},
     fused={**_GRANITE_FUSED, "shared_mlp.input_linear.weight": (_GRANITE_SHARED["gate"], _GRANITE_SHARED["up"]),
            "shared_mlp.output_linear.weight": (_GRANITE_SHARED["down"],)},
+)
+
+# The project's own classes (models/moemerge/, written into the folder as Hugging Face custom code): the dense
+# family's decoder runs unchanged, every MoE layer's `mlp` becomes the project's block, so every dense family
+# the project reads (Gemma3 included, with its pre/post feed-forward norms) maps exactly. Ungated shared
+# expert; softmax or sigmoid scores, both with a saved selection bias; any set of dense layers.
+_GEMMA_FFN_NORMS = frozenset({"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"})
+MOE["moemerge"] = MoEFamily(
+    model_type="moemerge", architecture="MoemergeForCausalLM",
+    sources=frozenset(DENSE),
+    expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
+    router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
+    layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _QK_NORM | _NORMS | _GEMMA_FFN_NORMS,  # the family's own decoder
+    shared_expert={p: f"mlp.shared_expert.{p}_proj.weight" for p in PROJS},
+    fixed_fields={"norm_topk_prob": True, "block_kind": "topk", "shared_expert_intermediate_size": 0,
+                  "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    per_layer_fields=("mlp_only_layers",),
+    supports_dense_layers=True, shared_size_field="shared_expert_intermediate_size",
+    router_spec=RouterSpec(scoring=("softmax", "sigmoid"), scoring_field="scoring",
+                           bias="mlp.gate.e_score_correction_bias", scaling_field="routed_scaling_factor"),
+    plan_transforms=("moemerge_code",), nests_text_config=True,
 )
 
 # `architecture: auto` picks the target that keeps the source's tensors as they are.

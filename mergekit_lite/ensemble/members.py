@@ -69,13 +69,13 @@ def check_vocabularies(names: list[str], tokenizers: list) -> int:
 def text_vocab_size(folder: Path) -> int | None:
     """`vocab_size` of a model folder's config.json (text part for multimodal ones)."""
     from mergekit_lite.io.reader import read_config
+    from mergekit_lite.models import text_part
 
-    cfg = read_config(folder)
-    return (cfg.get("text_config") or cfg).get("vocab_size")
+    return text_part(read_config(folder)).get("vocab_size")
 
 
 def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str,
-                   tokenizers: dict | None = None) -> Member:
+                   tokenizers: dict | None = None, trust_remote_code: bool = False) -> Member:
     """A member's folder (or GGUF file) found and checked, and its tokenizer loaded; no weights are read.
 
     Args:
@@ -83,6 +83,7 @@ def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str,
         recipe_path: relative paths are taken from the working directory, else from beside the recipe.
         where: how errors name the member (`models[1]`, `fuser`).
         tokenizers: tokenizers already loaded, by folder and GGUF file (several members may name one model).
+        trust_remote_code: run a folder's custom code that is not this version's own moemerge code.
     """
     from transformers import AutoTokenizer
 
@@ -100,6 +101,9 @@ def resolve_member(spec: EnsembleMember, recipe_path: str | Path, where: str,
             raise MoemergeError(f"{where}: {folder} has no config.json; point to a Hugging Face model folder "
                                 "or a .gguf file")
         refuse_leaving_links(folder, where)  # transformers would follow a link anywhere
+        from mergekit_lite.models import trust_for
+
+        trust_for(folder, trust_remote_code, where)  # foreign custom code refused before any work
         member = Member(spec.model, folder)
     extra = {"gguf_file": member.gguf} if member.gguf else {}
     key = (member.folder.resolve(), member.gguf)
@@ -135,14 +139,15 @@ def prepare_members(recipe: EnsembleRecipe, recipe_path: str | Path, tokenizers:
         (members, the first member's tokenizer, the shared vocabulary size, or None for exchange and fuse).
     """
     tokenizers = {} if tokenizers is None else tokenizers
-    members = [resolve_member(spec, recipe_path, f"models[{j}]", tokenizers) for j, spec in enumerate(recipe.models)]
+    members = [resolve_member(spec, recipe_path, f"models[{j}]", tokenizers, recipe.trust_remote_code)
+               for j, spec in enumerate(recipe.models)]
     if recipe.method in TEXT_METHODS:
         return members, members[0].tokenizer, None
     vocab = check_vocabularies([m.name for m in members], [m.tokenizer for m in members])
     return members, members[0].tokenizer, vocab
 
 
-def load_members(members: list[Member], dtype: str, device: torch.device) -> None:
+def load_members(members: list[Member], dtype: str, device: torch.device, trust_remote_code: bool = False) -> None:
     """Load each member's weights (eval mode) onto `device` in `dtype`; members naming one model share it."""
     from mergekit_lite.verify import load_model
 
@@ -150,7 +155,8 @@ def load_members(members: list[Member], dtype: str, device: torch.device) -> Non
     for m in members:
         key = (m.folder.resolve(), m.gguf)
         if key not in loaded:  # one model asked with different seeds or system prompts is held once
-            loaded[key] = load_model(m.folder, getattr(torch, dtype), device, gguf_file=m.gguf)
+            loaded[key] = load_model(m.folder, getattr(torch, dtype), device, gguf_file=m.gguf,
+                                     trust_remote_code=trust_remote_code)
         m.model = loaded[key]
 
 

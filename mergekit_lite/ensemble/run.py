@@ -55,8 +55,10 @@ def run_ensemble(recipe_path: Path, *, score: Path | None = None, as_json: bool 
         raise MoemergeError(f"--score {score}: file not found; give a .txt (one document per line) or .jsonl file")
     tokenizers: dict = {}  # tokenizers only: no weights yet (one per model, however many members name it)
     members, tokenizer, vocab = prepare_members(recipe, recipe_path, tokenizers)
-    fuser = [resolve_member(recipe.fuser, recipe_path, "fuser", tokenizers)] if recipe.fuser else []
-    load_members(members + fuser, recipe.dtype, torch.device(device) if device else default_device())
+    fuser = ([resolve_member(recipe.fuser, recipe_path, "fuser", tokenizers, recipe.trust_remote_code)]
+             if recipe.fuser else [])
+    load_members(members + fuser, recipe.dtype, torch.device(device) if device else default_device(),
+                 recipe.trust_remote_code)
     names, models = [m.name for m in members], [m.model for m in members]
     if recipe.method in ("exchange", "fuse"):
         speakers, writer = make_speakers(recipe, members, fuser[0] if fuser else None)

@@ -108,7 +108,9 @@ MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin"
                "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                "processor_config.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "README.md",
                "moemerge.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               ".gitattributes")
+               ".gitattributes",
+               # Hugging Face custom code (moemerge's own classes: configuration_moemerge.py, modeling_moemerge.py)
+               "configuration_*.py", "modeling_*.py")
 # Files that look like credentials: push refuses the folder rather than upload one (Hub repos are public by default).
 SECRETS = (".env", ".env.*", "*.env", "token", "hf_token", "*_token", "*.token", "*access_token*", ".netrc",
            "_netrc", ".git-credentials", "credentials", "credentials.*", "*.pem", "*.key", "*.p12", "*.pfx",

@@ -73,7 +73,8 @@ def _absolute(path: str | Path) -> Path:
 # What a model folder moemerge writes holds (top level): `remove_own_entries` checks a product folder's content.
 MODEL_FOLDER = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "README.md", "moemerge.json", "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt",
-                "added_tokens.json", "chat_template.*", "LICENSE*", "NOTICE")
+                "added_tokens.json", "chat_template.*", "LICENSE*", "NOTICE", "configuration_moemerge.py",
+                "modeling_moemerge.py")
 ANY = ("*",)  # a product folder whose content is the command's own whatever it holds (a temporary folder)
 
 

@@ -23,11 +23,25 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
 
     src, dst = Path(src), Path(dst)
     copied = []
-    for name in SIDE_FILES:
+    for name in (*SIDE_FILES, *code_file_names(src)):
         if (src / name).is_file():  # a link leaving the source would copy a file from elsewhere: refused
             shutil.copy2(file_in_folder(src, name, f"side file {src / name}"), dst / name)
             copied.append(name)
     return copied
+
+
+def code_file_names(folder: str | Path) -> list[str]:
+    """The Python files config.json's `auto_map` names (custom code, e.g. moemerge's own classes), present in
+    the folder. They travel with the model like the tokenizer; whether they may run is decided at load time
+    (`mergekit_lite.models.trust_for`)."""
+    folder = Path(folder)
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    names = {r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs}
+    return sorted(n for n in names if (folder / n).is_file())
 
 
 def write_config(folder: str | Path, config: dict[str, Any]) -> None:

@@ -165,8 +165,11 @@ def check_output(target: str | Path, overwrite: bool) -> None:
 
 def is_model_folder_file(name: str) -> bool:
     """True for the top-level names the writer puts in a model folder (weights, index, config, side files, card)."""
-    return (name in SIDE_FILES or name in (SIDECAR, "config.json", "README.md", INDEX_FILE)
+    return (name in SIDE_FILES or name in (SIDECAR, "config.json", "README.md", INDEX_FILE, *OWN_CODE)
             or (name.startswith("model") and name.endswith(".safetensors")))
+
+
+OWN_CODE = ("configuration_moemerge.py", "modeling_moemerge.py")  # models.CODE_FILES: `architecture: moemerge`
 
 
 def _fsync_dir(path: Path) -> None:

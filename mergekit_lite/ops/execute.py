@@ -127,6 +127,8 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
 
     def finish(tmp: Path) -> None:
         finish_folder(tmp, plan.config, plan.side_files_from, plan.record)
+        for name, data in plan.extra_files.items():
+            (tmp / name).write_bytes(data)
         if finalize:
             finalize(tmp)
 

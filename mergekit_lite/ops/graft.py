@@ -30,6 +30,7 @@ from mergekit_lite.arch.tables import DENSE, MOE, layer_key, model_type_of, spli
 from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
+from mergekit_lite.models import text_part
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import GraftRecipe, GraftSlice
@@ -95,7 +96,7 @@ class GraftPlanner:
     def _layers(self) -> list[Layer]:
         out = []
         for s, (sl, m) in enumerate(zip(self.r.slices, self.slice_models)):
-            n = self.readers[m].config.get("num_hidden_layers")
+            n = text_part(self.readers[m].config).get("num_hidden_layers")
             if not isinstance(n, int) or n < 1:
                 raise MoemergeError(f"{self.readers[m].path}/config.json has no valid num_hidden_layers")
             start, end = sl.layers
@@ -128,8 +129,9 @@ class GraftPlanner:
                 self._check_tensor(rd, key, ref, ref_shapes)
         for m, i, _ in self.layers:
             if i not in self.by_layer[m]:
+                n = text_part(self.readers[m].config)["num_hidden_layers"]
                 raise MoemergeError(f"{self.readers[m].path} has no tensors for layer {i} "
-                                    f"(config.json says {self.readers[m].config['num_hidden_layers']} layers)")
+                                    f"(config.json says {n} layers)")
 
     @staticmethod
     def _generic(key: str) -> str:
@@ -272,7 +274,8 @@ class GraftPlanner:
         notes = []
         if any(identity for *_, identity in self.layers):
             notes.append("identity blocks: logits equal the source's (check with `moemerge verify OUT --against SRC`)")
-        if self.embed_model != self.head_model and self.readers[self.embed_model].config.get("tie_word_embeddings"):
+        if self.embed_model != self.head_model and text_part(self.readers[self.embed_model].config).get(
+                "tie_word_embeddings"):
             notes.append("tied embeddings: lm_head is the embedding matrix, so head_from only picks the final norm")
         return notes
 
@@ -292,7 +295,7 @@ class GraftPlanner:
 
 def _shorthand_slices(recipe: GraftRecipe, reader: CheckpointReader) -> tuple[list[GraftSlice], list[str]]:
     """`drop` / `expand` as explicit slices, plus the notes they call for."""
-    n = reader.config.get("num_hidden_layers")
+    n = text_part(reader.config).get("num_hidden_layers")
     if not isinstance(n, int) or n < 1:
         raise MoemergeError(f"{reader.path}/config.json has no valid num_hidden_layers")
     if recipe.expand is not None:

@@ -226,3 +226,17 @@ def _fused_op(key: str, members: list[TensorOp], per_expert: bool, n_experts: in
     shape = (n_experts, rows // n_experts, *tails.pop()) if per_expert else (rows, *tails.pop())
     return TensorOp(key, shape, dtypes.pop(), "fused", tuple(srcs), {"parts": parts, "per_expert": per_expert},
                     role=members[0].role)
+
+
+@plan_transform("moemerge_code")
+def moemerge_code(plan: "Plan", planner: "UpcyclePlanner") -> None:
+    """The project's own classes: write their custom code into the folder and name it in `auto_map`.
+
+    Without `shared_experts` the block has no shared expert at all (no size-0 tensors to shard or load).
+    """
+    from mergekit_lite.models import AUTO_MAP, code_files
+
+    _drop_empty_shared(plan, planner)
+    plan.config["auto_map"] = dict(AUTO_MAP)
+    plan.extra_files.update(code_files())
+    validate_config(plan.config)

@@ -46,10 +46,12 @@ def choose_target(architecture: str, dense_type: str) -> MoEFamily:
     if dense_type not in DENSE:
         raise MoemergeError(
             f"source architecture {dense_type!r} is not supported; upcycle reads {', '.join(AUTO_TARGET)}")
-    if dense_type not in AUTO_TARGET:
+    native = [t for t, f in MOE.items() if dense_type in f.sources and not f.nests_text_config]
+    if not native and (architecture == "auto" or dense_type not in MOE.get(architecture, MOE["moemerge"]).sources):
+        asked = "" if architecture == "auto" else f" ({architecture} cannot hold its tensors)"
         raise MoemergeError(
-            f"{dense_type} has no native Hugging Face MoE class to upcycle into; "
-            f"it can still be grafted (`moemerge graft`)")
+            f"{dense_type} has no native Hugging Face MoE class to upcycle into{asked}; use architecture: moemerge "
+            f"(the project's own classes, loaded with trust_remote_code=True), or graft it (`moemerge graft`)")
     target = AUTO_TARGET[dense_type] if architecture == "auto" else architecture
     if target not in MOE:
         raise MoemergeError(f"architecture: {target} is not available in this version; use one of "
@@ -96,11 +98,12 @@ def check_dense_tensors(reader: CheckpointReader, fam: MoEFamily) -> DenseShapes
         i, rel = parts
         if i >= n:
             raise MoemergeError(f"tensor {key!r} belongs to layer {i}, but config.json says {n} layers")
+        if rel.startswith("mlp.") and rel not in mlp_rel:
+            raise MoemergeError(f"unexpected FFN tensor {key!r}: {model_type_of(cfg)}'s FFN here is not the bias-free "
+                                f"gated FFN (gate/up/down) that {fam.model_type} experts copy; it cannot be upcycled")
         if rel not in mlp_rel and rel not in fam.layer_keys:
             raise MoemergeError(f"{fam.model_type} has no place for {key!r}; writing it would change the model "
                                 f"(pick another architecture or a source without this tensor)")
-        if rel.startswith("mlp.") and rel not in mlp_rel:
-            raise MoemergeError(f"unexpected FFN tensor {key!r} (FFN biases are not supported by MoE experts)")
     return DenseShapes(hidden=hidden, intermediate=inter, n_layers=n)
 
 

@@ -161,6 +161,8 @@ class EnsembleRecipe(Strict):
     similarity: Literal["rouge_l", "token_f1"] = Field("rouge_l", description="vote: candidate similarity on tokens")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """float32, bfloat16 or float16; the device is accelerate's choice, or --device"""
+    trust_remote_code: bool = Field(False, description="run custom code in member folders that is not this "
+                                    "version's own moemerge code (read it first)")
     score: ScoreSettings = ScoreSettings()
     """how `--score FILE` packs and batches the text (the score.* fields)"""
     exchange: ExchangeSettings | None = Field(None, description="method exchange: topology, rounds, answer_pattern")

@@ -178,6 +178,8 @@ class TrainRecipe(Strict):
     """LoRA adapters for trainable: lora (the lora.* fields)"""
     moe: MoETraining = MoETraining()
     """router losses, balancing and training-time routing (the moe.* fields; ignored for dense models)"""
+    trust_remote_code: bool = Field(False, description="run custom code in the model folder that is not this "
+                                    "version's own moemerge code (read it first); own moemerge folders need nothing")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     keep_checkpoints: int = Field(2, ge=1)
     """checkpoints kept; older ones are removed"""

@@ -9,8 +9,9 @@ from pydantic import Field, model_validator
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
 
 # `auto` keeps the source's tensors as they are (mixtral / qwen2_moe / qwen3_moe); the others are asked by name.
+# `moemerge` is the project's own classes (Hugging Face custom code written into the folder; any dense family).
 Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe",
-                 "granitemoeshared", "auto"]
+                 "granitemoeshared", "moemerge", "auto"]
 
 
 

@@ -154,19 +154,24 @@ def uses_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def load_model(model_dir, accelerator, attn_implementation: str = "sdpa"):
+def load_model(model_dir, accelerator, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
     """The model in fp32 (master weights). Under FSDP2 with `fsdp_cpu_ram_efficient_loading`, only the main
     process reads the weights: the others build the model on the meta device (buffers computed, e.g. RoPE's
     inv_freq) and receive their shards from it at `prepare`, so no process but one holds the model whole."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lite.models import load_causal_lm, load_config, trust_for
+
+    trust = trust_for(model_dir, trust_remote_code, "model")  # own moemerge code comes from this package
 
     plugin = accelerator.state.fsdp_plugin if uses_fsdp(accelerator) else None
     if plugin is not None and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32,
-                                                    attn_implementation=attn_implementation)
+            return AutoModelForCausalLM.from_config(load_config(model_dir, trust_remote_code=trust),
+                                                    dtype=torch.float32, attn_implementation=attn_implementation,
+                                                    trust_remote_code=trust)
     ds = accelerator.state.deepspeed_plugin if uses_deepspeed(accelerator) else None
     if ds is not None and zero_stage(accelerator) == 3 and not ds.zero3_init_flag:
         # accelerate registers the ZeRO-3 config with transformers, whose from_pretrained then loads under
@@ -175,12 +180,12 @@ def load_model(model_dir, accelerator, attn_implementation: str = "sdpa"):
 
         unset_hf_deepspeed_config()
         try:
-            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                        attn_implementation=attn_implementation)
+            return load_causal_lm(model_dir, trust_remote_code=trust, dtype=torch.float32,
+                                  attn_implementation=attn_implementation)
         finally:
             set_hf_deepspeed_config(ds.dschf)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                attn_implementation=attn_implementation)
+    return load_causal_lm(model_dir, trust_remote_code=trust, dtype=torch.float32,
+                          attn_implementation=attn_implementation)
 
 
 def prepare_sharding(accelerator, model) -> None:

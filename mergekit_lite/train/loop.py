@@ -211,7 +211,7 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
         raise MoemergeError(f"the tokenizer in {model_dir} has no eos token; documents cannot be joined")
     allow_tf32()
     # fp32 master weights; under FSDP2 read by the main process only
-    model = load_model(model_dir, accelerator, r.attn_implementation)
+    model = load_model(model_dir, accelerator, r.attn_implementation, r.trust_remote_code)
     if r.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -41,7 +41,9 @@ class Scoring:
         DeepSeek-V3-style routers hold `e_score_correction_bias` themselves and score with a sigmoid; ERNIE
         keeps its bias in `moe_statics` and scores with a softmax, like Mixtral and Qwen.
         """
-        return cls(sigmoid=hasattr(router, "e_score_correction_bias"),
+        named = getattr(router, "scoring", None)  # moemerge's router names it (softmax or sigmoid, both biased)
+        sigmoid = named == "sigmoid" if isinstance(named, str) else hasattr(router, "e_score_correction_bias")
+        return cls(sigmoid=sigmoid,
                    renormalise=bool(getattr(router, "norm_topk_prob", True)),
                    scale=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0))
 
@@ -158,7 +160,9 @@ def check_routing(moe: Any, cfg: dict[str, Any]) -> None:
     Raises:
         MoemergeError: naming the field, the value and the fix.
     """
-    text = cfg.get("text_config") or cfg
+    from mergekit_lite.models import text_part
+
+    text = text_part(cfg)
     n_exp, k = moe_counts(text)
     if not n_exp or not k:
         return  # a dense model: the moe section is ignored

@@ -51,8 +51,11 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise MoemergeError(f"model: {model_dir} has no config.json; is this a Hugging Face model folder?")
+    from mergekit_lite.models import text_part, trust_for
+
+    trust_for(model_dir, r.trust_remote_code, "model")  # foreign custom code refused before any work
     cfg = read_config(model_dir)
-    max_pos = (cfg.get("text_config") or cfg).get("max_position_embeddings")
+    max_pos = text_part(cfg).get("max_position_embeddings")
     if max_pos and r.seq_len > max_pos:
         raise MoemergeError(f"seq_len = {r.seq_len} is larger than the model's max_position_embeddings "
                             f"({max_pos}); set seq_len to at most {max_pos}")
@@ -122,7 +125,9 @@ def resumable_checkpoint(out: Path) -> Path:
 
 def has_experts(cfg: dict[str, Any]) -> bool:
     """Whether a config.json (text part for multimodal ones) describes routed experts."""
-    return moe_counts(cfg.get("text_config") or cfg)[0] is not None
+    from mergekit_lite.models import text_part
+
+    return moe_counts(text_part(cfg))[0] is not None
 
 
 def finished_run(out: Path) -> dict[str, Any] | None:
@@ -257,13 +262,21 @@ def unused_parameters_possible(model: nn.Module) -> bool:
 
 
 def identical_expert_layers(model: nn.Module) -> int:
-    """MoE layers whose routed experts are all equal (a fresh upcycle without noise or Drop-Upcycling)."""
+    """MoE layers whose routed experts are all equal (a fresh upcycle without noise or Drop-Upcycling): fused 3-D
+    experts (transformers' classes), or per-expert modules `...experts.{e}.gate_proj` (moemerge's own classes)."""
     count = 0
+    per_expert: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
         if p.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.w1", "input_linear.weight")) \
-                and p.device.type != "meta" and p.shape[0] > 1:
+                and p.shape[0] > 1:
             w = p.detach()  # (E, out, in)
             count += bool(all(torch.equal(w[0], w[e]) for e in range(1, w.shape[0])))
+        elif (m := re.fullmatch(r"(.*\.experts)\.\d+\.gate_proj\.weight", name)) is not None:
+            per_expert.setdefault(m.group(1), []).append(p.detach())
+    for ws in per_expert.values():
+        count += len(ws) > 1 and all(torch.equal(ws[0], w) for w in ws[1:])
     return count
 
 

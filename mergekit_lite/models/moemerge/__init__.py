@@ -1,0 +1,1 @@
+"""The Hugging Face custom code that `architecture: moemerge` writes into model folders (kept byte-exact)."""

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
     n = layers_for(args.size)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         largest = build_dense(work / "src", HIDDEN, INTER, n)

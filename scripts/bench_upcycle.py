@@ -234,6 +234,8 @@ def main() -> None:
     ap.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe if installed")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         rows = [bench(s, Path(tmp), args) for s in args.sizes]
     print(f"{'dense':>6} {'out GB':>7} {'threads':>7} {'upcycle s':>9} {'cp s':>6} {'probe s':>7} {'/cp':>6} "

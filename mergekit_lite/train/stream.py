@@ -243,12 +243,11 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
         """Start the next iteration at `state` (from `state_after`, saved in a checkpoint)."""
         self.start = state
 
-    def state_after(self, n: int) -> dict:
-        """The position after the first `n` blocks the current iteration gave."""
-        if n not in self.snapshots:
-            raise MoemergeError(f"the stream's position after block {n} was not kept (blocks "
-                                f"{min(self.snapshots, default=0)}..{max(self.snapshots, default=0)} are)")
-        return self.snapshots[n]
+    def state_after(self, n: int) -> dict | None:
+        """The position after the first `n` blocks the current iteration gave; None when it was not kept (a loader
+        that read more than `SNAPSHOTS` blocks ahead): the checkpoint then resumes by re-reading, as older ones do,
+        rather than the run failing at its checkpoint."""
+        return self.snapshots.get(n)
 
     def __iter__(self):
         if self.limit is not None:  # validation: each source's held-out blocks, one source after the other

@@ -74,7 +74,8 @@ def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle r
             shard_size: str | None = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
                                                      "the recipe's shard_size, default 5GB)"),
             workers: int | None = WORKERS) -> None:
-    """Dense checkpoint -> native Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    """Dense checkpoint -> Hugging Face MoE: a native class (Mixtral, Qwen2/3-MoE, GLM-4.5, dots1, ERNIE, Granite) or
+    `architecture: moemerge`, the project's own classes for any family (Gemma3 too)."""
     from mergekit_lite.recipe import UpcycleRecipe, load_recipe
 
     load_recipe(recipe, UpcycleRecipe)  # before torch is imported: a recipe error answers at once

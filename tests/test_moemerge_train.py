@@ -60,9 +60,9 @@ def test_router_found_and_scoring_read(mworld):
     model = load_causal_lm(mworld["sigmoid"], dtype=torch.float32)
     assert [n for n, _ in find_routers(model)] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     tap = RouterTap(model)
-    assert tap.native_bias and all(r._moemerge_scoring.sigmoid for r in tap.routers)
+    assert tap.native_bias and all(t.scoring.sigmoid for t in tap.tapped)
     soft = RouterTap(load_causal_lm(mworld["softmax"], dtype=torch.float32))
-    assert soft.native_bias and not any(r._moemerge_scoring.sigmoid for r in soft.routers)
+    assert soft.native_bias and not any(t.scoring.sigmoid for t in soft.tapped)
 
 
 def test_val_loss_drops_and_final_is_a_moemerge_folder(mworld, tmp_path):

@@ -10,12 +10,15 @@ import torch
 from test_train import quiet, recipe, world  # noqa: F401  (world is a fixture)
 
 import mergekit_lite.train.loop as loop
+from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train import routing
 from mergekit_lite.train.checkpoint import model_tensors
 from mergekit_lite.train.moe import NOISE_PARAM, RouterTap
 
 SOFTMAX = routing.Scoring()
 
+
+MIXTRAL = {"model_type": "mixtral"}  # what a bare block's tap reads its router family from
 
 def moe_cfg(**kw):
     from pydantic import BaseModel
@@ -62,7 +65,7 @@ def test_noise_term_and_zero_noise_equals_plain_topk():
 
 def test_noisy_topk_through_the_tap_uses_its_noise_weights_and_only_in_training():
     b = block()
-    tap = RouterTap(b, moe=moe_cfg(routing="noisy_topk"))
+    tap = RouterTap(b, config=MIXTRAL, moe=moe_cfg(routing="noisy_topk"))
     w_noise = getattr(b.gate, NOISE_PARAM)
     assert w_noise.shape == b.gate.weight.shape and not w_noise.abs().sum()  # zero-initialised, a parameter
     x = torch.randn(32, 8)
@@ -84,7 +87,7 @@ def test_noisy_topk_through_the_tap_uses_its_noise_weights_and_only_in_training(
 
 def test_switch_picks_the_argmax_with_its_raw_probability():
     b = block()
-    RouterTap(b, moe=moe_cfg(routing="switch", train_top_k=1))
+    RouterTap(b, config=MIXTRAL, moe=moe_cfg(routing="switch", train_top_k=1))
     x = torch.zeros(3, 8)
     x[0, 2], x[1, 0], x[2, 3] = 3.0, 1.0, 0.5  # token t prefers expert (2, 0, 3)
     b.train()
@@ -97,7 +100,7 @@ def test_switch_picks_the_argmax_with_its_raw_probability():
 
 def test_train_top_k_changes_k_while_training_only():
     b = block()
-    RouterTap(b, moe=moe_cfg(train_top_k=3))
+    RouterTap(b, config=MIXTRAL, moe=moe_cfg(train_top_k=3))
     x = torch.randn(5, 8)
     with torch.no_grad():
         b.train()
@@ -151,7 +154,7 @@ def test_capacity_drops_beyond_the_bound_in_the_stated_order():
 def test_dropped_tokens_pass_through_the_residual(impl, policy):
     """A token whose every assignment is dropped gets exactly 0 from the block (the residual carries it)."""
     b = block(impl)
-    tap = RouterTap(b, moe=moe_cfg(capacity_factor=0.5, drop_policy=policy))
+    tap = RouterTap(b, config=MIXTRAL, moe=moe_cfg(capacity_factor=0.5, drop_policy=policy))
     a = torch.tensor([3.0, 3.5, 2.5, 4.0, 2.2, 3.2, 2.8, 3.9])  # every token: expert 0 first, then expert 1
     x = torch.zeros(1, 8, 8)
     x[0, :, 0], x[0, :, 1] = a, 2.0
@@ -295,9 +298,41 @@ def test_gshard_balance_loss_counts_first_choices_only():
     idx = torch.tensor([[0, 1], [0, 2]])  # first choices: expert 0 twice; second: experts 1 and 2
     losses = {}
     for policy in ("gshard", "topk"):
-        tap = RouterTap(torch.nn.Module(), moe=MoETraining(routing=policy, train_top_k=2 if policy == "gshard" else None))
+        tap = RouterTap(torch.nn.Module(), config=MIXTRAL, moe=MoETraining(routing=policy, train_top_k=2 if policy == "gshard" else None))
         tap.routers, tap._seen = [object()], [(logits, probs, idx)]
         losses[policy] = tap.losses()[0].item()
     P = probs.mean(0)
     assert losses["gshard"] == pytest.approx(3 * (1.0 * P[0]).item())  # f = (1, 0, 0): c_e / S
     assert losses["topk"] == pytest.approx(3 * (0.5 * P[0] + 0.25 * P[1] + 0.25 * P[2]).item())
+
+
+def test_the_tap_hooks_routers_and_leaves_their_class_methods_alone():
+    """No forward rebound, no private attribute on transformers' router; the hooks come off again."""
+    import copy
+
+    b = block()
+    plain = copy.deepcopy(b)
+    tap = RouterTap(b, config=MIXTRAL, moe=moe_cfg(routing="switch", train_top_k=1))
+    assert "forward" not in vars(b.gate) and not [k for k in vars(b.gate) if k.startswith("_moemerge")]
+    x = torch.randn(1, 16, 8)
+    b.train()
+    plain.train()
+    with torch.no_grad():
+        assert not torch.equal(b(x)[0], plain(x)[0])  # the switch policy re-routes through the hook
+        tap.remove()
+        assert torch.equal(b(x)[0], plain(x)[0])  # without the hooks: transformers' own top-2
+
+
+def test_scoring_and_saved_bias_come_from_the_family_table():
+    from mergekit_lite.arch.tables import MOE
+
+    for name, fam in MOE.items():
+        scoring = routing.Scoring.of(fam.router_spec, {"model_type": name})
+        assert scoring.sigmoid == (fam.router_spec.scoring[0] == "sigmoid"), name
+    assert routing.Scoring.of(MOE["moemerge"].router_spec, {"model_type": "moemerge", "scoring": "sigmoid"}).sigmoid
+    assert not routing.Scoring.of(MOE["qwen2_moe"].router_spec, {"model_type": "qwen2_moe",
+                                                                  "norm_topk_prob": False}).renormalise
+    with pytest.raises(MoemergeError, match="'olmoe' is an MoE family moemerge does not describe"):
+        RouterTap(block(), config={"model_type": "olmoe"})
+    tap = RouterTap(block(), config=MIXTRAL)
+    assert not tap.native_bias and tap.tapped[0].saved_bias() is None

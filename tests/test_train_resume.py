@@ -160,7 +160,8 @@ def test_tapped_router_routes_as_transformers_under_bf16_autocast(family, bias):
     with torch.no_grad():
         router.weight.normal_()
     original = copy.deepcopy(router)
-    tap = RouterTap(torch.nn.ModuleList([router]), bias_update_rate=0.1 if bias else 0.0)  # a zero bias when on
+    tap = RouterTap(torch.nn.ModuleList([router]), bias_update_rate=0.1 if bias else 0.0,
+                    config={"model_type": "mixtral" if family == "mixtral" else "qwen2_moe", "norm_topk_prob": True})  # a zero bias when on
     h = torch.randn(4, 16, 64).to(torch.bfloat16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, w_hf, i_hf = original(h)

@@ -42,6 +42,9 @@ class RouterSpec:
     scoring: tuple[str, ...] = ("softmax",)   # scorings the class implements; the first is its default
     scoring_field: str | None = None           # config field choosing among several scorings (None: fixed)
     bias: str | None = None                    # selection-bias tensor (relative key): zeros, float32
+    # the same tensor in the loaded model, relative to the router module (transformers may load a checkpoint key
+    # elsewhere: ERNIE's mlp.moe_statics... lives in mlp.gate.moe_statics); what training moves
+    bias_in_router: str = "e_score_correction_bias"
     fp32: bool = False                         # transformers keeps the router weight in float32 (_keep_in_fp32)
     group_fields: tuple[str, str] | None = None  # (number of groups, groups kept per token)
     scaling_field: str | None = None           # factor on the renormalised top-k weights
@@ -200,7 +203,8 @@ MOE["ernie4_5_moe"] = MoEFamily(
                   "use_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.001},
     supports_dense_layers=True, shared_count_field="moe_num_shared_experts",
     moe_span_fields=("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
-    router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True),
+    router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True,
+                           bias_in_router="moe_statics.e_score_correction_bias"),
     plan_transforms=("ernie_layout",),
 )
 

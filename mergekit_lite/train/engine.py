@@ -46,8 +46,9 @@ def make_accelerator(**kwargs):
         The Accelerator; its `distributed_type` is FSDP whenever the launch environment asks for FSDP.
     """
     from accelerate import Accelerator
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from mergekit_lite.train import compat
 
     cpu = wants_cpu_processes()
     if _flag("ACCELERATE_USE_DEEPSPEED"):
@@ -58,11 +59,7 @@ def make_accelerator(**kwargs):
                             "needs an accelerator device); set `fsdp_version: 2` in the accelerate config")
     accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin, **kwargs)
     if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        # what AcceleratorState.__init__ does for FSDP on a GPU machine; the device (cpu) and the gloo process
-        # group stay as accelerate set them up
-        accelerator.state.fsdp_plugin = plugin
-        accelerator.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        compat.mark_fsdp(accelerator, plugin)  # the device (cpu) and the gloo group stay as accelerate set them
     return accelerator
 
 
@@ -75,7 +72,6 @@ def _deepspeed_accelerator(cpu: bool, **kwargs):
     all-reduce only, and building it compiles C++ for minutes on first start.
     """
     import importlib.util
-    import sys
 
     from accelerate import Accelerator, InitProcessGroupKwargs
 
@@ -83,9 +79,9 @@ def _deepspeed_accelerator(cpu: bool, **kwargs):
         raise MoemergeError("this launch config asks for DeepSpeed, which is not installed; pip install deepspeed "
                             "(or pip install 'mergekit-lite[deepspeed]'), or launch with recipes/accelerate/fsdp.yaml")
     if cpu:
-        import deepspeed.comm.torch  # noqa: F401  (the module, not torch, which deepspeed.comm also names `torch`)
+        from mergekit_lite.train import compat
 
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+        compat.skip_deepspeed_shm_build()
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(cpu=False, **kwargs)
 

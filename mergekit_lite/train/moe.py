@@ -1,13 +1,13 @@
 """MoE training: router losses, balancing, routing policies and router statistics.
 
 transformers' MoE blocks call a router module (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`,
-`Glm4MoeTopkRouter`, ...) that returns (logits, top-k weights, top-k indices). `RouterTap` replaces that
-forward on each router instance with one that calls the original and
+`Glm4MoeTopkRouter`, ...) that returns (logits, top-k weights, top-k indices). `RouterTap` puts a forward
+hook (and a pre-hook for jitter) on each router instance, which
 (a) keeps the logits and choices for the losses and statistics, so the router runs once and HF's
     `output_router_logits` is not needed;
 (b) optionally balances without an auxiliary loss (DeepSeek-V3): a per-expert *selection* bias changes
     which experts are chosen, never the weights. Families that hold such a bias in the model
-    (`e_score_correction_bias`: glm4_moe, dots1, ernie4_5_moe) get that very tensor moved, so the saved
+    (the family's `RouterSpec.bias`: glm4_moe, dots1, ernie4_5_moe, moemerge) get that very tensor moved, so the saved
     model routes as trained; for the others (Mixtral, Qwen) the bias is the tap's own and is not saved;
 (c) during training only, applies the recipe's routing policy (`routing.py`: noisy top-k, Switch top-1,
     GShard top-2, expert capacity) and router-input jitter. Evaluation routes as the saved model does.
@@ -20,13 +20,16 @@ read back only when a log line is written.
 
 from __future__ import annotations
 
-import types
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mergekit_lite.train import routing
+from mergekit_lite.arch.tables import MOE, RouterSpec, model_type_of
+from mergekit_lite.errors import MoemergeError
+from mergekit_lite.train import compat, routing
 
 # the learned noise projection of `routing: noisy_topk`, registered on each router: trained and checkpointed
 # with the model, and left out of final/ (save.py), whose router is W_g alone
@@ -43,42 +46,55 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def native_bias(router: nn.Module) -> torch.Tensor | None:
-    """The selection bias a router keeps in the model (DeepSeek-V3's `e_score_correction_bias`), if any:
-    on the router itself (glm4_moe, dots1) or in ERNIE-4.5's `moe_statics` (shape (1, E))."""
-    holder = getattr(router, "moe_statics", router)
-    bias = getattr(holder, "e_score_correction_bias", None)
-    return bias if isinstance(bias, torch.Tensor) else None
+@dataclass
+class TappedRouter:
+    """One router as the tap sees it: the module, its row in the tap's tensors, how its family scores (from the
+    family's `RouterSpec` and the config), and where the selection bias the model saves lives, if it has one."""
+
+    module: Any
+    index: int
+    scoring: routing.Scoring
+    sentinel_ok: bool  # its experts take index E as "no expert" (capacity drops, GShard's unsent second choice)
+    bias_holder: nn.Module | None = None  # the module holding the saved selection bias ...
+    bias_name: str = ""  # ... under this attribute
+
+    def saved_bias(self) -> torch.Tensor | None:
+        """The selection bias the model saves, as the model holds it ((E,), ERNIE's (1, E), a DTensor or ZeRO-3
+        shard); looked up on each call, since sharding replaces the module's tensors."""
+        return None if self.bias_holder is None else getattr(self.bias_holder, self.bias_name)
 
 
-def _tapped_forward(self, hidden_states: torch.Tensor):
-    """HF's own router forward, plus the tap, jitter, the routing policy and (when in use) the selection bias.
+def router_family(config: dict[str, Any], has_routers: bool) -> RouterSpec:
+    """The router spec of a model's family (arch/tables.py), which decides scoring and selection bias in training.
 
-    The router's own forward computes logits, weights and indices (so dtypes follow transformers:
-    Mixtral keeps fp32 weights under bf16 autocast, Qwen2-MoE casts them to the logits' dtype), and
-    unless something below re-routes, that is what the model returns: training and inference route the same.
+    Raises:
+        MoemergeError: the model has routers but its family is not one the project describes.
     """
-    tap: RouterTap = self._moemerge_tap
-    if self.training and tap.jitter > 0:
-        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - tap.jitter, 1.0 + tap.jitter)
-    logits, weights, idx = self._moemerge_forward(hidden_states)  # (tokens, E), (tokens, k), (tokens, k)
-    if tap.reroutes(self):
-        new_weights, idx = tap.route(self, hidden_states, logits)
-        weights = new_weights.to(weights.dtype)
-    selected, dropped = idx, None
-    if self.training and tap.capacity_factor:
-        n_exp = logits.shape[-1]
-        cap = routing.capacity(idx.shape[0], idx.shape[-1], n_exp, tap.capacity_factor)
-        idx, weights, dropped = routing.drop_over_capacity(idx, weights, n_exp, cap, tap.drop_policy,
-                                                           choices_first=tap.policy == "gshard")
-    if self.training and not self._moemerge_sentinel_ok:
-        idx = idx.clamp(max=logits.shape[-1] - 1)  # experts without the "no expert" index: weight 0, costs compute
-    tap.record(self._moemerge_index, logits, self._moemerge_scoring.normalised(logits), selected, dropped)
-    return logits, weights, idx
+    fam = MOE.get(model_type_of(config))
+    if fam is None and has_routers:
+        raise MoemergeError(f"model_type {model_type_of(config)!r} is an MoE family moemerge does not describe, so "
+                            f"training cannot tell how its router scores; supported: {', '.join(sorted(MOE))}")
+    return fam.router_spec if fam is not None else RouterSpec()
+
+
+def _bias_location(router: nn.Module, spec: RouterSpec) -> tuple[nn.Module | None, str]:
+    """(holder module, attribute) of the family's saved selection bias in the loaded router, or (None, "")."""
+    if spec.bias is None:
+        return None, ""
+    holder, _, attr = spec.bias_in_router.rpartition(".")
+    return (router.get_submodule(holder) if holder else router), attr
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 class RouterTap:
     """Hooks every router of a model; turns what they saw into losses and statistics.
+
+    A forward pre-hook applies jitter to the router's input; a forward hook records the router's own
+    (logits, weights, indices) and, during training, replaces them by the recipe's routing policy. The
+    routers' classes and methods are left as transformers wrote them.
 
     Args:
         model: the model (before LoRA/accelerate wrapping); its routers are found by `find_routers`.
@@ -86,17 +102,25 @@ class RouterTap:
         bias_update_rate: aux-loss-free balancing step (0 = off).
         moe: the recipe's `moe` section; its routing policy, `train_top_k`, capacity and drop policy apply
             during training (default: transformers' own routing).
+        config: the model's config.json (default: `model.config`); its family's `RouterSpec` and its fields
+            decide the scoring and where a saved selection bias lives.
     """
 
-    def __init__(self, model: nn.Module, jitter: float = 0.0, bias_update_rate: float = 0.0, moe=None):
-        self.routers: list[Any] = [m for _, m in find_routers(model)]  # HF router modules, attributes read by name
+    def __init__(self, model: nn.Module, jitter: float = 0.0, bias_update_rate: float = 0.0, moe=None,
+                 config: dict[str, Any] | None = None):
+        found = find_routers(model)
+        if config is None:
+            hf_config: Any = getattr(model, "config", None)
+            config = hf_config.to_dict() if hf_config is not None else {}
+        spec = router_family(config, bool(found))
+        self.routers: list[Any] = [m for _, m in found]  # HF router modules, attributes read by name
         self.jitter, self.rate = jitter, bias_update_rate
         self.policy = getattr(moe, "routing", "topk")
         self.train_top_k = getattr(moe, "train_top_k", None)
         self.capacity_factor = getattr(moe, "capacity_factor", None)
         self.drop_policy = getattr(moe, "drop_policy", "position")
         self.use_bias = bias_update_rate > 0
-        self.native_bias = bool(self.routers) and all(native_bias(r) is not None for r in self.routers)
+        self.native_bias = bool(self.routers) and spec.bias is not None
         self.active = True  # off during evaluation: validation batches are not training statistics
         n_exp = self.routers[0].num_experts if self.routers else 0
         device = self.routers[0].weight.device if self.routers else torch.device("cpu")
@@ -112,25 +136,66 @@ class RouterTap:
         self.assigned_sum = torch.zeros(n, device=device)  # assignments chosen, and dropped for capacity
         self.dropped_sum = torch.zeros(n, device=device)
         may_drop = self.capacity_factor is not None or self.policy == "gshard"
-        for i, r in enumerate(self.routers):
-            r._moemerge_tap, r._moemerge_index = self, i
-            r._moemerge_scoring = routing.Scoring.of(r)
-            r._moemerge_sentinel_ok = not may_drop or _allow_no_expert_index(model, r)
-            r._moemerge_forward = r.forward  # the class's own forward, bound to this router
-            r.forward = types.MethodType(_tapped_forward, r)
+        scoring = routing.Scoring.of(spec, config)
+        self.tapped: list[TappedRouter] = []
+        self._hooks = []
+        r: Any
+        for i, (name, r) in enumerate(found):
+            holder, attr = _bias_location(r, spec)
+            t = TappedRouter(r, i, scoring, sentinel_ok=not may_drop or _allow_no_expert_index(model, name),
+                             bias_holder=holder, bias_name=attr)
+            self.tapped.append(t)
+            self._hooks.append(r.register_forward_pre_hook(functools.partial(self._before, t), with_kwargs=True))
+            self._hooks.append(r.register_forward_hook(functools.partial(self._after, t), with_kwargs=True))
             if self.policy == "noisy_topk":  # zero-initialised as Shazeer et al. do: noise std softplus(0) = ln 2
                 r.register_parameter(NOISE_PARAM, nn.Parameter(torch.zeros_like(r.weight, dtype=torch.float32)))
+
+    def _before(self, t: TappedRouter, router: nn.Module, args: tuple, kwargs: dict):
+        """Router-input jitter during training (multiplicative, uniform in [1 - jitter, 1 + jitter])."""
+        if not (router.training and self.jitter > 0):
+            return None
+        x = _hidden(args, kwargs)
+        x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def _after(self, t: TappedRouter, router: nn.Module, args: tuple, kwargs: dict, output):
+        """The router's own (logits, weights, indices), re-routed by the policy and capacity where they apply.
+
+        The router computed them (so dtypes follow transformers: Mixtral keeps fp32 weights under bf16 autocast,
+        Qwen2-MoE casts them to the logits' dtype), and unless something below re-routes, that is what the
+        model gets: training and inference route the same.
+        """
+        logits, weights, idx = output  # (tokens, E), (tokens, k), (tokens, k)
+        if self.reroutes(router):
+            new_weights, idx = self.route(t, _hidden(args, kwargs), logits)
+            weights = new_weights.to(weights.dtype)
+        selected, dropped = idx, None
+        if router.training and self.capacity_factor:
+            n_exp = logits.shape[-1]
+            cap = routing.capacity(idx.shape[0], idx.shape[-1], n_exp, self.capacity_factor)
+            idx, weights, dropped = routing.drop_over_capacity(idx, weights, n_exp, cap, self.drop_policy,
+                                                               choices_first=self.policy == "gshard")
+        if router.training and not t.sentinel_ok:
+            idx = idx.clamp(max=logits.shape[-1] - 1)  # experts without the "no expert" index: weight 0, costs compute
+        self.record(t.index, logits, t.scoring.normalised(logits), selected, dropped)
+        return logits, weights, idx
+
+    def remove(self) -> None:
+        """Take the hooks off the routers (the model then routes exactly as transformers' classes do)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     @property
     def is_moe(self) -> bool:
         """True when the model has routers to tap (a dense model has none)."""
         return bool(self.routers)
 
-    def _selection_bias(self, router: nn.Module) -> torch.Tensor | None:
-        own = native_bias(router)  # looked up each time: sharding (FSDP2) replaces the model's tensors
+    def _selection_bias(self, t: TappedRouter) -> torch.Tensor | None:
+        own = t.saved_bias()
         if own is not None:
             return own.view(-1)
-        return self.bias[router._moemerge_index] if self.use_bias else None  # type: ignore[index]  # attribute the tap sets on the HF router
+        return self.bias[t.index] if self.use_bias else None
 
     def reroutes(self, router: nn.Module) -> bool:
         """Whether this forward needs routing other than the router's own (policy, train_top_k, own bias)."""
@@ -139,12 +204,12 @@ class RouterTap:
             return own_bias  # evaluation: the saved routing, plus our bias only when asked (val_loss_with_...)
         return own_bias or self.policy != "topk" or self.train_top_k not in (None, router.top_k)
 
-    def route(self, router: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, t: TappedRouter, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, idx) of the training policy (or plain top-k with the selection bias at evaluation)."""
-        scoring: routing.Scoring = router._moemerge_scoring  # type: ignore[assignment]  # attribute the tap sets on the HF router
+        router, scoring = t.module, t.scoring
         policy = self.policy if router.training else "topk"
-        k: int = (self.train_top_k or router.top_k) if router.training else router.top_k  # type: ignore[assignment]
-        bias = self._selection_bias(router)
+        k: int = (self.train_top_k or router.top_k) if router.training else router.top_k
+        bias = self._selection_bias(t)
         if policy == "noisy_topk":
             eps = torch.randn(logits.shape, device=logits.device)  # global RNG: checkpoints restore it
             logits = routing.noisy_logits(logits, x.reshape(-1, x.shape[-1]), getattr(router, NOISE_PARAM), eps)
@@ -215,8 +280,8 @@ class RouterTap:
             load = reduce(self.step_load)
             step = self.rate * torch.sign(load.mean(-1, keepdim=True) - load)
             if self.native_bias:
-                for router, row in zip(self.routers, step):
-                    _add_to(native_bias(router), row)
+                for t, row in zip(self.tapped, step):
+                    _add_to(t.saved_bias(), row)
             else:
                 self.bias += step
         self.step_load.zero_()
@@ -293,17 +358,8 @@ def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:
     bias.add_(row)
 
 
-def _allow_no_expert_index(model: nn.Module, router: nn.Module) -> bool:
-    """Let the router's sibling experts take index E as "no expert"; False where they cannot.
-
-    transformers' `eager` experts always skip index E; `grouped_mm` and `batched_mm` do so only when
-    `_is_expert_parallel` is set (the flag its expert parallelism sets for the same purpose): grouped_mm then
-    sorts those rows past the last expert and computes nothing for them, batched_mm still computes them with
-    weight 0. Only the in-memory module is flagged; the saved model is unchanged.
-    """
-    parent_name = next(n for n, m in model.named_modules() if m is router).rpartition(".")[0]
-    experts = getattr(model.get_submodule(parent_name), "experts", None)
-    if experts is None or not hasattr(experts, "_is_expert_parallel"):
-        return False
-    experts._is_expert_parallel = True
-    return True
+def _allow_no_expert_index(model: nn.Module, router_name: str) -> bool:
+    """Let the router's sibling experts take index E as "no expert"; False where they cannot (see
+    `compat.experts_skip_index_e`). Only the in-memory module changes; the saved model is unchanged."""
+    experts = getattr(model.get_submodule(router_name.rpartition(".")[0]), "experts", None)
+    return experts is not None and compat.experts_skip_index_e(experts)

@@ -20,32 +20,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mergekit_lite.arch.tables import moe_counts
+from mergekit_lite.arch.tables import RouterSpec, moe_counts
 from mergekit_lite.errors import MoemergeError
+from mergekit_lite.models import text_part
 
 POLICIES = ("topk", "noisy_topk", "switch", "gshard")
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a router family turns logits into expert weights (read off the HF router module)."""
+    """How a router family turns logits into expert weights (from its `RouterSpec` and config fields)."""
 
     sigmoid: bool = False  # DeepSeek-V3 routers (glm4_moe, dots1): an independent sigmoid per expert
     renormalise: bool = True  # top-k weights divided by their sum (Mixtral always; Qwen with norm_topk_prob)
     scale: float = 1.0  # routed_scaling_factor
 
     @classmethod
-    def of(cls, router: Any) -> "Scoring":
-        """The scoring of a transformers router module.
+    def of(cls, spec: RouterSpec, config: dict[str, Any]) -> "Scoring":
+        """The scoring a family's router computes, from its `RouterSpec` and the model's config.json.
 
-        DeepSeek-V3-style routers hold `e_score_correction_bias` themselves and score with a sigmoid; ERNIE
-        keeps its bias in `moe_statics` and scores with a softmax, like Mixtral and Qwen.
+        The scoring is the spec's default, or the value of its `scoring_field` (moemerge's softmax | sigmoid);
+        top-k weights are renormalised unless `norm_topk_prob` says otherwise (Qwen-MoE can turn it off;
+        Mixtral, ERNIE and Granite always renormalise); `scaling_field` names the routed scaling factor.
         """
-        named = getattr(router, "scoring", None)  # moemerge's router names it (softmax or sigmoid, both biased)
-        sigmoid = named == "sigmoid" if isinstance(named, str) else hasattr(router, "e_score_correction_bias")
-        return cls(sigmoid=sigmoid,
-                   renormalise=bool(getattr(router, "norm_topk_prob", True)),
-                   scale=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0))
+        fields = text_part(config)
+        named = fields.get(spec.scoring_field) if spec.scoring_field else None
+        scale = fields.get(spec.scaling_field) if spec.scaling_field else None
+        return cls(sigmoid=(named or spec.scoring[0]) == "sigmoid",
+                   renormalise=bool(fields.get("norm_topk_prob", True)),
+                   scale=float(scale or 1.0))
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(T, E) fp32 scores the family ranks and weights on."""
@@ -160,8 +163,6 @@ def check_routing(moe: Any, cfg: dict[str, Any]) -> None:
     Raises:
         MoemergeError: naming the field, the value and the fix.
     """
-    from mergekit_lite.models import text_part
-
     text = text_part(cfg)
     n_exp, k = moe_counts(text)
     if not n_exp or not k:
@@ -178,3 +179,4 @@ def check_routing(moe: Any, cfg: dict[str, Any]) -> None:
         raise MoemergeError(f"moe.routing = {moe.routing!r} / moe.train_top_k on a model with grouped routing "
                             f"(n_group = {text['n_group']}): these policies choose among all experts, not within "
                             "groups; use moe.routing: topk without train_top_k, or a model with n_group: 1")
+

@@ -130,7 +130,7 @@ def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="train recip
 
 def _train_interrupted(out: Path) -> str:
     """Ctrl-C during train: the checkpoints written so far stay (atomic, resumable); no final model."""
-    from mergekit_lite.train.setup import latest_checkpoint
+    from mergekit_lite.train.preflight import latest_checkpoint
 
     ckpt = latest_checkpoint(out)
     if ckpt is None:

@@ -79,8 +79,8 @@ def test_val_loss_drops_and_final_is_a_moemerge_folder(mworld, tmp_path):
     model = load_causal_lm(final, dtype=torch.float32)
     from transformers import AutoTokenizer
 
+    from mergekit_lite.train.loaders import build_loaders
     from mergekit_lite.train.loop import causal_lm_loss
-    from mergekit_lite.train.setup import build_loaders
 
     class One:
         num_processes, is_main_process = 1, True
@@ -247,7 +247,7 @@ def test_graft_expand_drop_and_slices_on_moemerge_folders(mworld, tmp_path):
 
 def test_routers_only_on_identical_experts_warns(tmp_path, mworld):
     """A plain upcycle (identical per-expert modules) is recognised: `trainable: routers` would change nothing."""
-    from mergekit_lite.train.setup import identical_expert_layers, routers_only_note
+    from mergekit_lite.train.model import identical_expert_layers, routers_only_note
 
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump({"source": str(mworld["dense"]), "architecture": "moemerge",
                                                           "num_experts": 4, "experts_per_token": 2}))

@@ -13,13 +13,14 @@ import yaml
 from tqdm import tqdm
 
 import mergekit_lite.train.loop as loop
+import mergekit_lite.train.run as train_run
 from mergekit_lite.cli import main
 from mergekit_lite.ops.execute import execute
 from mergekit_lite.ops.upcycle import plan_upcycle, run_upcycle
 from mergekit_lite.pico import build_pico_model
 from mergekit_lite.recipe import TrainRecipe, UpcycleRecipe, load_recipe, validate_recipe
 from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
-from mergekit_lite.train.setup import has_experts
+from mergekit_lite.train.preflight import has_experts
 
 
 def tensor_bytes(path) -> int:
@@ -108,9 +109,9 @@ def finished(tmp_path_factory):
         "micro_batch_size": 4, "max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "eval_batches": 1,
         "output": str(root / "run")}))
     handlers, lines = [], []
-    real = loop.make_accelerator
+    real = train_run.make_accelerator
     mp = pytest.MonkeyPatch()
-    mp.setattr(loop, "make_accelerator", lambda **kw: handlers.extend(kw["kwargs_handlers"]) or real(**kw))
+    mp.setattr(train_run, "make_accelerator", lambda **kw: handlers.extend(kw["kwargs_handlers"]) or real(**kw))
     try:
         summary = loop.train(load_recipe(recipe, TrainRecipe), progress=False, echo=lines.append)
     finally:
@@ -141,7 +142,7 @@ def test_ddp_searches_unused_parameters_only_where_one_can_miss_its_gradient(fin
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lite.train.setup import unused_parameters_possible
+    from mergekit_lite.train.model import unused_parameters_possible
 
     (kw,) = finished["handlers"]
     assert kw.find_unused_parameters is False
@@ -181,7 +182,7 @@ def test_ctrl_c_in_train_says_which_checkpoints_remain(finished, tmp_path, monke
 def test_the_header_says_when_the_run_repeats_its_data(finished, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lite.train.loop import run_header
+    from mergekit_lite.train.run import run_header
 
     class Blocks:  # a loader over 10 blocks
         dataset = list(range(10))

@@ -186,7 +186,7 @@ def test_verify_train_and_ensemble_refuse_a_weights_link_leaving_the_folder(pico
     import torch
 
     from mergekit_lite.recipe import TrainRecipe, validate_recipe
-    from mergekit_lite.train.setup import preflight
+    from mergekit_lite.train.preflight import preflight
     from mergekit_lite.verify import load_model
 
     d, outside = _leaky(pico_llama, tmp_path, "model.safetensors")

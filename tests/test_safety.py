@@ -182,7 +182,7 @@ def test_train_refuses_output_that_is_the_data_folder(tmp_path, train_world):
 
 
 def test_train_overwrite_refuses_a_foreign_file_and_removes_only_its_own(tmp_path, train_world):
-    from mergekit_lite.train.setup import preflight
+    from mergekit_lite.train.preflight import preflight
 
     run = tmp_path / "run"
     fake_run(run)
@@ -196,7 +196,7 @@ def test_train_overwrite_refuses_a_foreign_file_and_removes_only_its_own(tmp_pat
 
 
 def test_train_overwrite_refuses_a_users_file_inside_its_own_folders_before_training(tmp_path, train_world):
-    from mergekit_lite.train.setup import preflight
+    from mergekit_lite.train.preflight import preflight
 
     run = tmp_path / "run"
     fake_run(run)
@@ -223,7 +223,7 @@ def test_train_overwrite_refuses_a_users_file_inside_its_own_folders_before_trai
 
 
 def test_resume_ignores_a_half_written_checkpoint(tmp_path):
-    from mergekit_lite.train.setup import latest_checkpoint
+    from mergekit_lite.train.preflight import latest_checkpoint
 
     (tmp_path / "checkpoints" / "step-0000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-0000004.tmp").mkdir()  # killed while saving step 4

@@ -69,8 +69,8 @@ def test_val_loss_drops_and_final_model_is_the_trained_one(world, tmp_path):
     keys = load_file(str(final / "model.safetensors"))
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    from mergekit_lite.train.loaders import build_loaders
     from mergekit_lite.train.loop import causal_lm_loss
-    from mergekit_lite.train.setup import build_loaders
 
     class One:  # the loader helper only needs these from an Accelerator
         num_processes, is_main_process = 1, True
@@ -259,7 +259,7 @@ def test_global_batch_size_sets_accumulation_per_process_count(world, tmp_path):
 
 
 def test_empty_linears_are_parked_as_buffers_with_the_same_output():
-    from mergekit_lite.train.setup import EmptyLinear, park_empty_linears
+    from mergekit_lite.train.model import EmptyLinear, park_empty_linears
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(8, 0, bias=False), torch.nn.Linear(0, 8, bias=False),
@@ -326,3 +326,28 @@ def test_compiled_layers_train_as_the_eager_ones(world, tmp_path):
     assert comp == pytest.approx(eager, rel=1e-4, abs=1e-5)
     assert w_comp.keys() == w_eager.keys()
     assert max((w_comp[k] - w_eager[k]).abs().max().item() for k in w_eager) < 1e-3
+
+
+def test_a_run_is_assembled_once_then_fit_trains_exactly_what_it_holds(world, tmp_path):
+    """`assemble` builds the whole run (engine, model, taps, trainable set, optimizer, loaders) before a step;
+    `fit` trains that very object: what it holds is what is trained and saved."""
+    from mergekit_lite.train.loop import fit
+    from mergekit_lite.train.run import Run, assemble
+
+    out = tmp_path / "run"
+    r = recipe(world, out, trainable="routers+experts", max_steps=4, micro_batch_size=4,
+               gradient_accumulation_steps=2, moe={"jitter": 0.1})
+    run = assemble(r, resume=False, overwrite=False, echo=quiet)
+    assert isinstance(run, Run) and run.start.step == 0 and run.start.checkpoint is None
+    assert (run.max_steps, run.accumulation, run.tokens_per_step) == (4, 2, 32 * 4 * 2)
+    assert len(run.tap.routers) == 2 and run.tap.jitter == 0.1
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".experts." in n or ".gate." in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in run.model.named_parameters() if not p.requires_grad}
+    router_before = run.tap.routers[0].weight.detach().clone()
+    summary = fit(run, progress=False)
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * run.tokens_per_step
+    assert all(torch.equal(p, frozen[n]) for n, p in run.model.named_parameters() if n in frozen)
+    assert not torch.equal(run.tap.routers[0].weight, router_before)  # the held router is the trained one
+    saved = load_file(out / "final" / "model.safetensors")
+    assert torch.equal(saved["model.layers.0.block_sparse_moe.gate.weight"], run.tap.routers[0].weight.detach())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_lite.recipe import TrainRecipe, validate_recipe
-from mergekit_lite.train.setup import build_loaders
+from mergekit_lite.train.loaders import build_loaders
 
 N_DOCS = 400
 

@@ -15,7 +15,7 @@ from mergekit_lite.pico import build_pico_model
 from mergekit_lite.recipe import LoraSettings, TrainRecipe, validate_recipe
 from mergekit_lite.train.corpus import stdlib_docstrings, write_corpus
 from mergekit_lite.train.loop import train
-from mergekit_lite.train.setup import lora_targets
+from mergekit_lite.train.model import lora_targets
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 FFN = ["gate_proj", "up_proj", "down_proj"]

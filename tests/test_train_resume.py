@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
 import mergekit_lite.train.loop as loop
+import mergekit_lite.train.model as train_model
+import mergekit_lite.train.run as train_run
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train.moe import RouterTap
 
@@ -56,7 +58,7 @@ def bias_at(out: Path, step: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_resume_reproduces_losses_weights_and_bias_bit_for_bit(world, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(loop, "RouterTap", TrainingTap)
+    monkeypatch.setattr(train_model, "RouterTap", TrainingTap)
     kw = {**HARD, **MODES[mode]}
     full, cut = tmp_path / "full", tmp_path / "cut"
     loop.train(recipe(world, full, **kw), echo=quiet)
@@ -85,7 +87,7 @@ def test_tokens_per_s_counts_the_steps_since_the_last_line(world, tmp_path, monk
             clock[0] += 1.0
             super().update_bias(reduce)
 
-    monkeypatch.setattr(loop, "RouterTap", OneSecondPerStep)
+    monkeypatch.setattr(train_model, "RouterTap", OneSecondPerStep)
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     kw = dict(max_steps=10, checkpoint_every=5, log_every=4, micro_batch_size=4, gradient_accumulation_steps=2)
     crash_then_resume(world, tmp_path / "run", monkeypatch, **kw)
@@ -110,7 +112,7 @@ def _val_loss_of(folder: Path, world, out: Path) -> float:
     """Validation loss of a saved folder reloaded with transformers, on the batches the run evaluated."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_lite.train.setup import build_loaders
+    from mergekit_lite.train.loaders import build_loaders
 
     class One:  # the loader helper only needs these from an Accelerator
         num_processes, is_main_process = 1, True
@@ -213,7 +215,7 @@ def test_a_shuffled_stream_resumes_to_the_same_run(world, tmp_path, monkeypatch)
 
     older = tmp_path / "older"
     monkeypatch.setattr(checkpoint, "data_state", lambda ckpt: None)
-    monkeypatch.setattr(loop, "data_state", lambda ckpt: None)
+    monkeypatch.setattr(train_run, "data_state", lambda ckpt: None)
     said = crash_then_resume(world, older, monkeypatch, **kw)
     assert not any("stream continues" in line for line in said)
     assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(older, "train")]

@@ -51,7 +51,7 @@ def val_loss_of(folder: Path, world, out: Path) -> float:
     """The saved folder's validation loss, reloaded with plain transformers, on the batches train evaluates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_lite.train.setup import build_loaders
+    from mergekit_lite.train.loaders import build_loaders
 
     class One:  # what build_loaders needs from an Accelerator
         num_processes, is_main_process = 1, True

@@ -1,4 +1,5 @@
-"""`moemerge train`: continued pretraining with accelerate, top to bottom.
+"""`moemerge train`: continued pretraining with accelerate. `assemble` (run.py) builds the run once; `fit` trains
+it top to bottom.
 
 The model code stays single-device; accelerate wraps it for CPU, one GPU, DDP, FSDP or DeepSpeed
 (chosen by `accelerate launch --config_file ...`). The loss we back-propagate is ours:
@@ -17,42 +18,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.folders import RunFolder
-from mergekit_lite.io.pool import map_large_allocations
-from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.io.writer import OutputLock
 from mergekit_lite.recipe import TrainRecipe
-from mergekit_lite.train.checkpoint import check_resume, checkpoint_format, data_state, load_checkpoint, save_checkpoint
-from mergekit_lite.train.engine import (
-    allow_tf32,
-    check_attention,
-    compile_layers,
-    configure_deepspeed,
-    default_precision,
-    describe_engine,
-    is_main_process,
-    load_model,
-    make_accelerator,
-    prepare_sharding,
-)
+from mergekit_lite.train.checkpoint import load_checkpoint, save_checkpoint
+from mergekit_lite.train.engine import is_main_process
+from mergekit_lite.train.model import active_params
 from mergekit_lite.train.moe import RouterTap
+from mergekit_lite.train.run import Run, assemble
 from mergekit_lite.train.save import save_final
-from mergekit_lite.train.setup import (
-    build_loaders,
-    finished_run,
-    latest_checkpoint,
-    lora_targets,
-    param_groups,
-    park_empty_linears,
-    preflight,
-    routers_only_note,
-    steps_for,
-    trainable_parameters,
-    unused_parameters_possible,
-    write_run_record,
-)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
@@ -136,19 +110,6 @@ def validate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> di
     return vals
 
 
-def active_params(model) -> int:
-    """Parameters one token runs through: routed experts count k/E of their size."""
-    cfg = model.config.get_text_config()
-    n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    k = getattr(cfg, "num_experts_per_tok", None)
-    total = expert = 0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        if ".experts." in name:
-            expert += p.numel()
-    return total - expert + (expert * k // n_exp if n_exp and k else expert)
-
-
 def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, progress_label: str = "train", echo=print) -> dict:
     """Run the recipe; returns a summary (steps, tokens, losses, tokens/s, MFU where known).
@@ -161,237 +122,117 @@ def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool =
     if is_main_process():
         lock.acquire()
     try:
-        return _train(recipe, recipe_text, resume=resume, overwrite=overwrite, progress=progress,
-                      progress_label=progress_label, echo=echo)
+        run = assemble(recipe, resume=resume, overwrite=overwrite, echo=echo)
+        if isinstance(run, dict):  # --resume of a finished run: its stored summary
+            return run
+        return fit(run, recipe_text, progress=progress, progress_label=progress_label)
     finally:
         lock.release()
 
 
-def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwrite: bool, progress: bool,
-           progress_label: str, echo) -> dict:
-    from accelerate import DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
+def fit(run: Run, recipe_text: str | None = None, *, progress: bool = True, progress_label: str = "train") -> dict:
+    """Train an assembled run to its last step, validate, save final/; returns the summary."""
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-    r = recipe
-    out = Path(r.output)
-    say = echo if is_main_process() else (lambda _: None)  # one voice under torchrun / accelerate launch
-    if resume and (done := finished_run(out)) is not None:
-        say(f"{out} already finished (step {done['steps']}, final val loss {done['final_val_loss']:.4f}; model in "
-            f"{out / 'final'}): nothing to resume. To train again, pass --overwrite or choose another output")
-        return {**done, "already_finished": True}
-    model_dir = resolve_model_path(r.model, r.revision)
-    check_attention(r.attn_implementation)
-    config = preflight(r, model_dir, resume, overwrite)
-    accelerator = make_accelerator(  # CPU processes over gloo under torchrun without GPUs; FSDP2 there too
-        mixed_precision=default_precision(r.mixed_precision),
-        log_with=None if r.tracker == "none" else r.tracker, project_dir=str(out),
-        # one scheduler step per optimizer step (we call it after each): accelerate's default steps it
-        # num_processes times per call, which fits a schedule counted in per-process batches, not ours
-        step_scheduler_with_optimizer=False,
-        # decided once the model is loaded (unused_parameters_possible): DDP warns when it searches for nothing
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    if accelerator.device.type == "cpu":  # training state lives in host memory: give freed tensors back
-        map_large_allocations()
-    # the recipe's global batch (or its accumulation) over this run's processes; refused when it does not divide
-    accelerator.gradient_accumulation_steps = accum = r.accumulation(accelerator.num_processes)
-    configure_deepspeed(accelerator, r.micro_batch_size, accum, r.max_grad_norm)
-    if resume:  # a resume that changes the run is refused before anything is loaded
-        for note in check_resume(latest_checkpoint(out), r, accelerator.num_processes, checkpoint_format(accelerator)):
-            say(f"--resume: accepted change {note}")
-    set_seed(r.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_run_record(out, r, accelerator.is_main_process)  # what --resume requires
-
-    # --- model, what to train, optimizer ------------------------------------------------------
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.eos_token_id is None:
-        raise MoemergeError(f"the tokenizer in {model_dir} has no eos token; documents cannot be joined")
-    allow_tf32()
-    # fp32 master weights; under FSDP2 read by the main process only
-    model = load_model(model_dir, accelerator, r.attn_implementation, r.trust_remote_code)
-    if r.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    tap = RouterTap(model, jitter=r.moe.jitter, bias_update_rate=r.moe.bias_update_rate, moe=r.moe)
-    if r.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(model, r.lora)  # refuses names that reach nothing (or only empty modules)
-        model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
-                                                 task_type="CAUSAL_LM", **targets))
-    if (note := routers_only_note(model, r.trainable)) is not None:
-        say(note)
-    park_empty_linears(model)  # size-0 shared experts: no engine can shard an empty parameter
-    if accelerator.ddp_handler is not None:
-        accelerator.ddp_handler.find_unused_parameters = unused_parameters_possible(model)
-    new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
-    trainable_parameters(model, r.trainable, tap.routers, new_layers)
-    optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)
-
-    # --- data -----------------------------------------------------------------------------------
-    max_steps = steps_for(r, accelerator.num_processes)
-    train_dl, val_dl = build_loaders(r, tokenizer, model_dir, accelerator, max_steps)
-    tokens_per_step = r.seq_len * r.global_batch(accelerator.num_processes)
-    for line in run_header(model, model_dir, train_dl, val_dl, r, tokens_per_step, max_steps):
-        say(line)
-    default = " (the default on this device)" if r.mixed_precision is None else ""
-    say(f"  precision: {accelerator.mixed_precision}{default}"
-        f", attention: {r.attn_implementation}")
-    # linear warmup from 0 over warmup_steps, then cosine to learning_rate * min_lr_ratio at max_steps;
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, r.warmup_steps, max_steps,
-                                                            min_lr_rate=r.min_lr_ratio)
-    prepare_sharding(accelerator, model)  # ZeRO-3: MoE blocks as leaves
-    if r.compile:
-        say(f"  compile: {compile_layers(model)} decoder layers compiled in place (the first steps compile)")
-    # the validation loader stays unprepared: evaluate() splits its batches over the processes
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
-    engine = describe_engine(accelerator, model)  # raises if FSDP was asked for and the model is not sharded
-    tap.to(accelerator.device)
-    if r.tracker != "none":
-        accelerator.init_trackers("moemerge", config=json.loads(r.model_dump_json()))
-
-    # --- resume ---------------------------------------------------------------------------------
-    step, tokens, state = 0, 0, {}
-    if resume:
-        ckpt = latest_checkpoint(out)
-        state = json.loads((ckpt / RunFolder.TRAINER_STATE).read_text())
-        step, tokens = state["step"], state["tokens"]
-        if r.data.streaming and (where := data_state(ckpt)) is not None:
-            train_dl.dataset.resume_from(where)  # in place: the stream is not read again up to there
-            say(f"resumed from {ckpt} at step {step} (the stream continues after block {where['blocks']})")
-        else:  # micro-batches per process already trained: step x global batch in all, dealt j -> process j % N
-            train_dl = accelerator.skip_first_batches(train_dl, step * accum)
-            say(f"resumed from {ckpt} at step {step}")
-    metrics = Metrics(accelerator, RunFolder(out).metrics, keep_until=step if resume else None)
+    r, acc, model, tap, optimizer, scheduler = run.recipe, run.accelerator, run.model, run.tap, run.optimizer, \
+        run.scheduler
+    step, tokens, state = run.start.step, run.start.tokens, run.start.state
+    metrics = Metrics(acc, RunFolder(run.out).metrics, keep_until=step if run.start.checkpoint else None)
     if step == 0:
-        metrics.log("val", 0, **validate(model, val_dl, tap, accelerator, r.eval_batches))
+        metrics.log("val", 0, **validate(model, run.val_dl, tap, acc, r.eval_batches))
 
-    # --- the loop -------------------------------------------------------------------------------
     # ce, balance, z summed over processes since the last log line (a checkpoint between log lines keeps them)
-    sums = torch.zeros(3, device=accelerator.device)
-    if accelerator.is_main_process and "log_sums" in state:
-        sums += torch.tensor(state["log_sums"], device=accelerator.device)
-    # micro-steps per process since the last log line
-    micro = state.get("log_micro_batches", 0) // accelerator.num_processes
-    show = progress and accelerator.is_local_main_process
-    bar = tqdm(total=max_steps, initial=step, disable=not show, desc=progress_label, unit="step")
+    sums = torch.zeros(3, device=acc.device)
+    if acc.is_main_process and "log_sums" in state:
+        sums += torch.tensor(state["log_sums"], device=acc.device)
+    micro = state.get("log_micro_batches", 0) // acc.num_processes  # micro-steps per process since the last line
+    bar = tqdm(total=run.max_steps, initial=step, disable=not (progress and acc.is_local_main_process),
+               desc=progress_label, unit="step")
     t_log, t_start, tokens_start, steps_timed = time.perf_counter(), time.perf_counter(), tokens, 0
-    batches = iter(train_dl)
-    if resume:
+    batches = iter(run.train_dl)
+    if run.start.checkpoint is not None:
         # last thing before the first step: the RNG states (jitter, dropout) are the checkpoint's, whatever
         # starting the data loader drew. A loader that skips batches of a stream starts only at its first
         # batch (and may draw from the global RNG then), so that batch is taken before the restore.
         first = next(batches, None)
         batches = itertools.chain([] if first is None else [first], batches)
-        load_checkpoint(accelerator, model, optimizer, scheduler, tap, ckpt)
+        load_checkpoint(acc, model, optimizer, scheduler, tap, run.start.checkpoint)
     model.train()  # from_pretrained returns eval mode; evaluate() restores the mode it found
     for batch in batches:
         ids = batch["input_ids"]
         if not model.training:
             raise AssertionError("the model is in eval mode inside the training loop")
-        with accelerator.accumulate(model):
+        with acc.accumulate(model):
             logits = model(input_ids=ids).logits
             ce = causal_lm_loss(logits, ids)
             balance, z = tap.losses()
             loss = ce + r.moe.balance_coef * balance + r.moe.z_coef * z
-            accelerator.backward(loss)
+            acc.backward(loss)
             grad_norm = None
-            if accelerator.sync_gradients and r.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), r.max_grad_norm)
+            if acc.sync_gradients and r.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), r.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
         micro += 1
-        if not accelerator.sync_gradients:
+        if not acc.sync_gradients:
             continue
         step += 1
         steps_timed += 1
-        tokens += tokens_per_step
-        tap.update_bias(reduce=lambda t: accelerator.reduce(t, "sum"))
+        tokens += run.tokens_per_step
+        tap.update_bias(reduce=lambda t: acc.reduce(t, "sum"))
         lr = scheduler.get_last_lr()[0]  # the rate this step used (logged), then the next step's
         scheduler.step()
         bar.update(1)
-        if step % r.log_every == 0 or step == max_steps:
-            ce_m, bal_m, z_m = (accelerator.reduce(sums, "sum") / (micro * accelerator.num_processes)).tolist()
+        if step % r.log_every == 0 or step == run.max_steps:
+            ce_m, bal_m, z_m = (acc.reduce(sums, "sum") / (micro * acc.num_processes)).tolist()
             now = time.perf_counter()
-            tps = steps_timed * tokens_per_step / max(now - t_log, 1e-9)  # the steps this process timed
+            tps = steps_timed * run.tokens_per_step / max(now - t_log, 1e-9)  # the steps this process timed
             metrics.log("train", step, tokens=tokens, loss=ce_m + r.moe.balance_coef * bal_m + r.moe.z_coef * z_m,
                         ce=ce_m, balance=bal_m, z=z_m, lr=lr, tokens_per_s=tps,
                         grad_norm=float(grad_norm) if grad_norm is not None else None)
             if tap.is_moe:
-                metrics.log("router", step, **tap.read_stats(reduce=lambda t: accelerator.reduce(t, "sum")))
+                metrics.log("router", step, **tap.read_stats(reduce=lambda t: acc.reduce(t, "sum")))
             bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             sums.zero_()
             micro, t_log, steps_timed = 0, now, 0
-        if r.eval_every and step % r.eval_every == 0 and step != max_steps:
-            metrics.log("val", step, **validate(model, val_dl, tap, accelerator, r.eval_batches))
+        if r.eval_every and step % r.eval_every == 0 and step != run.max_steps:
+            metrics.log("val", step, **validate(model, run.val_dl, tap, acc, r.eval_batches))
         if r.checkpoint_every and step % r.checkpoint_every == 0:
-            state = {"step": step, "tokens": tokens, "log_sums": accelerator.reduce(sums, "sum").tolist(),
-                     "log_micro_batches": micro * accelerator.num_processes,
-                     "global_batch": r.global_batch(accelerator.num_processes),
+            state = {"step": step, "tokens": tokens, "log_sums": acc.reduce(sums, "sum").tolist(),
+                     "log_micro_batches": micro * acc.num_processes,
+                     "global_batch": r.global_batch(acc.num_processes),
                      "recipe": json.loads(r.model_dump_json())}
-            where = (train_dl.dataset.state_after(step * r.global_batch(accelerator.num_processes))
-                     if r.data.streaming and accelerator.is_main_process else None)  # the main one reads it
-            save_checkpoint(accelerator, model, optimizer, scheduler, tap, out, step, state, r.keep_checkpoints,
+            where = (run.train_dl.dataset.state_after(step * r.global_batch(acc.num_processes))
+                     if r.data.streaming and acc.is_main_process else None)  # the main one reads it
+            save_checkpoint(acc, model, optimizer, scheduler, tap, run.out, step, state, r.keep_checkpoints,
                             data_state=where)
-        if step >= max_steps:
+        if step >= run.max_steps:
             break
     bar.close()
     elapsed = time.perf_counter() - t_start
 
     # --- the end: validation, final model, summary ------------------------------------------------
-    vals = validate(model, val_dl, tap, accelerator, r.eval_batches)
+    vals = validate(model, run.val_dl, tap, acc, r.eval_batches)
     metrics.log("val", step, **vals)
     tps = (tokens - tokens_start) / max(elapsed, 1e-9)
-    flops = 6 * active_params(accelerator.unwrap_model(model)) * tps
+    flops = 6 * active_params(acc.unwrap_model(model)) * tps
     summary = {"steps": step, "tokens": tokens, "final_val_loss": vals["val_loss"], "tokens_per_s": tps,
-               "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, accelerator),
-               "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len, **engine}
-    counts = getattr(train_dl.dataset, "moemerge_counts", None) or {}
+               "model_tflops_per_s": flops / 1e12, "mfu": _mfu(flops, acc),
+               "data": r.data.train, "trainable": r.trainable, "seq_len": r.seq_len, **run.engine}
+    counts = getattr(run.train_dl.dataset, "moemerge_counts", None) or {}
     if counts:  # what the packed training corpus kept: every token but its last partial block
         summary |= {"data_tokens": counts["tokens"], "data_tokens_in_blocks": counts["kept"]}
     if "val_loss_with_selection_bias" in vals:  # training's routing, which the saved model cannot reproduce
         summary["final_val_loss_with_selection_bias"] = vals["val_loss_with_selection_bias"]
     text = recipe_text or yaml.safe_dump(json.loads(r.model_dump_json()), sort_keys=False)
-    save_final(accelerator, model, model_dir, config, out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
-               shard_size=int(r.shard_size), recipe_text=text, training=summary, echo=say, workers=r.workers)
+    save_final(acc, model, run.model_dir, run.config, run.out, lora=r.trainable == "lora", save_dtype=r.save_dtype,
+               shard_size=int(r.shard_size), recipe_text=text, training=summary, echo=run.say, workers=r.workers)
     metrics.log("summary", step, **{k: v for k, v in summary.items() if k != "data"})
     # leave together: a rank tearing gloo down while the main one still writes final/ left a process hanging
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    acc.wait_for_everyone()
+    acc.end_training()
     return summary
-
-
-def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_per_step: int,
-               max_steps: int) -> list[str]:
-    """What a run is about to do: model, parameters (total/active), data blocks, tokens per step, output."""
-    total = sum(p.numel() for p in model.parameters())
-
-    def blocks(dl) -> str:
-        return f"{len(dl.dataset)}" if hasattr(dl.dataset, "__len__") else "streamed"
-
-    lines = [f"train {model_dir}: {total / 1e6:.2f}M parameters, {active_params(model) / 1e6:.2f}M active per "
-             f"token ({r.trainable} trainable)",
-             f"  data: {blocks(train_dl)} train / {blocks(val_dl)} validation blocks of {r.seq_len} tokens; "
-             f"{tokens_per_step} tokens per step x {max_steps} steps"]
-    for spec, n_blocks, share in getattr(train_dl.dataset, "moemerge_sources", []):
-        size = "streamed" if n_blocks is None else f"{n_blocks} blocks ({n_blocks * r.seq_len} tokens)"
-        lines.append(f"  blend: {spec}: {size}, {100 * share:.1f}% of the samples")
-    counts = getattr(train_dl.dataset, "moemerge_counts", None)
-    if counts:
-        dropped = counts["tokens"] - counts["kept"]
-        lines.append(f"  train tokens: {counts['kept']} kept in blocks of {counts['tokens']} "
-                     f"({dropped} dropped: the last partial block)")
-    if hasattr(train_dl.dataset, "__len__") and len(train_dl.dataset):
-        epochs = tokens_per_step * max_steps / (r.seq_len * len(train_dl.dataset))
-        if epochs > 1:  # repeated data is a choice to make knowingly, not a surprise
-            needed = max_steps * tokens_per_step // r.seq_len
-            lines.append(f"  note: the run sees its training data {epochs:.1f} times ({needed} blocks from "
-                         f"{len(train_dl.dataset)}); add data or shorten the run to see it once")
-    return [*lines, f"  output: {r.output}"]
 
 
 def _mfu(flops_per_s: float, accelerator) -> float | None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from mergekit_lite.arch.params import model_param_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.folders import RunFolder
@@ -137,16 +138,9 @@ def validate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> di
 
 
 def active_params(model) -> int:
-    """Parameters one token runs through: routed experts count k/E of their size."""
-    cfg = model.config.get_text_config()
-    n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    k = getattr(cfg, "num_experts_per_tok", None)
-    total = expert = 0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        if ".experts." in name:
-            expert += p.numel()
-    return total - expert + (expert * k // n_exp if n_exp and k else expert)
+    """Parameters one token runs through: routed experts count k/E of their size (`arch.params`, as upcycle,
+    graft and inspect count them)."""
+    return model_param_counts(model).active
 
 
 def train(recipe: TrainRecipe, recipe_text: str | None = None, *, resume: bool = False, overwrite: bool = False,
@@ -368,7 +362,7 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
 def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_per_step: int,
                max_steps: int) -> list[str]:
     """What a run is about to do: model, parameters (total/active), data blocks, tokens per step, output."""
-    total = sum(p.numel() for p in model.parameters())
+    total = model_param_counts(model).total
 
     def blocks(dl) -> str:
         return f"{len(dl.dataset)}" if hasattr(dl.dataset, "__len__") else "streamed"

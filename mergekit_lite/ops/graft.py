@@ -239,11 +239,12 @@ class GraftPlanner:
     def _refuse_layout(self, fam: MoEFamily, moe: list[int]) -> None:
         """The family's config cannot say which output layers are MoE: name them and the first misplaced dense one."""
         field = fam.dense_layers.fields_text.split("/")[0]
-        late = [o for o in range(moe[0] if moe else 0, len(self.layers)) if o not in moe] if moe else []
+        late = [o for o in range(moe[0], len(self.layers)) if o not in moe] if moe else []
         where = ""
-        if late:
+        if late:  # the first dense layer after an MoE layer
             m, i, _ = self.layers[late[0]]
-            where = f", and dense layer {i} of {self.readers[m].path} at output layer {late[0]} after MoE layer {moe[0]}"
+            where = (f", and dense layer {i} of {self.readers[m].path} at output layer {late[0]} after MoE "
+                     f"layer {moe[0]}")
         raise MoemergeError(f"{field}: {self.model_type} {fam.dense_layers.pattern}, but this graft puts MoE layers at "
                             f"output layers {moe}{where}; order the slices so they follow that pattern, or leave "
                             "that layer out")

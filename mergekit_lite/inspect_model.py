@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.arch.tables import MOE, model_type_of, moe_counts, router_summary, split_layer_key
+from mergekit_lite.arch.params import param_counts
+from mergekit_lite.arch.tables import moe_counts, router_summary
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.plan import format_bytes, format_count
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -20,18 +18,12 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     reader = CheckpointReader(path)
     cfg = text_part(reader.config)
-    total = expert = 0
     dtypes: dict[str, int] = {}
-    fam = MOE.get(model_type_of(cfg))  # experts fused on disk (granitemoe: input_linear [E, 2I, H]) count too
-    fused = {rel for rel, members in fam.fused.items() if any("{e}" in m for m in members)} if fam else set()
-    for key, info in reader.tensors.items():
-        total += info.numel
+    for info in reader.tensors.values():
         name = str(info.dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + info.numel
-        if _EXPERT.search(key) or (split_layer_key(key) or (0, ""))[1] in fused:
-            expert += info.numel
+    total, active = param_counts(((key, info.numel) for key, info in reader.tensors.items()), cfg)
     n_experts, top_k = moe_counts(cfg)  # every family's spelling (arch tables)
-    active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
     files = sorted({i.file for i in reader.tensors.values()})
     return {
         "path": str(path), "architecture": (cfg.get("architectures") or ["?"])[0],

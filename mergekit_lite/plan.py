@@ -78,6 +78,10 @@ class Plan:
         """Parameters of the output model: the elements of every planned tensor."""
         return sum(op.numel for op in self.ops)
 
+    def numels(self) -> list[tuple[str, int]]:
+        """(output key, element count) of every planned tensor, for `arch.params.param_counts`."""
+        return [(op.key, op.numel) for op in self.ops]
+
     def role_counts(self) -> Counter:
         """How many ops of each (role, transform) kind the plan holds, for the dry-run summary."""
         return Counter((op.role, op.fn) for op in self.ops)

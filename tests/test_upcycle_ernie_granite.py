@@ -16,15 +16,16 @@ from safetensors.torch import load_file
 from test_upcycle_families import assert_parity_lost
 
 from mergekit_lite.arch import tables
+from mergekit_lite.arch.tables import MOE
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.ops.upcycle import run_upcycle
 
 DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3)  # 4 heads of 8, 2 kv heads
 TOL = 1e-4
-PAIRS = [("llama", "ernie4_5_moe"), ("mistral", "ernie4_5_moe"), ("qwen2", "ernie4_5_moe"),
-         ("llama", "granitemoe"), ("mistral", "granitemoe"),
-         ("llama", "granitemoeshared"), ("mistral", "granitemoeshared")]
+# every (source, target) pair the tables allow for these targets
+PAIRS = [(s, t) for t in ("ernie4_5_moe", "granitemoe", "granitemoeshared") for s in ("llama", "mistral", "qwen2", "qwen3")
+         if s in MOE[t].sources]
 OPTIONS = {
     "plain": {},
     "shared": {"shared_experts": 1, "shared_split": True},

@@ -13,6 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mergekit_lite.arch.tables import MOE
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader
 from mergekit_lite.ops.upcycle import plan_upcycle, run_upcycle
@@ -20,8 +21,8 @@ from mergekit_lite.recipe import UpcycleRecipe, load_recipe
 from mergekit_lite.verify import compare_logits
 
 DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3)
-PAIRS = [("llama", "glm4_moe"), ("mistral", "glm4_moe"), ("qwen2", "glm4_moe"), ("qwen3", "glm4_moe"),
-         ("qwen3", "dots1")]
+# every (source, target) pair the tables allow for the DeepSeek-V3-style targets
+PAIRS = [(s, t) for t in ("glm4_moe", "dots1") for s in ("llama", "mistral", "qwen2", "qwen3") if s in MOE[t].sources]
 # E experts, top-k; G = granularity; shared units split off the dense FFN; dense prefix; grouped + scaled router
 OPTIONS = {
     "plain": {},

@@ -6,8 +6,10 @@ transformers' own config class (so defaults such as Gemma3's 5-sliding/1-full pa
 Qwen-MoE's `decoder_sparse_step` count), then rebuilt for the output's layer order:
 
   layer_types         one entry per layer, taken from the layer's source
-  mlp_only_layers     output indices of the layers that were dense in their source;
-  decoder_sparse_step set to 1, since a step pattern does not survive layers moving
+  MoE layers          written by the MoE family's dense-layer scheme (arch/specs.py) from the layers that
+                      held experts in their source: `mlp_only_layers` (with `decoder_sparse_step` set to 1,
+                      since a step pattern does not survive layers moving), `first_k_dense_replace`, or
+                      ERNIE's start/end/interval
   max_window_layers   transformers 5 only uses it to seed a default `layer_types`; the explicit
                       `layer_types` written beside it is what the model runs. It is kept as the
                       number of leading output layers that lay below the source's boundary.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergekit_lite.arch.tables import DENSE, MOE, model_type_of
+from mergekit_lite.arch.tables import DENSE, MOE, model_type_of, moe_counts
 
 # Fields that differ between checkpoints of one architecture without changing any tensor's meaning.
 _IGNORED = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",
@@ -50,16 +52,14 @@ def nests_text_config(cfg: dict[str, Any]) -> bool:
 
 
 def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
-    """Each per-layer field of `cfg` as one value per layer.
+    """Each per-layer field of the dense decoder in `cfg` as one value per layer.
 
-    Returns `layer_types` -> attention kind, `max_window_layers` -> True below the boundary,
-    `mlp_only_layers` -> True for a dense (non-MoE) layer. Fields the family lacks are absent.
-    A nested config (moemerge) gives its dense part's views plus its own `mlp_only_layers`.
+    Returns `layer_types` -> attention kind, `max_window_layers` -> True below the boundary. Fields the
+    family lacks are absent. A nested config (moemerge) gives its dense part's views. Which layers hold
+    experts is `moe_layers_of`.
     """
     if nests_text_config(cfg):
-        dense = set(cfg.get("mlp_only_layers") or [])
-        n = cfg["text_config"]["num_hidden_layers"]
-        return {**layer_views(cfg["text_config"]), "mlp_only_layers": [i in dense for i in range(n)]}
+        return layer_views(cfg["text_config"])
     fields = per_layer_fields(model_type_of(cfg))
     obj = hf_config(cfg)
     n = cfg["num_hidden_layers"]
@@ -68,25 +68,46 @@ def layer_views(cfg: dict[str, Any]) -> dict[str, list]:
         views["layer_types"] = list(obj.layer_types)
     if "max_window_layers" in fields and getattr(obj, "max_window_layers", None) is not None:
         views["max_window_layers"] = [i < obj.max_window_layers for i in range(n)]
-    if "mlp_only_layers" in fields:
-        only, step = set(obj.mlp_only_layers or []), obj.decoder_sparse_step or 1
-        # the same test the Qwen-MoE decoder layer applies to pick a sparse or a dense FFN
-        views["mlp_only_layers"] = [i in only or not (obj.num_experts > 0 and (i + 1) % step == 0) for i in range(n)]
     return views
+
+
+def moe_layers_of(cfg: dict[str, Any]) -> list[int] | None:
+    """The layers of a MoE config that hold experts, read by its family's dense-layer scheme with the class's
+    defaults applied (Qwen-MoE's `decoder_sparse_step`, glm4_moe's `first_k_dense_replace: 1`); None for a dense
+    config, [] for a MoE config without experts."""
+    fam = MOE.get(model_type_of(cfg))
+    if fam is None:
+        return None
+    n = (cfg["text_config"] if nests_text_config(cfg) else cfg)["num_hidden_layers"]
+    full = hf_config(cfg).to_dict()
+    if moe_counts(full)[0] is None:  # no experts: every layer runs the dense FFN
+        return []
+    return fam.dense_layers.decode(full, n)
 
 
 def remap_layers(configs: list[dict[str, Any]], origin: list[Origin]) -> dict[str, Any]:
     """The config of a model whose layer o is layer `origin[o][1]` of model `origin[o][0]`.
 
     Everything but the per-layer fields comes from the first output layer's model. A nested config (moemerge)
-    has its dense part remapped by the dense family's rules and its `mlp_only_layers` by the layers' kinds.
+    has its dense part remapped by the dense family's rules. Which layers hold experts is written by the MoE
+    family's dense-layer scheme; a layout it cannot express is left out (graft refuses it, naming the layers).
     """
-    if nests_text_config(configs[origin[0][0]]):
-        base = dict(configs[origin[0][0]])
-        base["text_config"] = remap_layers([c["text_config"] for c in configs], origin)
-        dense = [layer_views(c)["mlp_only_layers"] for c in configs]
-        base["mlp_only_layers"] = [o for o, (m, i) in enumerate(origin) if dense[m][i]]
-        return base
+    first = configs[origin[0][0]]
+    if nests_text_config(first):
+        base = dict(first)
+        base["text_config"] = _remap_dense([c["text_config"] for c in configs], origin)
+    else:
+        base = _remap_dense(configs, origin)
+    fam = MOE.get(model_type_of(first))
+    if fam is not None and fam.dense_layers.any_dense:
+        moe = [set(moe_layers_of(c) or []) for c in configs]
+        fields = fam.dense_layers.encode([o for o, (m, i) in enumerate(origin) if i in moe[m]], len(origin))
+        base.update(fields or {})
+    return base
+
+
+def _remap_dense(configs: list[dict[str, Any]], origin: list[Origin]) -> dict[str, Any]:
+    """`remap_layers` for the decoder's own per-layer fields (attention kinds, sliding-window boundary)."""
     base = dict(configs[origin[0][0]])
     views = [layer_views(c) for c in configs]
     out_n = len(origin)
@@ -98,9 +119,6 @@ def remap_layers(configs: list[dict[str, Any]], origin: list[Origin]) -> dict[st
         below = picked["max_window_layers"]
         lead = next((o for o, b in enumerate(below) if not b), out_n)
         base["max_window_layers"] = max(out_n, base.get("max_window_layers", 0)) if lead == out_n else lead
-    if "mlp_only_layers" in picked:
-        base["mlp_only_layers"] = [o for o, dense in enumerate(picked["mlp_only_layers"]) if dense]
-        base["decoder_sparse_step"] = 1
     return base
 
 

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from mergekit_lite.arch.specs import (
+    DenseLayers,
+    DensePrefix,
+    DenseSet,
+    EveryLayerMoE,
+    MoESpan,
+    RouterSpec,
+    SharedExpert,
+)
+
 LAYER_PREFIX = "model.layers.{i}."
 PROJS = ("gate", "up", "down")  # SwiGLU FFN: down(act(gate(x)) * up(x))
 
@@ -26,28 +36,9 @@ class DenseFamily:
 
     model_type: str
     mlp: dict[str, str] = field(default_factory=lambda: {p: f"mlp.{p}_proj.weight" for p in PROJS})
-    # config fields that hold one entry per layer (lists) or refer to layer indices
+    # config fields that hold one entry per layer (lists) or refer to layer indices; which layers are MoE is
+    # the dense-layer scheme's (MoEFamily.dense_layers)
     per_layer_fields: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """What a family's router computes and where its options live (config fields, extra tensors).
-
-    Two kinds exist today: softmax over the logits (Mixtral, Qwen-MoE), and the DeepSeek-V3 kind
-    (sigmoid scores, a per-expert selection bias saved in the checkpoint, optional grouped routing
-    and a routed scaling factor: glm4_moe, dots1).
-    """
-
-    scoring: tuple[str, ...] = ("softmax",)   # scorings the class implements; the first is its default
-    scoring_field: str | None = None           # config field choosing among several scorings (None: fixed)
-    bias: str | None = None                    # selection-bias tensor (relative key): zeros, float32
-    # the same tensor in the loaded model, relative to the router module (transformers may load a checkpoint key
-    # elsewhere: ERNIE's mlp.moe_statics... lives in mlp.gate.moe_statics); what training moves
-    bias_in_router: str = "e_score_correction_bias"
-    fp32: bool = False                         # transformers keeps the router weight in float32 (_keep_in_fp32)
-    group_fields: tuple[str, str] | None = None  # (number of groups, groups kept per token)
-    scaling_field: str | None = None           # factor on the renormalised top-k weights
 
 
 _SOFTMAX = RouterSpec()
@@ -67,33 +58,26 @@ class MoEFamily:
     dense_mlp: dict[str, str] | None         # FFN of a dense layer inside the MoE model (mlp_only_layers)
     layer_keys: frozenset[str]               # non-FFN per-layer tensors the class holds
     zero_fill: frozenset[str] = frozenset()  # tensors the class always has; zeros are exact when absent
-    shared_expert: dict[str, str] | None = None
-    shared_expert_gate: str | None = None
+    shared: SharedExpert | None = None       # the shared expert (tensors, gate, size field); None: the class has none
     experts_field: str = "num_experts"
     expert_size_field: str = "moe_intermediate_size"
     carry_fields: tuple[str, ...] = ()       # config fields kept beyond COMMON_FIELDS
     fixed_fields: dict = field(default_factory=dict)
     per_layer_fields: tuple[str, ...] = ()
-    supports_dense_layers: bool = False      # any set of dense layers (mlp_only_layers)
-    dense_prefix_field: str | None = None    # only the first k layers dense, k in this field (first_k_dense_replace)
-    shared_size_field: str | None = None     # shared expert size in channels (Qwen2-MoE)
-    shared_count_field: str | None = None    # shared expert size in routed-expert units (n_shared_experts)
+    dense_layers: DenseLayers = EveryLayerMoE()  # which layers may keep a dense FFN, and the config fields saying so
     router_spec: RouterSpec = _SOFTMAX
     plan_transforms: tuple[str, ...] = ()    # names in ops/plan_transforms.py, applied to the finished plan
     # on-disk tensors made of per-expert ones (plan transform fuse_experts): fused key -> member keys in order;
     # members with {e} repeat for every expert (leading expert axis), e.g. input_linear = [gate_e; up_e]
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # (start, end, interval) config fields when MoE layers are those with start <= i <= end and (i + 1) % interval
-    # == 0 (ernie4_5_moe); upcycle and graft write them from the layers that hold experts
-    moe_span_fields: tuple[str, str, str] | None = None
     # the config keeps the dense source's whole config under `text_config` (the project's own classes, which run
     # the dense family's decoder); the MoE fields sit beside it
     nests_text_config: bool = False
 
     @property
-    def any_dense_layers(self) -> bool:
-        """The class can keep some layers dense (as a free set or as a prefix)."""
-        return self.supports_dense_layers or self.dense_prefix_field is not None
+    def fused_expert_keys(self) -> frozenset[str]:
+        """Per-layer keys of on-disk tensors that hold every routed expert at once (granitemoe's input_linear)."""
+        return frozenset(rel for rel, members in self.fused.items() if any("{e}" in m for m in members))
 
 
 DENSE: dict[str, DenseFamily] = {
@@ -113,6 +97,7 @@ COMMON_FIELDS = (
     "sliding_window",
 )
 
+_QWEN_DENSE = DenseSet("mlp_only_layers", step_field="decoder_sparse_step")
 _QWEN_MOE_FIXED = {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
                    "output_router_logits": False, "router_aux_loss_coef": 0.001}
 
@@ -134,12 +119,12 @@ MOE: dict[str, MoEFamily] = {
         expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
         router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
         layer_keys=_QKVO | _QKV_BIAS | _NORMS, zero_fill=_QKV_BIAS,
-        shared_expert={p: f"mlp.shared_expert.{p}_proj.weight" for p in PROJS},
-        shared_expert_gate="mlp.shared_expert_gate.weight",
+        shared=SharedExpert({p: f"mlp.shared_expert.{p}_proj.weight" for p in PROJS},
+                            gate="mlp.shared_expert_gate.weight", size_field="shared_expert_intermediate_size"),
         carry_fields=("use_sliding_window", "max_window_layers", "layer_types"),
         fixed_fields={**_QWEN_MOE_FIXED, "shared_expert_intermediate_size": 0},
-        per_layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
-        supports_dense_layers=True, shared_size_field="shared_expert_intermediate_size",
+        per_layer_fields=("layer_types", "max_window_layers"),
+        dense_layers=_QWEN_DENSE,
     ),
     "qwen3_moe": MoEFamily(
         model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
@@ -149,8 +134,8 @@ MOE: dict[str, MoEFamily] = {
         layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _QK_NORM | _NORMS,
         carry_fields=("attention_bias", "use_sliding_window", "max_window_layers", "layer_types"),
         fixed_fields=dict(_QWEN_MOE_FIXED),
-        per_layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
-        supports_dense_layers=True,
+        per_layer_fields=("layer_types", "max_window_layers"),
+        dense_layers=_QWEN_DENSE,
     ),
 }
 
@@ -158,7 +143,8 @@ MOE: dict[str, MoEFamily] = {
 # layers are a prefix (first_k_dense_replace, default 1 in glm4_moe: always written).
 _DSV3_FIXED = {"norm_topk_prob": True, "output_router_logits": False, "n_group": 1, "topk_group": 1,
                "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "n_shared_experts": 0}
-_UNGATED_SHARED = {p: f"mlp.shared_experts.{p}_proj.weight" for p in PROJS}
+_UNGATED_SHARED = SharedExpert({p: f"mlp.shared_experts.{p}_proj.weight" for p in PROJS},
+                               count_field="n_shared_experts")
 
 MOE["glm4_moe"] = MoEFamily(
     model_type="glm4_moe", architecture="Glm4MoeForCausalLM",
@@ -167,12 +153,11 @@ MOE["glm4_moe"] = MoEFamily(
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
     # q/k/v biases (attention_bias) and per-head q/k norms (use_qk_norm) are optional; no o_proj bias
     layer_keys=_QKVO | _QKV_BIAS | _QK_NORM | _NORMS,
-    shared_expert=_UNGATED_SHARED, experts_field="n_routed_experts",
+    shared=_UNGATED_SHARED, experts_field="n_routed_experts",
     carry_fields=("attention_bias",),  # then set from the source's tensors (plan transform attention_flags)
     # partial_rotary_factor defaults to 0.5 in glm4_moe (rotates half of each head): 1.0 is Llama's RoPE
     fixed_fields={**_DSV3_FIXED, "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0},
-    per_layer_fields=("first_k_dense_replace",),
-    dense_prefix_field="first_k_dense_replace", shared_count_field="n_shared_experts",
+    dense_layers=DensePrefix("first_k_dense_replace"),
     router_spec=_DEEPSEEK_V3, plan_transforms=("attention_flags",),
 )
 MOE["dots1"] = MoEFamily(
@@ -181,11 +166,11 @@ MOE["dots1"] = MoEFamily(
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
     layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _QK_NORM | _NORMS,  # Qwen3's attention
-    shared_expert=_UNGATED_SHARED, experts_field="n_routed_experts",
+    shared=_UNGATED_SHARED, experts_field="n_routed_experts",
     carry_fields=("attention_bias", "max_window_layers", "layer_types"),
     fixed_fields=dict(_DSV3_FIXED),  # dots1 defaults norm_topk_prob False, n_shared_experts None
-    per_layer_fields=("layer_types", "max_window_layers", "first_k_dense_replace"),
-    dense_prefix_field="first_k_dense_replace", shared_count_field="n_shared_experts",
+    per_layer_fields=("layer_types", "max_window_layers"),
+    dense_layers=DensePrefix("first_k_dense_replace"),
     router_spec=_DEEPSEEK_V3,
 )
 
@@ -198,12 +183,11 @@ MOE["ernie4_5_moe"] = MoEFamily(
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
     layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _NORMS,
-    shared_expert=_UNGATED_SHARED, experts_field="moe_num_experts",
+    shared=replace(_UNGATED_SHARED, count_field="moe_num_shared_experts"), experts_field="moe_num_experts",
     fixed_fields={"moe_layer_start_index": 0, "moe_layer_interval": 1, "moe_num_shared_experts": 0,
                   "use_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.001},
-    supports_dense_layers=True, shared_count_field="moe_num_shared_experts",
-    moe_span_fields=("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
-    router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True,
+    dense_layers=MoESpan("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
+    router_spec=RouterSpec(bias="mlp.moe_statics.e_score_correction_bias", fp32=True, bias_shape="1E",
                            bias_in_router="moe_statics.e_score_correction_bias"),
     plan_transforms=("ernie_layout",),
 )
@@ -228,7 +212,7 @@ MOE["granitemoe"] = MoEFamily(
 _GRANITE_SHARED = {p: f"shared_mlp.{p}_proj.weight" for p in PROJS}
 MOE["granitemoeshared"] = replace(
     MOE["granitemoe"], model_type="granitemoeshared", architecture="GraniteMoeSharedForCausalLM",
-    shared_expert=_GRANITE_SHARED, shared_size_field="shared_intermediate_size",
+    shared=SharedExpert(_GRANITE_SHARED, size_field="shared_intermediate_size"),
     fixed_fields={**_GRANITE_FIXED, "shared_intermediate_size": 0},
     fused={**_GRANITE_FUSED, "shared_mlp.input_linear.weight": (_GRANITE_SHARED["gate"], _GRANITE_SHARED["up"]),
            "shared_mlp.output_linear.weight": (_GRANITE_SHARED["down"],)},
@@ -245,11 +229,11 @@ MOE["moemerge"] = MoEFamily(
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
     layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _QK_NORM | _NORMS | _GEMMA_FFN_NORMS,  # the family's own decoder
-    shared_expert={p: f"mlp.shared_expert.{p}_proj.weight" for p in PROJS},
+    shared=SharedExpert({p: f"mlp.shared_expert.{p}_proj.weight" for p in PROJS},
+                        size_field="shared_expert_intermediate_size"),
     fixed_fields={"norm_topk_prob": True, "block_kind": "topk", "shared_expert_intermediate_size": 0,
                   "output_router_logits": False, "router_aux_loss_coef": 0.001},
-    per_layer_fields=("mlp_only_layers",),
-    supports_dense_layers=True, shared_size_field="shared_expert_intermediate_size",
+    dense_layers=DenseSet("mlp_only_layers"),
     router_spec=RouterSpec(scoring=("softmax", "sigmoid"), scoring_field="scoring",
                            bias="mlp.gate.e_score_correction_bias", scaling_field="routed_scaling_factor"),
     plan_transforms=("moemerge_code",), nests_text_config=True,
@@ -323,7 +307,7 @@ def router_summary(config: dict) -> str | None:
     if fam is None:
         return None
     spec = fam.router_spec
-    parts = [f"{config.get(spec.scoring_field) or spec.scoring[0] if spec.scoring_field else spec.scoring[0]} scores"]
+    parts = [f"{spec.scoring_of(config)} scores"]
     if spec.bias:
         parts.append(f"selection bias {spec.bias.rsplit('.', 1)[-1]}")
     if spec.group_fields and (config.get(spec.group_fields[0]) or 1) > 1:

@@ -17,6 +17,7 @@ entry by entry, so each copy owns its bytes on disk.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ import torch
 import yaml
 
 from mergekit_lite.arch.config import validate_config
-from mergekit_lite.arch.layers import config_mismatch, hf_config, layer_views, remap_layers
-from mergekit_lite.arch.tables import DENSE, MOE, layer_key, model_type_of, split_layer_key
+from mergekit_lite.arch.layers import config_mismatch, moe_layers_of, remap_layers
+from mergekit_lite.arch.params import param_counts
+from mergekit_lite.arch.tables import DENSE, MOE, MoEFamily, layer_key, model_type_of, split_layer_key
 from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.models import text_part
+from mergekit_lite.ops.plan_transforms import dense_layer_fields
+from mergekit_lite.ops.upcycle_context import TargetContext
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp
 from mergekit_lite.provenance import recipe_record
 from mergekit_lite.recipe import GraftRecipe, GraftSlice
@@ -68,7 +72,7 @@ def identity_zero_patterns(model_type: str) -> list[re.Pattern]:
     else:
         fam = MOE[model_type]
         rels += [fam.expert["down"], "mlp.experts.down_proj"]  # per-expert layout, and v5's fused 3-D layout
-        rels += [t["down"] for t in (fam.dense_mlp, fam.shared_expert) if t]
+        rels += [t["down"] for t in (fam.dense_mlp, fam.shared.mlp if fam.shared else None) if t]
         # experts fused on disk (granitemoe's output_linear): the fused tensors holding a down projection
         rels += [rel for rel, members in fam.fused.items() if set(members) & set(rels)]
     pats = []
@@ -191,84 +195,59 @@ class GraftPlanner:
             ops += self.layer_ops(o, m, i, identity)
         ops += [self.copy(self.head_model, k, k, "head") for k in head.keys()
                 if split_layer_key(k) is None and not k.startswith("model.embed")]
-        config = self._config(ops)
-        plan = Plan("graft", sources, ops, config, sources[self.slice_models[0]])
-        plan.active_params = self._active(plan, config)
-        plan.notes += self._notes()
-        return plan
+        plan = Plan("graft", sources, ops, self._config(ops), sources[self.slice_models[0]], notes=self._notes())
+        fam = MOE.get(self.model_type)
+        if fam is None:  # dense: nothing is routed
+            return plan
+        # the same dense-layer rewriting as upcycle's: the family's scheme writes which output layers are MoE
+        plan = dense_layer_fields(plan, self.context(sources[self.slice_models[0]], fam))
+        return replace(plan, active_params=param_counts(plan.numels(), plan.config).active)
+
+    def context(self, source: Path, fam: MoEFamily) -> TargetContext:
+        """The output as a target: its family and the layers that hold experts (checked against every source)."""
+        moe = self._moe_layers(fam)
+        if fam.dense_layers.encode(moe, len(self.layers)) is None:
+            self._refuse_layout(fam, moe)
+        return TargetContext(source=source, source_config=self.readers[self.slice_models[0]].config, family=fam,
+                             moe_layers=tuple(moe), n_layers=len(self.layers))
 
     def _config(self, ops: list[TensorOp]) -> dict:
         config = remap_layers([rd.config for rd in self.readers], [(m, i) for m, i, _ in self.layers])
-        self._check_dense_layers(config)
         config["dtype"] = self.r.dtype if self.r.dtype != "source" else str(ops[0].dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
         validate_config(config)
         return config
 
-    def _check_dense_layers(self, config: dict) -> None:
-        """In a Qwen-MoE model the config says which layers are dense; the tensors must agree."""
-        fam = MOE.get(self.model_type)
-        if fam is not None and fam.dense_prefix_field:
-            self._dense_prefix(config, fam.dense_prefix_field, fam.dense_mlp["gate"])
-        if fam is not None and fam.moe_span_fields:
-            self._moe_span(config, fam)
-        if "mlp_only_layers" not in config:
-            return
-        dense_rel = MOE[self.model_type].dense_mlp["gate"]
+    def _moe_layers(self, fam: MoEFamily) -> list[int]:
+        """Output layers that hold experts, from each layer's tensors; every source layer must be the kind its
+        own config makes it (the family's dense-layer scheme, class defaults included)."""
+        dense_rel = fam.dense_mlp["gate"] if fam.dense_mlp else None
+        scheme_moe = {m: set(moe_layers_of(self.readers[m].config) or []) for m in set(self.slice_models)}
+        moe = []
         for o, (m, i, _) in enumerate(self.layers):
-            has_dense = any(rel == dense_rel for rel, _ in self.by_layer[m][i])
-            if has_dense != (o in config["mlp_only_layers"]):
-                kind = "dense" if layer_views(self.readers[m].config)["mlp_only_layers"][i] else "MoE"
-                raise MoemergeError(f"{self.readers[m].path}: config.json makes layer {i} a {kind} layer, but its "
-                                    f"tensors {'do not ' if kind == 'dense' else ''}hold {dense_rel!r}")
-
-    def _moe_span(self, config: dict, fam) -> None:
-        """ernie4_5_moe: the output's MoE layers (those without a dense FFN) as start/end/interval fields."""
-        from mergekit_lite.ops.plan_transforms import moe_span
-
-        dense_rel = fam.dense_mlp["gate"]
-        moe = [o for o, (m, i, _) in enumerate(self.layers)
-               if not any(rel == dense_rel for rel, _ in self.by_layer[m][i])]
-        span = moe_span(moe, len(self.layers))
-        if span is None:
-            raise MoemergeError(f"{fam.moe_span_fields[0]}: {self.model_type} places MoE layers every "
-                                f"{fam.moe_span_fields[2]} layers between a start and an end layer, but this graft "
-                                f"puts MoE layers at output layers {moe}; order the slices so they follow that pattern")
-        config.update(zip(fam.moe_span_fields, span))
-
-    def _dense_prefix(self, config: dict, field: str, dense_rel: str) -> None:
-        """glm4_moe / dots1: only the first `field` layers are dense; the output must keep them first and count them.
-
-        Each source layer's kind comes from its tensors, checked against its own config (class default included);
-        the output's count is the length of its leading run of dense layers, and a dense layer after an MoE
-        layer is refused (the class could not hold it).
-        """
-        kinds = []
-        for m, i, _ in self.layers:
             dense = any(rel == dense_rel for rel, _ in self.by_layer[m][i])
-            k = getattr(hf_config(self.readers[m].config), field)
-            if dense != (i < k):
-                raise MoemergeError(f"{self.readers[m].path}: config.json says {field}={k}, so layer {i} is "
-                                    f"{'dense' if i < k else 'MoE'}, but its tensors {'do not ' if i < k else ''}"
-                                    f"hold {dense_rel!r}; the checkpoint does not match its config")
-            kinds.append(dense)
-        lead = next((o for o, d in enumerate(kinds) if not d), len(kinds))
-        if any(kinds[lead:]):
-            o = kinds.index(True, lead)
-            m, i, _ = self.layers[o]
-            raise MoemergeError(f"{field}: {self.model_type} keeps dense FFNs only in its first layers, but this "
-                                f"graft puts dense layer {i} of {self.readers[m].path} at output layer {o}, after MoE "
-                                f"layer {lead}; order the slices so dense layers come first, or leave that layer out")
-        config[field] = lead
+            if dense == (i in scheme_moe[m]):
+                kind = "dense" if i not in scheme_moe[m] else "MoE"
+                raise MoemergeError(f"{self.readers[m].path}: config.json makes layer {i} a {kind} layer "
+                                    f"({fam.dense_layers.fields_text}), but its tensors "
+                                    f"{'do not ' if kind == 'dense' else ''}hold {dense_rel!r}; the checkpoint does "
+                                    "not match its config")
+            if not dense:
+                moe.append(o)
+        return moe
 
-    def _active(self, plan: Plan, config: dict) -> int | None:
-        if self.model_type not in MOE:
-            return None
-        obj = hf_config(config)  # its attribute map knows every spelling (num_experts / num_local_experts)
-        E, k = getattr(obj, MOE[self.model_type].experts_field), obj.num_experts_per_tok
-        experts = sum(op.numel for op in plan.ops if op.role == "expert" or
-                      (op.role == "identity-zero" and ".experts." in op.key))
-        return plan.total_params - experts * (E - k) // E
+    def _refuse_layout(self, fam: MoEFamily, moe: list[int]) -> None:
+        """The family's config cannot say which output layers are MoE: name them and the first misplaced dense one."""
+        field = fam.dense_layers.fields_text.split("/")[0]
+        late = [o for o in range(moe[0], len(self.layers)) if o not in moe] if moe else []
+        where = ""
+        if late:  # the first dense layer after an MoE layer
+            m, i, _ = self.layers[late[0]]
+            where = (f", and dense layer {i} of {self.readers[m].path} at output layer {late[0]} after MoE "
+                     f"layer {moe[0]}")
+        raise MoemergeError(f"{field}: {self.model_type} {fam.dense_layers.pattern}, but this graft puts MoE layers at "
+                            f"output layers {moe}{where}; order the slices so they follow that pattern, or leave "
+                            "that layer out")
 
     def _notes(self) -> list[str]:
         notes = []

@@ -8,6 +8,7 @@ built from headers only; `run_upcycle` preflights it and hands it to the executo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from mergekit_lite.arch.config import moe_config
+from mergekit_lite.arch.params import param_counts
 from mergekit_lite.arch.tables import (
     AUTO_TARGET,
     DENSE,
@@ -32,7 +34,7 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
-from mergekit_lite.ops.upcycle_context import DenseShapes
+from mergekit_lite.ops.upcycle_context import DenseShapes, TargetContext
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
 from mergekit_lite.ops.upcycle_router import bias_ops, check_router_options, moe_overrides, router_dtype, router_notes
 from mergekit_lite.plan import DTYPES, Plan, Src, TensorOp, derive_seed
@@ -219,9 +221,9 @@ class UpcyclePlanner:
 
     def shared_ops(self, i: int, dtype: torch.dtype) -> list[TensorOp]:
         """Qwen2-MoE, glm4_moe, dots1 always have a shared expert; size 0 (no `shared_experts`) adds nothing."""
-        if not self.fam.shared_expert:
+        if not self.fam.shared:
             return []
-        h, se, gate_key = self.shapes.hidden, self.fam.shared_expert, self.fam.shared_expert_gate
+        h, se, gate_key = self.shapes.hidden, self.fam.shared.mlp, self.fam.shared.gate
         gate = [TensorOp(layer_key(i, gate_key), (1, h), dtype, "zeros", role="shared")] if gate_key else []
         spec = self.layout.shared
         if spec is None:
@@ -258,15 +260,20 @@ class UpcyclePlanner:
             ops += self.layer_ops(i)
         ops += [self.non_expert(k, "head") for k in head]
         self._check_head()
-        E, k, u, H = self.r.num_experts, self.r.experts_per_token, self.layout.expert_size, self.shapes.hidden
-        config, dropped = moe_config(self.cfg, self.fam, num_experts=E, top_k=k, expert_size=u,
-                                     dtype=self._dtype_name(ops), overrides=moe_overrides(self))
-        plan = Plan("upcycle", self.sources, ops, config, self.sources[0])
-        # per token, each MoE layer runs k of its E routed experts (router and shared expert always run)
-        plan.active_params = plan.total_params - len(self.moe) * (E - k) * 3 * H * u
-        plan.notes += self._notes(dropped)
-        apply_plan_transforms(plan, self, self.fam.plan_transforms)
-        return plan
+        ctx = self.context()
+        config, dropped = moe_config(self.cfg, self.fam, num_experts=ctx.num_experts, top_k=self.r.experts_per_token,
+                                     expert_size=ctx.expert_size, dtype=self._dtype_name(ops),
+                                     overrides=moe_overrides(ctx))
+        plan = Plan("upcycle", self.sources, ops, config, self.sources[0], notes=self._notes(dropped))
+        plan = apply_plan_transforms(plan, ctx, self.fam.plan_transforms)
+        return replace(plan, active_params=param_counts(plan.numels(), plan.config).active)
+
+    def context(self) -> TargetContext:
+        """What the family's plan transforms may read about this upcycle (frozen; never the planner)."""
+        return TargetContext(source=self.sources[0], source_config=self.cfg, family=self.fam,
+                             moe_layers=tuple(self.layout.moe_layers), n_layers=self.shapes.n_layers,
+                             num_experts=self.r.num_experts, expert_size=self.layout.expert_size,
+                             shared_size=self.layout.shared_size, router=self.r.router)
 
     def _check_head(self) -> None:
         if not self.cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in self.base:

@@ -65,25 +65,30 @@ def _families_with(test) -> str:
 
 def select_moe_layers(spec: Literal["all"] | MoEEvery | list[int], n_layers: int, fam: MoEFamily,
                       dense_layers: int = 0) -> list[int]:
-    """The MoE layer indices for `moe_layers` / `dense_layers`, refusing what the target cannot express."""
+    """The MoE layer indices for `moe_layers` / `dense_layers`, refusing what the target cannot express.
+
+    The family's dense-layer scheme decides: whether any layer may stay dense (`any_dense`), whether any set
+    may (`free`, else only `dense_layers: k`), and whether its config fields can say exactly these (`encode`).
+    """
+    scheme = fam.dense_layers
     if dense_layers:
-        if not fam.any_dense_layers:
+        if not scheme.any_dense:
             raise MoemergeError(f"dense_layers={dense_layers}: {fam.model_type} has no dense layers (every layer is "
                                 f"MoE); remove dense_layers, or use architecture: "
-                                f"{_families_with(lambda f: f.any_dense_layers)}")
+                                f"{_families_with(lambda f: f.dense_layers.any_dense)}")
         if dense_layers >= n_layers:
             raise MoemergeError(f"dense_layers={dense_layers}: the source has {n_layers} layers, so no layer would be "
                                 f"MoE; use dense_layers between 0 and {n_layers - 1}")
         return list(range(dense_layers, n_layers))
     if spec == "all":
         return list(range(n_layers))
-    if not fam.supports_dense_layers:
-        if fam.dense_prefix_field:
-            raise MoemergeError(f"moe_layers={_show(spec)}: only the first layers can stay dense in "
-                                f"{fam.model_type} ({fam.dense_prefix_field}); use dense_layers: k instead")
+    if not scheme.any_dense:
         raise MoemergeError(f"moe_layers={_show(spec)}: {fam.model_type} has no dense layers (every layer is MoE); "
                             f"use moe_layers: all, or architecture: "
-                            f"{_families_with(lambda f: f.supports_dense_layers)} (mlp_only_layers)")
+                            f"{_families_with(lambda f: f.dense_layers.free)} (mlp_only_layers)")
+    if not scheme.free:
+        raise MoemergeError(f"moe_layers={_show(spec)}: only the first layers can stay dense in "
+                            f"{fam.model_type} ({scheme.fields_text}); use dense_layers: k instead")
     if isinstance(spec, MoEEvery):
         layers = [i for i in range(n_layers) if (i + 1) % spec.every == 0]
     else:
@@ -94,6 +99,9 @@ def select_moe_layers(spec: Literal["all"] | MoEEvery | list[int], n_layers: int
         layers = sorted(spec)
     if not layers:
         raise MoemergeError(f"moe_layers={_show(spec)} selects no layer of {n_layers}; choose a smaller `every`")
+    if scheme.encode(layers, n_layers) is None:
+        raise MoemergeError(f"moe_layers={layers}: {fam.model_type} {scheme.pattern} ({scheme.fields_text}), which "
+                            "cannot give these; use dense_layers: k, moe_layers: {every: k} or a contiguous range")
     return layers
 
 
@@ -106,9 +114,9 @@ def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: i
     """Channel ranges, scales and per-expert options for every expert; `copy_models[c]` is copy c's source.
     `source_type` (the dense model_type) keeps hints to the targets that accept that source."""
     G, n, I = r.granularity, r.shared_experts, intermediate
-    if n and not fam.shared_expert:
+    if n and not fam.shared:
         raise MoemergeError(f"shared_experts={n}: {fam.model_type} has no shared expert; use architecture: "
-                            f"{_families_with(lambda f: f.shared_expert and source_type in (None, *f.sources))}, "
+                            f"{_families_with(lambda f: f.shared and source_type in (None, *f.sources))}, "
                             "or remove shared_experts")
     units = G + n if r.shared_split else G
     if I % units:
@@ -134,12 +142,10 @@ def make_layout(r: UpcycleRecipe, fam: MoEFamily, intermediate: int, n_layers: i
                                   scale=float(G) / (r.router.scaling or 1.0),
                                   noise=noise, drop_ratio=drop, copy=c, slice=s))
     shared = None
-    if n:
+    if n and fam.shared:
         # split: units 0..n-1, down x2 against a gate of sigmoid(0) = 0.5 (an ungated shared expert needs no
         # factor); otherwise units j = slice j mod G, as is
-        gated = fam.shared_expert_gate is not None
-        shared = ExpertSpec(model=0, start=0, size=n * u,  # from the base model
-                            scale=2.0 if r.shared_split and gated else 1.0)
+        shared = ExpertSpec(model=0, start=0, size=n * u, scale=fam.shared.down_scale(r.shared_split))  # base model
     return Layout(I, u, experts, shared, select_moe_layers(r.moe_layers, n_layers, fam, r.dense_layers))
 
 
@@ -156,7 +162,7 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
         fam: the target family (how its shared expert is gated, how it names dense layers).
     """
     G, notes = r.granularity, []
-    gated = fam is None or fam.shared_expert_gate is not None
+    gated = fam is None or bool(fam.shared and fam.shared.gated)
     if G > 1:
         notes.append(f"granularity {G}: {r.num_experts} fine experts = {r.num_experts // G} copies x {G} slices of "
                      f"{lay.expert_size} channels; router rows tied within a copy and down_proj x {G}, so top-"
@@ -175,8 +181,7 @@ def parity_notes(r: UpcycleRecipe, lay: Layout, n_layers: int, narrowing: str | 
                      "shared_split: true to keep parity")
     if len(lay.moe_layers) < n_layers:
         dense = sorted(set(range(n_layers)) - set(lay.moe_layers))
-        field = (fam.dense_prefix_field if fam and fam.dense_prefix_field and not fam.supports_dense_layers
-                 else "/".join(fam.moe_span_fields) if fam and fam.moe_span_fields else "mlp_only_layers")
+        field = fam.dense_layers.fields_text if fam else "mlp_only_layers"
         notes.append(f"partial MoE: MoE layers {lay.moe_layers}; dense FFN kept in layers {dense} ({field})")
     if r.router.init == "hidden":
         notes.append("router rows: mean hidden state at each FFN input over each expert's prompts (computed on "

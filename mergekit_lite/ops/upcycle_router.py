@@ -23,7 +23,7 @@ from mergekit_lite.errors import MoemergeError
 from mergekit_lite.plan import TensorOp
 
 if TYPE_CHECKING:
-    from mergekit_lite.ops.upcycle_context import PlannerView as UpcyclePlanner  # not ops.upcycle: no cycle
+    from mergekit_lite.ops.upcycle_context import TargetContext
     from mergekit_lite.recipe import UpcycleRecipe
 
 
@@ -46,27 +46,14 @@ def check_router_options(r: "UpcycleRecipe", fam: MoEFamily) -> None:
                             f"router.scaling, or use architecture: {_families(lambda s: s.scaling_field)}")
 
 
-def moe_overrides(p: "UpcyclePlanner") -> dict:
-    """Config fields that follow the recipe: dense layers, shared expert size, router options."""
-    fam, r, lay = p.fam, p.r, p.layout
-    out: dict = {}
-    dense = sorted(set(range(p.shapes.n_layers)) - p.moe)
-    if fam.supports_dense_layers:
-        out["mlp_only_layers"] = dense
-    elif fam.dense_prefix_field:
-        out[fam.dense_prefix_field] = len(dense)  # select_moe_layers only allows a dense prefix here
-    if fam.shared_size_field:
-        out[fam.shared_size_field] = lay.shared_size
-    if fam.shared_count_field:
-        out[fam.shared_count_field] = lay.shared_size // lay.expert_size
-    spec, ro = fam.router_spec, r.router
-    if spec.scoring_field:
-        out[spec.scoring_field] = ro.scoring or spec.scoring[0]
-    if spec.group_fields:
-        groups = ro.groups or 1
-        out.update(dict(zip(spec.group_fields, (groups, ro.topk_groups or groups))))
-    if spec.scaling_field:
-        out[spec.scaling_field] = float(ro.scaling or 1.0)
+def moe_overrides(ctx: TargetContext) -> dict:
+    """Config fields that follow the recipe, each from its spec: dense layers, shared expert size, router options."""
+    fam, out = ctx.family, ctx.dense_layer_fields()
+    if fam.shared:
+        out.update(fam.shared.encode(ctx.shared_size, ctx.expert_size))
+    ro = ctx.router
+    if ro is not None:
+        out.update(fam.router_spec.encode(ro.scoring, ro.groups, ro.topk_groups, ro.scaling))
     return out
 
 
@@ -79,7 +66,8 @@ def bias_ops(fam: MoEFamily, i: int, num_experts: int) -> list[TensorOp]:
     """The selection bias (e_score_correction_bias): zeros, so it changes no choice at step 0; float32."""
     if not fam.router_spec.bias:
         return []
-    return [TensorOp(layer_key(i, fam.router_spec.bias), (num_experts,), torch.float32, "zeros", role="router")]
+    spec = fam.router_spec
+    return [TensorOp(layer_key(i, spec.bias), spec.bias_dims(num_experts), torch.float32, "zeros", role="router")]
 
 
 def router_notes(r: "UpcycleRecipe", fam: MoEFamily) -> list[str]:

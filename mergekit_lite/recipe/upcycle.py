@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from mergekit_lite.arch.tables import MOE
 from mergekit_lite.recipe.base import ByteSize, DType, Strict
 
 # `auto` keeps the source's tensors as they are (mixtral / qwen2_moe / qwen3_moe); the others are asked by name.
 # `moemerge` is the project's own classes (Hugging Face custom code written into the folder; any dense family).
-Target = Literal["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe",
-                 "granitemoeshared", "moemerge", "auto"]
+# The choices are the family table's keys (arch/tables.py): a new family is a new choice without an edit here.
+if TYPE_CHECKING:
+    Target = str
+else:
+    Target = Literal[tuple([*MOE, "auto"])]
 
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergekit_lite.arch.params import model_param_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.recipe import LoraSettings, TrainRecipe
@@ -53,16 +54,9 @@ def build_optimizer(model: nn.Module, r: TrainRecipe, max_steps: int):
 
 
 def active_params(model: nn.Module) -> int:
-    """Parameters one token runs through: routed experts count k/E of their size."""
-    cfg = model.config.get_text_config()  # type: ignore[union-attr,operator]
-    n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    k = getattr(cfg, "num_experts_per_tok", None)
-    total = expert = 0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        if ".experts." in name:
-            expert += p.numel()
-    return total - expert + (expert * k // n_exp if n_exp and k else expert)
+    """Parameters one token runs through: routed experts count k/E of their size (`arch.params`, as upcycle,
+    graft and inspect count them)."""
+    return model_param_counts(model).active
 
 
 def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int]) -> list:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergekit_lite.arch.tables import MOE, RouterSpec, model_type_of
+from mergekit_lite.arch.specs import RouterSpec
+from mergekit_lite.arch.tables import MOE, model_type_of
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train import compat, routing
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mergekit_lite.arch.tables import RouterSpec, moe_counts
+from mergekit_lite.arch.specs import RouterSpec
+from mergekit_lite.arch.tables import moe_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.models import text_part
 
@@ -44,9 +45,8 @@ class Scoring:
         Mixtral, ERNIE and Granite always renormalise); `scaling_field` names the routed scaling factor.
         """
         fields = text_part(config)
-        named = fields.get(spec.scoring_field) if spec.scoring_field else None
         scale = fields.get(spec.scaling_field) if spec.scaling_field else None
-        return cls(sigmoid=(named or spec.scoring[0]) == "sigmoid",
+        return cls(sigmoid=spec.scoring_of(fields) == "sigmoid",
                    renormalise=bool(fields.get("norm_topk_prob", True)),
                    scale=float(scale or 1.0))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.arch.params import model_param_counts
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import resolve_model_path
 from mergekit_lite.io.folders import RunFolder
@@ -175,7 +176,7 @@ def resume_point(r: TrainRecipe, out: Path, accelerator, train_dl, accumulation:
 def run_header(model, model_dir: Path, train_dl, val_dl, r: TrainRecipe, tokens_per_step: int,
                max_steps: int) -> list[str]:
     """What a run is about to do: model, parameters (total/active), data blocks, tokens per step, output."""
-    total = sum(p.numel() for p in model.parameters())
+    total = model_param_counts(model).total
 
     def blocks(dl) -> str:
         return f"{len(dl.dataset)}" if hasattr(dl.dataset, "__len__") else "streamed"

@@ -64,7 +64,17 @@ def echo(line: str) -> None:
         out.print(line, markup=False)
 
 
-@app.command()
+def _upcycle_help() -> str:
+    """The upcycle command's help, naming every target in the family table (a new family shows up by itself)."""
+    from mergekit_lite.arch.tables import MOE
+
+    native = ", ".join(fam.architecture.removesuffix("ForCausalLM") for fam in MOE.values()
+                       if not fam.nests_text_config)
+    return (f"Dense checkpoint -> Hugging Face MoE: a native class ({native}) or `architecture: moemerge`, the "
+            "project's own classes for any family (Gemma3 too).")
+
+
+@app.command(help=_upcycle_help())
 def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle recipe (YAML)"),
             output: Path | None = OUTPUT,
             dry_run: bool = DRY_RUN, overwrite: bool = OVERWRITE,
@@ -74,8 +84,7 @@ def upcycle(recipe: Path = typer.Argument(..., metavar="RECIPE", help="upcycle r
             shard_size: str | None = typer.Option(None, "--shard-size", help="largest shard, e.g. 2GB (wins over "
                                                      "the recipe's shard_size, default 5GB)"),
             workers: int | None = WORKERS) -> None:
-    """Dense checkpoint -> Hugging Face MoE: a native class (Mixtral, Qwen2/3-MoE, GLM-4.5, dots1, ERNIE, Granite) or
-    `architecture: moemerge`, the project's own classes for any family (Gemma3 too)."""
+    """Upcycle a dense checkpoint into a Mixture-of-Experts model (help: `_upcycle_help`)."""
     from mergekit_lite.recipe import UpcycleRecipe, load_recipe
 
     load_recipe(recipe, UpcycleRecipe)  # before torch is imported: a recipe error answers at once

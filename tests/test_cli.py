@@ -31,6 +31,17 @@ def test_help_lists_commands():
         assert cmd in result.output
 
 
+def test_upcycle_help_names_every_target_of_the_family_table():
+    from mergekit_lite.arch.tables import MOE
+
+    result = runner.invoke(app, ["upcycle", "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for fam in MOE.values():
+        name = "architecture: moemerge" if fam.nests_text_config else fam.architecture.removesuffix("ForCausalLM")
+        assert name in text, name
+
+
 def test_dry_run_via_cli(tmp_path, pico_llama):
     result = runner.invoke(app, ["upcycle", str(_recipe(tmp_path, pico_llama)), "-o", str(tmp_path / "o"), "--dry-run"])
     assert result.exit_code == 0, result.output

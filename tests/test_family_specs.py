@@ -177,3 +177,21 @@ def test_plan_upcycle_runs_the_transforms_once(tmp_path, pico_factory):
     q = next(op for op in plan.ops if op.key == "model.layers.0.self_attn.q_proj.weight")
     assert q.fn == "rope_interleave" and q.args["of"] == "copy"
     assert next(op for op in plan.ops if op.key.endswith("moe_statics.e_score_correction_bias")).shape == (1, 4)
+
+
+def test_every_refused_pair_gets_its_reason_from_the_tables():
+    """A dense family outside a target's `sources` is refused with what would be lost, derived from the tensor
+    groups both tables declare (and the target's notes), never the generic fallback."""
+    from mergekit_lite.arch.tables import DENSE, lossy_reason
+
+    refused = [(d, t) for d in DENSE for t, fam in MOE.items() if d not in fam.sources]
+    assert len(refused) >= 20
+    for d, t in refused:
+        assert "cannot hold every" not in lossy_reason(d, t), (d, t)
+    assert lossy_reason("qwen3", "mixtral") == "Mixtral has no q/k norms, so Qwen3's q_norm/k_norm would be lost"
+    assert lossy_reason("qwen2", "mixtral") == ("Mixtral has no attention biases, so Qwen2's q/k/v biases would be "
+                                                "lost")
+    assert lossy_reason("llama", "qwen3_moe") == ("Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense "
+                                                  "model does not do")
+    assert lossy_reason("qwen2", "granitemoeshared").startswith("Granite-MoE is written from Llama/Mistral only")
+    assert "Gemma3's pre/post feed-forward norms would be lost" in lossy_reason("gemma3_text", "qwen3_moe")

@@ -28,6 +28,24 @@ _QKV_BIAS = frozenset(f"self_attn.{p}_proj.bias" for p in "qkv")
 _O_BIAS = frozenset({"self_attn.o_proj.bias"})
 _QK_NORM = frozenset({"self_attn.q_norm.weight", "self_attn.k_norm.weight"})
 _NORMS = frozenset({"input_layernorm.weight", "post_attention_layernorm.weight"})
+_GEMMA_FFN_NORMS = frozenset({"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"})
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """Per-layer tensors some families hold and others lack, named for the refusal of a lossy upcycle."""
+
+    keys: frozenset[str]
+    noun: str  # what a family without them lacks: "MoE X has no {noun}"
+    names: str  # the tensors themselves: "so dense Y's {names} would be lost"
+    computes: str | None = None  # what a class holding them computes that a source without them does not do
+
+
+QK_NORMS = TensorGroup(_QK_NORM, "q/k norms", "q_norm/k_norm", "normalises q and k (q_norm/k_norm)")
+QKV_BIASES = TensorGroup(_QKV_BIAS, "attention biases", "q/k/v biases")
+FFN_NORMS = TensorGroup(_GEMMA_FFN_NORMS, "feed-forward norms", "pre/post feed-forward norms",
+                        "normalises the feed-forward input and output")
+TENSOR_GROUPS = (QK_NORMS, QKV_BIASES, FFN_NORMS)
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,8 @@ class DenseFamily:
     """A dense decoder family the project reads."""
 
     model_type: str
+    name: str  # as users write it, in messages
+    groups: tuple[TensorGroup, ...] = ()  # per-layer tensors beyond Llama's that its checkpoints hold
     mlp: dict[str, str] = field(default_factory=lambda: {p: f"mlp.{p}_proj.weight" for p in PROJS})
     # config fields that hold one entry per layer (lists) or refer to layer indices; which layers are MoE is
     # the dense-layer scheme's (MoEFamily.dense_layers)
@@ -58,6 +78,9 @@ class MoEFamily:
     dense_mlp: dict[str, str] | None         # FFN of a dense layer inside the MoE model (mlp_only_layers)
     layer_keys: frozenset[str]               # non-FFN per-layer tensors the class holds
     zero_fill: frozenset[str] = frozenset()  # tensors the class always has; zeros are exact when absent
+    name: str = ""                           # as users write it, in messages
+    # why a dense family outside `sources` is refused, where its tensor groups do not say (see `lossy_reason`)
+    source_notes: dict[str, str] = field(default_factory=dict)
     shared: SharedExpert | None = None       # the shared expert (tensors, gate, size field); None: the class has none
     experts_field: str = "num_experts"
     expert_size_field: str = "moe_intermediate_size"
@@ -81,11 +104,11 @@ class MoEFamily:
 
 
 DENSE: dict[str, DenseFamily] = {
-    "llama": DenseFamily("llama"),
-    "mistral": DenseFamily("mistral"),
-    "qwen2": DenseFamily("qwen2", per_layer_fields=("layer_types", "max_window_layers")),
-    "qwen3": DenseFamily("qwen3", per_layer_fields=("layer_types", "max_window_layers")),
-    "gemma3_text": DenseFamily("gemma3_text", per_layer_fields=("layer_types",)),
+    "llama": DenseFamily("llama", "Llama"),
+    "mistral": DenseFamily("mistral", "Mistral"),
+    "qwen2": DenseFamily("qwen2", "Qwen2", (QKV_BIASES,), per_layer_fields=("layer_types", "max_window_layers")),
+    "qwen3": DenseFamily("qwen3", "Qwen3", (QK_NORMS,), per_layer_fields=("layer_types", "max_window_layers")),
+    "gemma3_text": DenseFamily("gemma3_text", "Gemma3", (QK_NORMS, FFN_NORMS), per_layer_fields=("layer_types",)),
 }
 
 # Config fields every target keeps from its dense source when present.
@@ -103,7 +126,7 @@ _QWEN_MOE_FIXED = {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_l
 
 MOE: dict[str, MoEFamily] = {
     "mixtral": MoEFamily(
-        model_type="mixtral", architecture="MixtralForCausalLM",
+        model_type="mixtral", architecture="MixtralForCausalLM", name="Mixtral",
         sources=frozenset({"llama", "mistral"}),
         expert={"gate": "block_sparse_moe.experts.{e}.w1.weight", "down": "block_sparse_moe.experts.{e}.w2.weight",
                 "up": "block_sparse_moe.experts.{e}.w3.weight"},
@@ -114,7 +137,7 @@ MOE: dict[str, MoEFamily] = {
         fixed_fields={"output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0},
     ),
     "qwen2_moe": MoEFamily(
-        model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
+        model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", name="Qwen2-MoE",
         sources=frozenset({"qwen2", "llama", "mistral"}),
         expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
         router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -127,7 +150,7 @@ MOE: dict[str, MoEFamily] = {
         dense_layers=_QWEN_DENSE,
     ),
     "qwen3_moe": MoEFamily(
-        model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
+        model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", name="Qwen3-MoE",
         sources=frozenset({"qwen3"}),
         expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
         router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -147,7 +170,7 @@ _UNGATED_SHARED = SharedExpert({p: f"mlp.shared_experts.{p}_proj.weight" for p i
                                count_field="n_shared_experts")
 
 MOE["glm4_moe"] = MoEFamily(
-    model_type="glm4_moe", architecture="Glm4MoeForCausalLM",
+    model_type="glm4_moe", architecture="Glm4MoeForCausalLM", name="GLM-4.5",
     sources=frozenset({"llama", "mistral", "qwen2", "qwen3"}),
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -161,7 +184,7 @@ MOE["glm4_moe"] = MoEFamily(
     router_spec=_DEEPSEEK_V3, plan_transforms=("attention_flags",),
 )
 MOE["dots1"] = MoEFamily(
-    model_type="dots1", architecture="Dots1ForCausalLM",
+    model_type="dots1", architecture="Dots1ForCausalLM", name="dots1",
     sources=frozenset({"qwen3"}),
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -178,7 +201,7 @@ MOE["dots1"] = MoEFamily(
 # `use_bias` switching every projection's bias at once, MoE layers placed by start/end/interval, and
 # a softmax router whose selection bias lives in `mlp.moe_statics` (shape [1, E]).
 MOE["ernie4_5_moe"] = MoEFamily(
-    model_type="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM",
+    model_type="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", name="ERNIE-4.5-MoE",
     sources=frozenset({"llama", "mistral", "qwen2"}),
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -201,7 +224,9 @@ _GRANITE_FUSED = {"block_sparse_moe.input_linear.weight": (_GRANITE_EXPERT["gate
 _GRANITE_FIXED = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
                   "output_router_logits": False, "router_aux_loss_coef": 0.001}
 MOE["granitemoe"] = MoEFamily(
-    model_type="granitemoe", architecture="GraniteMoeForCausalLM",
+    model_type="granitemoe", architecture="GraniteMoeForCausalLM", name="Granite-MoE",
+    source_notes={"qwen2": "Granite-MoE is written from Llama/Mistral only: Qwen2's q/k/v biases would need "
+                           "attention_bias, which also adds an o_proj bias (not mapped)"},
     sources=frozenset({"llama", "mistral"}),
     expert=_GRANITE_EXPERT, router="block_sparse_moe.router.layer.weight", dense_mlp=None,
     layer_keys=_QKVO | _QKV_BIAS | _O_BIAS | _NORMS,  # attention_bias: all four biases or none, as Llama
@@ -222,9 +247,8 @@ MOE["granitemoeshared"] = replace(
 # family's decoder runs unchanged, every MoE layer's `mlp` becomes the project's block, so every dense family
 # the project reads (Gemma3 included, with its pre/post feed-forward norms) maps exactly. Ungated shared
 # expert; softmax or sigmoid scores, both with a saved selection bias; any set of dense layers.
-_GEMMA_FFN_NORMS = frozenset({"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"})
 MOE["moemerge"] = MoEFamily(
-    model_type="moemerge", architecture="MoemergeForCausalLM",
+    model_type="moemerge", architecture="MoemergeForCausalLM", name="moemerge",
     sources=frozenset(DENSE),
     expert={p: f"mlp.experts.{{e}}.{p}_proj.weight" for p in PROJS},
     router="mlp.gate.weight", dense_mlp={p: f"mlp.{p}_proj.weight" for p in PROJS},
@@ -243,24 +267,16 @@ MOE["moemerge"] = MoEFamily(
 AUTO_TARGET = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 
 # Why a pair is refused, for the error message (anything not listed falls back to a generic reason).
-LOSSY_REASONS = {
-    ("qwen3", "mixtral"): "Mixtral has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
-    ("qwen3", "qwen2_moe"): "Qwen2-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
-    ("qwen2", "mixtral"): "Mixtral has no attention biases, so Qwen2's q/k/v biases would be lost",
-    ("llama", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("mistral", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("qwen2", "qwen3_moe"): "Qwen3-MoE normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("llama", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("mistral", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("qwen2", "dots1"): "dots1 normalises q and k (q_norm/k_norm), which the dense model does not do",
-    ("qwen3", "ernie4_5_moe"): "ERNIE-4.5-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
-    ("qwen2", "granitemoe"): "Granite-MoE is written from Llama/Mistral only: Qwen2's q/k/v biases would need "
-                             "attention_bias, which also adds an o_proj bias (not mapped)",
-    ("qwen2", "granitemoeshared"): "Granite-MoE is written from Llama/Mistral only: Qwen2's q/k/v biases would "
-                                   "need attention_bias, which also adds an o_proj bias (not mapped)",
-    ("qwen3", "granitemoe"): "Granite-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
-    ("qwen3", "granitemoeshared"): "Granite-MoE has no q/k norms, so Qwen3's q_norm/k_norm would be lost",
-}
+def lossy_reason(dense_type: str, target: str) -> str:
+    """Why `target` cannot be built from `dense_type` without loss, from the tables: tensor groups the source
+    holds and the target lacks, groups the target computes with that the source lacks, and the target's notes."""
+    dense, fam = DENSE[dense_type], MOE[target]
+    reasons = [fam.source_notes[dense_type]] if dense_type in fam.source_notes else []
+    reasons += [f"{fam.name} has no {g.noun}, so {dense.name}'s {g.names} would be lost"
+                for g in dense.groups if not g.keys <= fam.layer_keys]
+    reasons += [f"{fam.name} {g.computes}, which the dense model does not do" for g in TENSOR_GROUPS
+                if g.computes and g not in dense.groups and g.keys <= fam.layer_keys - fam.zero_fill]
+    return "; ".join(reasons) or f"{target} cannot hold every {dense_type} tensor"
 
 # Config spellings of the expert count and top-k across MoE families (first match wins).
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

@@ -21,11 +21,11 @@ from mergekit_lite.arch.params import param_counts
 from mergekit_lite.arch.tables import (
     AUTO_TARGET,
     DENSE,
-    LOSSY_REASONS,
     MOE,
     PROJS,
     MoEFamily,
     layer_key,
+    lossy_reason,
     model_type_of,
     split_layer_key,
 )
@@ -60,7 +60,7 @@ def choose_target(architecture: str, dense_type: str) -> MoEFamily:
                             f"{', '.join(t for t, f in MOE.items() if dense_type in f.sources)} (or auto)")
     fam = MOE[target]
     if dense_type not in fam.sources:
-        why = LOSSY_REASONS.get((dense_type, target), f"{target} cannot hold every {dense_type} tensor")
+        why = lossy_reason(dense_type, target)
         ok = sorted(t for t, f in MOE.items() if dense_type in f.sources)
         raise MoemergeError(
             f"cannot upcycle {dense_type} into {target}: {why}; use architecture: {' or '.join(ok)} (or auto)")

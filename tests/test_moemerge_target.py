@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from helpers import weights
 
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.models import code_status, load_causal_lm
@@ -54,13 +54,6 @@ def upcycle(tmp_path: Path, name: str = "out", **fields) -> Path:
     path.write_text(yaml.safe_dump(body))
     run_upcycle(path, tmp_path / name, echo=quiet, progress=False, device="cpu")
     return tmp_path / name
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def ids_for(vocab: int = 300) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import die_at_first_checkpoint
 from safetensors.torch import load_file
 
 from mergekit_lite.models import code_status, load_causal_lm
@@ -151,23 +152,13 @@ def test_routers_plus_experts_freezes_attention(mworld, tmp_path):
 def test_resume_is_bit_for_bit(mworld, tmp_path, monkeypatch):
     """Killed at a checkpoint and resumed: losses, router load, the moved selection bias and final/ are the
     uninterrupted run's, bit for bit (jitter and noisy routing on, so the RNG state matters too)."""
-    import mergekit_lite.train.loop as loop
     from mergekit_lite.errors import MoemergeError
 
     kw = dict(max_steps=6, checkpoint_every=3, log_every=2, moe={"jitter": 0.5, "bias_update_rate": 0.05,
                                                                  "routing": "noisy_topk"})
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(recipe(mworld, full, mworld["sigmoid"], **kw), echo=quiet)
-    real = loop.save_checkpoint
-
-    def crash(*args, **kwargs):
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe(mworld, cut, mworld["sigmoid"], **kw), echo=quiet)
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    die_at_first_checkpoint(monkeypatch, lambda: train(recipe(mworld, cut, mworld["sigmoid"], **kw), echo=quiet))
     with pytest.raises(MoemergeError, match="--resume"):
         train(recipe(mworld, cut, mworld["sigmoid"], **kw), echo=quiet)
     train(recipe(mworld, cut, mworld["sigmoid"], **kw), resume=True, echo=quiet)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import die_at_first_checkpoint
 from safetensors.torch import load_file
 from test_train import quiet, recipe, records, world  # noqa: F401  (world is a fixture)
 
@@ -35,16 +36,7 @@ class TrainingTap(RouterTap):
 
 def crash_then_resume(world, out: Path, monkeypatch, **kw) -> list[str]:
     """Run until the first checkpoint, die there, then `--resume` to the end; returns what the resume said."""
-    real = loop.save_checkpoint
-
-    def crash(*args, **kwargs):
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(recipe(world, out, **kw), echo=quiet)
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    die_at_first_checkpoint(monkeypatch, lambda: loop.train(recipe(world, out, **kw), echo=quiet))
     with pytest.raises(MoemergeError, match="--resume"):  # a started run is never silently restarted
         loop.train(recipe(world, out, **kw), echo=quiet)
     said: list[str] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import weights
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -48,13 +49,6 @@ def upcycle(tmp_path: Path, name: str = "out", **fields) -> tuple[Path, object]:
     out = tmp_path / name
     plan = run_upcycle(recipe(tmp_path, name, **fields), out, echo=quiet)
     return out, plan
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture

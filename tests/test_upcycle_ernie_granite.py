@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from helpers import weights
 from test_upcycle_families import assert_parity_lost
 
 from mergekit_lite.arch import tables
@@ -52,13 +52,6 @@ def upcycle(tmp_path: Path, name: str = "out", **fields) -> Path:
     path.write_text(yaml.safe_dump(body))
     run_upcycle(path, tmp_path / name, echo=quiet, progress=False)
     return tmp_path / name
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def max_delta(out: Path, dense: Path) -> float:

@@ -139,6 +139,57 @@ def execute(plan: Plan, readers: list[CheckpointReader], output: str | Path, *, 
                               progress=progress, echo=echo, workers=workers, written=written, interleave=not casts)
 
 
+def run_plan_job(label: str, out: Path | None, inputs: list, make_plan: Callable[[], tuple[Plan, list]], *,
+                 shard_size: int, workers: int | None, dry_run: bool, overwrite: bool, verbose: bool,
+                 progress: bool, echo: Callable[[str], None],
+                 before_write: Callable[[Plan], None] | None = None) -> Plan:
+    """The one path of a plan-then-write command (`upcycle`, `graft`); returns the plan.
+
+    Refuses an output that overlaps an input or holds what the tool did not write, then plans (`make_plan`
+    returns the plan and its readers), prints the plan, stops there on `dry_run`, checks free disk, runs
+    `before_write(plan)` (upcycle's prompt-based router), and writes the folder atomically: tensors, config,
+    side files, sidecar and the model card (`card.write_card`).
+
+    Args:
+        label: the progress bar's name.
+        out: the output folder (None only with `dry_run`).
+        inputs: (what, path) of everything the command reads, for `refuse_overlap`.
+        make_plan: builds (plan, readers) once the output is known to be writable.
+        shard_size: largest shard in bytes.
+        workers: writer threads (None: the writer's default for the output's disk).
+        dry_run: print the plan and write nothing.
+        overwrite: replace an output folder this tool wrote.
+        verbose: list every output tensor in the printed plan.
+        progress: show a bar over the output bytes (stderr).
+        echo: where lines are printed.
+        before_write: runs on the plan after the disk check, before any byte is written.
+    """
+    from mergekit_lite.card import write_card
+    from mergekit_lite.errors import MoemergeError
+    from mergekit_lite.io import refuse_overlap
+    from mergekit_lite.io.writer import check_output, preflight_disk
+
+    if out is None and not dry_run:
+        raise MoemergeError("no output folder: pass -o/--output or set `output:` in the recipe")
+    if out is not None:
+        refuse_overlap(out, inputs)
+        check_output(out, overwrite)
+    plan, readers = make_plan()
+    for line in plan.summary_lines(max_tensors=len(plan.ops) if verbose else 0):
+        echo(line)
+    if dry_run or out is None:
+        return plan
+    preflight_disk(out, plan.nbytes)
+    if before_write is not None:
+        before_write(plan)
+    with byte_bar(plan.nbytes, label, enabled=progress) as written:  # bytes of tensors in the files
+        execute(plan, readers, out, shard_size=shard_size, overwrite=overwrite, written=written, echo=echo,
+                workers=workers,
+                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
+    echo(f"wrote {out}")
+    return plan
+
+
 @contextmanager
 def byte_bar(total: int, label: str = "write", enabled: bool = True):
     """A tqdm bar over `total` output bytes (stderr); yields the `written(nbytes)` callback for `execute`."""

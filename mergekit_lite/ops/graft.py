@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from mergekit_lite.arch.config import validate_config
 from mergekit_lite.arch.layers import config_mismatch, moe_layers_of, remap_layers
 from mergekit_lite.arch.params import param_counts
 from mergekit_lite.arch.tables import DENSE, MOE, MoEFamily, layer_key, model_type_of, split_layer_key
-from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
 from mergekit_lite.models import text_part
@@ -364,31 +362,16 @@ def run_graft(target: str | Path, output: str | Path | None = None, *, drop: int
               echo=print, workers: int | None = None) -> Plan:
     """`moemerge graft`: validate, preflight, print the plan, then write (unless `dry_run`); `progress` shows
     a bar over the output bytes (stderr) while the tensors are written."""
-    from mergekit_lite.io import refuse_overlap
-    from mergekit_lite.io.writer import check_output, preflight_disk
-    from mergekit_lite.ops.execute import byte_bar, execute
+    from mergekit_lite.ops.execute import run_plan_job
     from mergekit_lite.recipe import parse_size
 
     recipe, text = load_graft_recipe(target, drop, expand)
     out = Path(output) if output else Path(recipe.output) if recipe.output else None
-    if out is None and not dry_run:
-        raise MoemergeError("no output folder: pass -o/--output (or set `output:` in the recipe)")
     try:
         size = parse_size(shard_size) if shard_size is not None else int(recipe.shard_size)
     except ValueError as e:
         raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
-    if out is not None:
-        refuse_overlap(out, graft_inputs(recipe, None if text is None else target))
-        check_output(out, overwrite)
-    plan, readers = plan_graft(recipe, text)
-    for line in plan.summary_lines(max_tensors=len(plan.ops) if verbose else 0):
-        echo(line)
-    if dry_run:
-        return plan
-    preflight_disk(out, plan.nbytes)
-    with byte_bar(plan.nbytes, "graft", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=size, overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers,  # --workers wins over the recipe's
-                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
-    echo(f"wrote {out}")
-    return plan
+    return run_plan_job("graft", out, graft_inputs(recipe, None if text is None else target),
+                        lambda: plan_graft(recipe, text), shard_size=size,
+                        workers=workers or recipe.workers,  # --workers wins over the recipe's
+                        dry_run=dry_run, overwrite=overwrite, verbose=verbose, progress=progress, echo=echo)

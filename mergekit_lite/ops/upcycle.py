@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,8 @@ from mergekit_lite.arch.tables import (
     model_type_of,
     split_layer_key,
 )
-from mergekit_lite.card import write_card
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
-from mergekit_lite.io.writer import preflight_disk
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
 from mergekit_lite.ops.upcycle_context import DenseShapes, TargetContext
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
@@ -363,9 +360,7 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
     (e.g. "2GB") wins over the recipe's; `progress`
     shows a bar over the output bytes (stderr) while the tensors are written.
     """
-    from mergekit_lite.io import refuse_overlap
-    from mergekit_lite.io.writer import check_output
-    from mergekit_lite.ops.execute import byte_bar, execute
+    from mergekit_lite.ops.execute import run_plan_job
     from mergekit_lite.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, UpcycleRecipe)
@@ -382,26 +377,17 @@ def run_upcycle(recipe_path: str | Path, output: str | Path | None = None, *, dr
         except ValueError as e:
             raise MoemergeError(f"--shard-size {shard_size!r}: {e}") from None
     out = Path(output or recipe.output or "") if (output or recipe.output) else None
-    if out is None and not dry_run:
-        raise MoemergeError("no output folder: pass -o/--output or set `output:` in the recipe")
-    if out is not None:
-        refuse_overlap(out, recipe_inputs(recipe, recipe_path))
-        check_output(out, overwrite)
-    plan, readers = plan_upcycle(recipe, Path(recipe_path).read_text())
-    for line in plan.summary_lines(max_tensors=len(plan.ops) if verbose else 0):
-        echo(line)
-    if dry_run:
-        return plan
-    preflight_disk(out, plan.nbytes)
-    from mergekit_lite.ops.router_init import fill_prompt_router
 
-    fill_prompt_router(plan, recipe, device, echo)
-    with byte_bar(plan.nbytes, "upcycle", enabled=progress) as written:  # bytes of tensors in the files
-        execute(plan, readers, out, shard_size=int(recipe.shard_size), overwrite=overwrite, written=written, echo=echo,
-                workers=workers or recipe.workers,  # --workers wins over the recipe's
-                finalize=partial(write_card, record=plan.record, config=plan.config, source=plan.side_files_from))
-    echo(f"wrote {out}")
-    return plan
+    def prompt_router(plan: Plan) -> None:  # router.init: hidden runs the base model, only when writing
+        from mergekit_lite.ops.router_init import fill_prompt_router
+
+        fill_prompt_router(plan, recipe, device, echo)
+
+    return run_plan_job("upcycle", out, recipe_inputs(recipe, recipe_path),
+                        lambda: plan_upcycle(recipe, Path(recipe_path).read_text()),
+                        shard_size=int(recipe.shard_size), workers=workers or recipe.workers,  # --workers wins
+                        dry_run=dry_run, overwrite=overwrite, verbose=verbose, progress=progress, echo=echo,
+                        before_write=prompt_router)
 
 
 def recipe_inputs(recipe: UpcycleRecipe, recipe_path: str | Path) -> list[tuple[str, str | None]]:

@@ -131,6 +131,32 @@ def test_help_version_and_recipe_errors_answer_without_importing_torch_transform
         assert proc.stdout.startswith("moemerge 0.1.0")
 
 
+UPCYCLE_IMPORTS = """
+import sys
+from mergekit_lite.cli import main
+sys.argv = ["moemerge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+model_code = [m for m in ("transformers.modeling_utils", "mergekit_lite.models.moemerge.modeling_moemerge",
+                          "deepspeed") if m in sys.modules]
+print("model code imported:", model_code)
+"""
+
+
+def test_upcycle_imports_no_model_code(tmp_path, pico_llama):
+    """An upcycle reads headers and configs: transformers' model machinery (and the project's own modeling code,
+    which pulls it in) would only add start-up; configs are validated with the config classes alone."""
+    for target in ("auto", "moemerge"):
+        (tmp_path / target).mkdir()
+        recipe, out = _recipe(tmp_path / target, pico_llama, architecture=target), tmp_path / target / "out"
+        proc = subprocess.run([sys.executable, "-c", UPCYCLE_IMPORTS, "upcycle", str(recipe), "-o", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.stdout.strip().endswith("model code imported: []"), proc.stdout[-500:] + proc.stderr[-800:]
+        assert (out / "config.json").is_file()
+
+
 def test_an_error_naming_a_path_with_brackets_prints_it_as_written(tmp_path):
     weird = tmp_path / "[bold red]run[dim]"
     weird.mkdir()

@@ -65,9 +65,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     """Let transformers' own config class reject values it cannot use."""
     from transformers import AutoConfig
 
-    from mergekit_lite.models import register_own_classes
+    from mergekit_lite.models import register_own_config
 
-    register_own_classes()
+    register_own_config()
 
     body = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
     try:

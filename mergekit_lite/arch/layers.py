@@ -38,9 +38,9 @@ def hf_config(cfg: dict[str, Any]):
     """transformers' own config for `cfg`, so that defaults computed from other fields are applied."""
     from transformers import AutoConfig
 
-    from mergekit_lite.models import register_own_classes
+    from mergekit_lite.models import register_own_config
 
-    register_own_classes()
+    register_own_config()
     body = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
     return AutoConfig.for_model(model_type_of(cfg), **body)
 

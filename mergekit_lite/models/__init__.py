@@ -61,14 +61,25 @@ def code_status(folder: str | Path) -> str:
 
 
 @lru_cache(maxsize=1)
+def register_own_config() -> None:
+    """Make `AutoConfig` build moemerge configs from this package: all that config validation needs, without
+    importing the modeling code (and with it transformers' model machinery, a second of start-up)."""
+    from transformers import AutoConfig
+
+    from mergekit_lite.models.moemerge.configuration_moemerge import MoemergeConfig
+
+    AutoConfig.register(MODEL_TYPE, MoemergeConfig, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
 def register_own_classes() -> None:
     """Make transformers' Auto classes build moemerge models from this package (no code from any folder)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from mergekit_lite.models.moemerge.configuration_moemerge import MoemergeConfig
     from mergekit_lite.models.moemerge.modeling_moemerge import MoemergeForCausalLM
 
-    AutoConfig.register(MODEL_TYPE, MoemergeConfig, exist_ok=True)
+    register_own_config()
     AutoModelForCausalLM.register(MoemergeConfig, MoemergeForCausalLM, exist_ok=True)
 
 

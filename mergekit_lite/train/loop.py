@@ -138,6 +138,10 @@ def validate(model, loader, tap: RouterTap, accelerator, max_batches: int) -> di
 
 def active_params(model) -> int:
     """Parameters one token runs through: routed experts count k/E of their size."""
+    from mergekit_lite.train.blocks import active_params as block_active_params
+
+    if (blocks := block_active_params(model)) is not None:  # PEER / MH-MoE blocks
+        return blocks
     cfg = model.config.get_text_config()
     n_exp = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     k = getattr(cfg, "num_experts_per_tok", None)
@@ -228,7 +232,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
     if accelerator.ddp_handler is not None:
         accelerator.ddp_handler.find_unused_parameters = unused_parameters_possible(model)
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
-    trainable_parameters(model, r.trainable, tap.routers, new_layers)
+    added = (read_sidecar(model_dir) or {}).get("added") if r.trainable == "added" else None
+    trainable_parameters(model, r.trainable, tap.routers, new_layers, added)
     optimizer = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.learning_rate, betas=r.adam_betas)
 
     # --- data -----------------------------------------------------------------------------------
@@ -323,6 +328,8 @@ def _train(recipe: TrainRecipe, recipe_text: str | None, *, resume: bool, overwr
                         grad_norm=float(grad_norm) if grad_norm is not None else None)
             if tap.is_moe:
                 metrics.log("router", step, **tap.read_stats(reduce=lambda t: accelerator.reduce(t, "sum")))
+            if tap.peer:  # PEER expert usage since the last log line (train/blocks.py)
+                metrics.log("peer", step, **tap.peer.read(reduce=lambda t: accelerator.reduce(t, "sum")))
             bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             sums.zero_()
             micro, t_log, steps_timed = 0, now, 0

@@ -70,6 +70,10 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
         if not getattr(au, _TRACKER_CHECK[r.tracker])():
             raise MoemergeError(f"tracker = {r.tracker!r} but its package is not installed; "
                                 f"pip install {r.tracker}, or set tracker: none")
+    if r.trainable == "added":  # refused when the folder records nothing the upcycle added
+        from mergekit_lite.train.blocks import added_keys
+
+        added_keys(model_dir)
     if r.trainable == "new_layers" and not (read_sidecar(model_dir) or {}).get("new_layers"):
         raise MoemergeError(f"trainable = 'new_layers' but {model_dir}/moemerge.json records no new layers; "
                             "make the model with `moemerge graft --expand`, or pick another trainable mode")
@@ -145,7 +149,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int]) -> list:
+def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int],
+                         added: list[str] | None = None) -> list:
     """Freeze everything outside `mode` and return the parameters left trainable.
 
     ERNIE's selection bias (a parameter, not a buffer) is never trained: it gets no gradient, and the
@@ -156,6 +161,13 @@ def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], 
             p.requires_grad_(False)
     if mode in ("all", "lora"):  # peft has already frozen the base for lora
         return [p for p in model.parameters() if p.requires_grad]
+    if mode == "added":  # the tensors the upcycle created, recorded in its moemerge.json (train/blocks.py)
+        from mergekit_lite.train.blocks import select_added
+
+        if keep := select_added(model, added or []):
+            return keep
+        raise MoemergeError("trainable = 'added' selects no parameter of this model (its moemerge.json names tensors "
+                            "the model does not hold)")
     router_ids = {id(p) for r in routers for p in r.parameters()}
     prefixes = tuple(f"model.layers.{i}." for i in new_layers)
     keep = []

@@ -129,8 +129,8 @@ class UpcyclePlanner:
         for m in sorted(set(copy_models) | set(self.mean_models)):
             self._check_same_shapes(m)
         blocks.check_block_shapes(self)
-        self.layout: Layout = make_layout(blocks.layout_recipe(recipe), self.fam, self.shapes.intermediate, self.shapes.n_layers,
-                                          copy_models, self.dense_type)
+        self.layout: Layout = make_layout(blocks.layout_recipe(recipe), self.fam, self.shapes.intermediate,
+                                          self.shapes.n_layers, copy_models, self.dense_type)
         self.experts = self.layout.experts
         self.moe = set(self.layout.moe_layers)
 

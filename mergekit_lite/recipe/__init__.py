@@ -29,6 +29,6 @@ from mergekit_lite.recipe.train import LoraSettings, MoETraining, TrainData, Tra
 from mergekit_lite.recipe.upcycle import BlockSpec, ExpertSource, MoEEvery, RouterInit, Target, UpcycleRecipe
 
 __all__ = ["BlockSpec", "ByteSize", "DType", "EnsembleMember", "EnsembleRecipe", "ExchangeSettings", "ExpertSource",
-           "Generation", "GraftRecipe", "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit", "ScoreSettings",
-           "Strict", "Target", "Templates", "TrainData", "TrainRecipe", "UpcycleRecipe", "format_validation_error",
-           "load_recipe", "parse_size", "read_yaml", "validate_recipe"]
+           "Generation", "GraftRecipe", "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit",
+           "ScoreSettings", "Strict", "Target", "Templates", "TrainData", "TrainRecipe", "UpcycleRecipe",
+           "format_validation_error", "load_recipe", "parse_size", "read_yaml", "validate_recipe"]

@@ -56,8 +56,8 @@ class PeerUsage:
     """
 
     def __init__(self, model: nn.Module):
-        mods = _peer_modules(model)
-        n = mods[0].n * mods[0].n if mods else 0
+        mods: list[Any] = _peer_modules(model)  # MoemergePeerRetrieval modules
+        n = mods[0].n ** 2 if mods else 0
         device = mods[0].sub_keys.device if mods else torch.device("cpu")
         if device.type == "meta":
             device = torch.device("cpu")
@@ -100,7 +100,7 @@ def active_params(model: nn.Module) -> int | None:
     kind = getattr(cfg, "block_kind", "topk")
     if kind not in ("peer", "mh_moe"):
         return None
-    h, k, n_exp = cfg.block_heads, cfg.num_experts_per_tok, cfg.num_experts  # type: ignore[union-attr]
+    h, k, n_exp = cfg.block_heads, cfg.num_experts_per_tok, cfg.num_experts
     total = inactive = 0
     for name, p in model.named_parameters():
         total += p.numel()

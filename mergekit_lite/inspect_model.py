@@ -12,6 +12,7 @@ from mergekit_lite.io.sidefiles import read_sidecar
 from mergekit_lite.plan import format_bytes, format_count
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_PEER_TABLES = (".expert_up", ".expert_down")  # moemerge's PEER experts: rows of two tables
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -28,9 +29,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         total += info.numel
         name = str(info.dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + info.numel
-        if _EXPERT.search(key) or (split_layer_key(key) or (0, ""))[1] in fused:
+        if _EXPERT.search(key) or (split_layer_key(key) or (0, ""))[1] in fused or key.endswith(_PEER_TABLES):
             expert += info.numel
     n_experts, top_k = moe_counts(cfg)  # every family's spelling (arch tables)
+    if cfg.get("block_kind") in ("peer", "mh_moe"):  # heads x top-k per token (moemerge's PEER / MH-MoE blocks)
+        top_k = top_k and top_k * cfg.get("block_heads", 1)
     active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
     files = sorted({i.file for i in reader.tensors.values()})
     return {

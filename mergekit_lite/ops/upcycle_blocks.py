@@ -137,8 +137,7 @@ def _peer_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorOp]
         ops += [_new(p, i, "retrieval.query_norm.weight", (h * d,), dtype, "ones"),
                 _new(p, i, "retrieval.query_norm.bias", (h * d,), dtype, "zeros"),
                 _new(p, i, "retrieval.query_norm.running_mean", (h * d,), dtype, "zeros"),
-                _new(p, i, "retrieval.query_norm.running_var", (h * d,), dtype, "ones"),
-                _new(p, i, "retrieval.query_norm.num_batches_tracked", (), torch.int64, "zeros")]
+                _new(p, i, "retrieval.query_norm.running_var", (h * d,), dtype, "ones")]
     down = "zeros" if mode(r) == "add" else "normal"
     return ops + [_new(p, i, "expert_up", (N, H), dtype, "normal"), _new(p, i, "expert_down", (N, H), dtype, down)]
 

@@ -23,7 +23,7 @@ Other block kinds (`config.block_kind`), with `P` = `model.layers.{i}.mlp.` (`bl
 `model.layers.{i}.mlp.added.` (`block_mode: add`: the layer keeps its dense FFN `mlp.{gate,up,down}_proj.weight`
 and adds the block's output to it):
 
-    peer    P.retrieval.query.weight (heads * key_dim, hidden); P.retrieval.query_norm.* (BatchNorm1d, optional);
+    peer    P.retrieval.query.weight (heads * key_dim, hidden); P.retrieval.query_norm.* (optional);
             P.retrieval.sub_keys (heads, 2, n, key_dim / 2); P.expert_up, P.expert_down (num_experts, hidden)
     mh_moe  P.head_proj.weight, P.merge_proj.weight (hidden, hidden); P.gate.weight (num_experts, hidden / heads)
             and P.gate.e_score_correction_bias; P.experts.{e}.{gate,up,down}_proj.weight at width hidden / heads
@@ -135,6 +135,23 @@ class MoemergeSparseBlock(nn.Module):
         return out.reshape(shape)
 
 
+class MoemergeQueryNorm(nn.Module):
+    """PEER's query BatchNorm: batch statistics while training (running mean/var updated, momentum 0.1), the running
+    ones at inference. Float buffers only (no integer batch counter), so every tensor of the folder is a float."""
+
+    def __init__(self, features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
 class MoemergePeerRetrieval(nn.Module):
     """PEER's product-key retrieval (He, 2024): per head, the top-k of N = n * n experts without scoring all N.
 
@@ -149,7 +166,7 @@ class MoemergePeerRetrieval(nn.Module):
         self.heads, self.top_k = config.block_heads, config.num_experts_per_tok
         self.n = math.isqrt(config.num_experts)
         self.query = nn.Linear(hidden, self.heads * d, bias=False)
-        self.query_norm = nn.BatchNorm1d(self.heads * d) if config.peer_query_batchnorm else None
+        self.query_norm = MoemergeQueryNorm(self.heads * d) if config.peer_query_batchnorm else None
         self.sub_keys = nn.Parameter(torch.empty(self.heads, 2, self.n, d // 2))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +278,12 @@ class MoemergePreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.weight.normal_(0.0, std)
                 module.e_score_correction_bias.zero_()
+        elif isinstance(module, MoemergeQueryNorm):
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
         elif isinstance(module, MoemergePeerRetrieval):
             with torch.no_grad():
                 module.sub_keys.normal_(0.0, std)

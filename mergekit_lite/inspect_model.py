@@ -33,7 +33,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             expert += info.numel
     n_experts, top_k = moe_counts(cfg)  # every family's spelling (arch tables)
     if cfg.get("block_kind") in ("peer", "mh_moe"):  # heads x top-k per token (moemerge's PEER / MH-MoE blocks)
-        top_k = top_k and top_k * cfg.get("block_heads", 1)
+        top_k = top_k and min(top_k * cfg.get("block_heads", 1), n_experts or 0)
     active = total - expert + (expert * top_k // n_experts if n_experts and top_k else expert)
     files = sorted({i.file for i in reader.tensors.values()})
     return {

@@ -63,6 +63,14 @@ def test_add_mode_keeps_step0_parity(tmp_path, pico_factory, family, block):
     keys = read_sidecar(out)["added"]
     assert keys and all(".mlp.added." in k for k in keys)
     assert all(k in load_file(out / "model.safetensors") for k in keys)
+    # active parameters per token (heads x k experts) agree: the plan's record, `moemerge inspect`, the trainer's
+    from mergekit_lite.inspect_model import describe
+    from mergekit_lite.train.loop import active_params
+
+    side = read_sidecar(out)
+    buffers = side["total_params"] - sum(p.numel() for p in model.parameters())  # selection bias, running stats
+    assert describe(out)["active_params"] == side["active_params"] == active_params(model) + buffers
+    assert side["active_params"] < side["total_params"] or block is MH_MOE  # h x k = 8 of 4 experts: all run
 
 
 def test_retrieval_equals_brute_force_top_k():

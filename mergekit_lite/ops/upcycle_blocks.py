@@ -158,14 +158,14 @@ def _mh_moe_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorO
 
 
 def block_active_params(p: "UpcyclePlanner", total: int) -> int:
-    """Parameters' worth of compute per token: PEER runs heads x k of its N experts (2 x hidden each); MH-MoE runs
-    k experts per sub-token, heads x k x 3 x (hidden / heads) x expert size per token."""
+    """Parameters one token runs through: PEER heads x k of its N experts (2 x hidden each); MH-MoE k experts per
+    sub-token, at most min(heads x k, num_experts) distinct experts of 3 x (hidden / heads) x expert size."""
     r, H, L = p.r, p.shapes.hidden, len(p.moe)
     h, k, E = field(r, "heads"), r.experts_per_token, r.num_experts
+    used = min(h * k, E)
     if kind(r) == "peer":
-        return total - L * (E - h * k) * 2 * H
-    per_expert = 3 * (H // h) * expert_size(p)
-    return total - L * (E - h * k) * per_expert
+        return total - L * (E - used) * 2 * H
+    return total - L * (E - used) * 3 * (H // h) * expert_size(p)
 
 
 def block_notes(p: "UpcyclePlanner") -> list[str]:

@@ -95,17 +95,19 @@ class PeerUsage:
 
 def active_params(model: nn.Module) -> int | None:
     """Parameters' worth of compute per token of a model with PEER or MH-MoE blocks (None for other models): PEER
-    runs heads x k of its N single-neuron experts, MH-MoE k experts for each of its `heads` sub-tokens."""
+    runs heads x k of its N single-neuron experts, MH-MoE k experts for each of its `heads` sub-tokens (at most
+    min(heads x k, num_experts) distinct ones, as `moemerge inspect` counts)."""
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "block_kind", "topk")
     if kind not in ("peer", "mh_moe"):
         return None
-    h, k, n_exp = cfg.block_heads, cfg.num_experts_per_tok, cfg.num_experts
+    n_exp = cfg.num_experts
+    used = min(cfg.block_heads * cfg.num_experts_per_tok, n_exp)
     total = inactive = 0
     for name, p in model.named_parameters():
         total += p.numel()
         if kind == "peer" and name.endswith(("expert_up", "expert_down")):
-            inactive += p.numel() * (n_exp - h * k) // n_exp
+            inactive += p.numel() * (n_exp - used) // n_exp
         elif kind == "mh_moe" and ".experts." in name:
-            inactive += p.numel() * (n_exp - h * k) // n_exp
+            inactive += p.numel() * (n_exp - used) // n_exp
     return total - inactive

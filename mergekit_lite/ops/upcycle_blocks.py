@@ -18,20 +18,35 @@ Every op here has role "added" (or "router"): what `trainable: added` trains (it
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from mergekit_lite.arch.tables import DENSE, PROJS, layer_key
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.ops.transforms import transform
+from mergekit_lite.ops.upcycle_context import PlannerView
 from mergekit_lite.ops.upcycle_router import bias_ops
 from mergekit_lite.plan import TensorOp, derive_seed
 
 if TYPE_CHECKING:
-    from mergekit_lite.ops.upcycle import UpcyclePlanner
     from mergekit_lite.plan import Plan
     from mergekit_lite.recipe import UpcycleRecipe
+
+
+class UpcyclePlanner(PlannerView, Protocol):
+    """The planner as this module uses it (ops/upcycle.py's `UpcyclePlanner`, not imported: no cycle)."""
+
+    dense_type: str
+
+    def out_dtype(self, src_dtype: torch.dtype) -> torch.dtype:
+        """The output dtype of a tensor stored as `src_dtype`."""
+
+    def non_expert(self, key: str, role: str, out_key: str | None = None) -> TensorOp:
+        """An op carrying a dense tensor over (base model, or averaged)."""
+
+    def router_op(self, i: int) -> TensorOp:
+        """The router op of MoE layer `i`, initialised as the recipe says."""
 
 # the paper's PEER defaults (8 heads, keys of 128, BatchNorm-ed query, softmax over each head's top-k); 4 MH-MoE heads
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,12 +93,12 @@ def layout_recipe(r: "UpcycleRecipe") -> "UpcycleRecipe":
     return r.model_copy(update={"num_experts": 1, "experts_per_token": 1}) if has_block(r) else r
 
 
-def expert_size(p: "UpcyclePlanner") -> int:
+def expert_size(p: UpcyclePlanner) -> int:
     """MH-MoE expert width: `block.expert_size`, default the dense intermediate size / heads."""
     return field(p.r, "expert_size") or max(1, p.shapes.intermediate // field(p.r, "heads"))
 
 
-def check_block_shapes(p: "UpcyclePlanner") -> None:
+def check_block_shapes(p: UpcyclePlanner) -> None:
     """What needs the source's sizes: MH-MoE heads dividing the hidden size."""
     h, H = field(p.r, "heads"), p.shapes.hidden
     if kind(p.r) == "mh_moe" and H % h:
@@ -92,7 +107,7 @@ def check_block_shapes(p: "UpcyclePlanner") -> None:
                             f"{h} sub-tokens of equal width); use one of {divisors}")
 
 
-def block_config(p: "UpcyclePlanner") -> dict[str, Any]:
+def block_config(p: UpcyclePlanner) -> dict[str, Any]:
     """The moemerge config fields of the recipe's block."""
     r, k = p.r, kind(p.r)
     out: dict[str, Any] = {"block_kind": k, "block_mode": mode(r)}
@@ -105,11 +120,11 @@ def block_config(p: "UpcyclePlanner") -> dict[str, Any]:
     return out
 
 
-def _prefix(p: "UpcyclePlanner") -> str:
+def _prefix(p: UpcyclePlanner) -> str:
     return "mlp.added." if mode(p.r) == "add" else "mlp."
 
 
-def _new(p: "UpcyclePlanner", i: int, rel: str, shape: tuple[int, ...], dtype: torch.dtype, init: str) -> TensorOp:
+def _new(p: UpcyclePlanner, i: int, rel: str, shape: tuple[int, ...], dtype: torch.dtype, init: str) -> TensorOp:
     """A new tensor of the block of layer `i`: zeros, ones, eye or normal(initializer_range), seeded by its key."""
     key = layer_key(i, _prefix(p) + rel)
     if init != "normal":
@@ -119,7 +134,7 @@ def _new(p: "UpcyclePlanner", i: int, rel: str, shape: tuple[int, ...], dtype: t
                     role="added")
 
 
-def block_layer_ops(p: "UpcyclePlanner", i: int) -> list[TensorOp]:
+def block_layer_ops(p: UpcyclePlanner, i: int) -> list[TensorOp]:
     """The FFN ops of MoE layer `i`: the dense FFN kept (add) and the block's new tensors."""
     mlp = DENSE[p.dense_type].mlp
     dtype = p.out_dtype(p.base.info(layer_key(i, mlp["gate"])).dtype)
@@ -128,7 +143,7 @@ def block_layer_ops(p: "UpcyclePlanner", i: int) -> list[TensorOp]:
     return ops + (_peer_ops(p, i, dtype) if kind(p.r) == "peer" else _mh_moe_ops(p, i, dtype))
 
 
-def _peer_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorOp]:
+def _peer_ops(p: UpcyclePlanner, i: int, dtype: torch.dtype) -> list[TensorOp]:
     r, H, N = p.r, p.shapes.hidden, p.r.num_experts
     h, d, n = field(r, "heads"), field(r, "key_dim"), round(N ** 0.5)
     ops = [_new(p, i, "retrieval.query.weight", (h * d, H), dtype, "normal"),
@@ -142,7 +157,7 @@ def _peer_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorOp]
     return ops + [_new(p, i, "expert_up", (N, H), dtype, "normal"), _new(p, i, "expert_down", (N, H), dtype, down)]
 
 
-def _mh_moe_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorOp]:
+def _mh_moe_ops(p: UpcyclePlanner, i: int, dtype: torch.dtype) -> list[TensorOp]:
     r, H, E = p.r, p.shapes.hidden, p.r.num_experts
     sub, u = H // field(r, "heads"), expert_size(p)
     router = p.router_op(i)  # the recipe's router.init, at the sub-token width
@@ -157,7 +172,7 @@ def _mh_moe_ops(p: "UpcyclePlanner", i: int, dtype: torch.dtype) -> list[TensorO
     return ops + [_new(p, i, "merge_proj.weight", (H, H), dtype, merge)]
 
 
-def block_active_params(p: "UpcyclePlanner", total: int) -> int:
+def block_active_params(p: UpcyclePlanner, total: int) -> int:
     """Parameters one token runs through: PEER heads x k of its N experts (2 x hidden each); MH-MoE k experts per
     sub-token, at most min(heads x k, num_experts) distinct experts of 3 x (hidden / heads) x expert size."""
     r, H, L = p.r, p.shapes.hidden, len(p.moe)
@@ -168,7 +183,7 @@ def block_active_params(p: "UpcyclePlanner", total: int) -> int:
     return total - L * (E - used) * 3 * (H // h) * expert_size(p)
 
 
-def block_notes(p: "UpcyclePlanner") -> list[str]:
+def block_notes(p: UpcyclePlanner) -> list[str]:
     """What --dry-run says about the block: what it is, how it is initialised, and step-0 parity."""
     r, k, m = p.r, kind(p.r), mode(p.r)
     h = field(r, "heads")

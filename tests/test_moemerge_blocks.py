@@ -226,3 +226,16 @@ def test_upcycled_peer_folder_loads_without_missing_keys(tmp_path, pico_factory)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert isinstance(model.model.layers[0].mlp, MoemergePeerBlock)
     assert Path(out / "modeling_moemerge.py").is_file()
+
+
+def test_topk_active_params_count_k_of_e_experts(tmp_path, pico_factory):
+    """The trainer's active parameters of a moemerge top-k model (its MoE fields sit beside text_config) are
+    `moemerge inspect`'s: k of E experts, not every parameter."""
+    from mergekit_lite.inspect_model import describe
+    from mergekit_lite.train.loop import active_params
+
+    out = upcycle(tmp_path, source=pico_factory("llama", **DIMS))
+    model = load_causal_lm(out, dtype=torch.float32)
+    side = read_sidecar(out)
+    buffers = side["total_params"] - sum(p.numel() for p in model.parameters())
+    assert active_params(model) + buffers == describe(out)["active_params"] < side["total_params"]

@@ -5,7 +5,9 @@ of `moemerge train` (the live module) all call `param_counts`, so the numbers th
 
 A token runs through everything except the routed experts, of which it runs k of E. Routed-expert tensors are
 those under an `.experts.` module (per-expert on disk, or transformers' fused 3-D `experts.gate_up_proj`), or
-the family's fused on-disk tensors that hold every expert at once (granitemoe's `input_linear`).
+the family's fused on-disk tensors that hold every expert at once (granitemoe's `input_linear`). moemerge's
+PEER and MH-MoE blocks run `heads` x k experts per token (at most all of them): PEER's experts are rows of its
+`expert_up`/`expert_down` tables, MH-MoE's are its `.experts.`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from mergekit_lite.arch.tables import MOE, model_type_of, moe_counts
+
+_PEER_TABLES = (".expert_up", ".expert_down")  # a PEER layer's single-neuron experts: one row of each per expert
 
 
 class ParamCounts(NamedTuple):
@@ -35,12 +39,15 @@ def param_counts(numels: Iterable[tuple[str, int]], config: Mapping[str, Any]) -
     """
     fam = MOE.get(model_type_of(dict(config)))
     fused = tuple("." + rel for rel in fam.fused_expert_keys) if fam else ()
+    fused += _PEER_TABLES if config.get("block_kind") == "peer" else ()
     total = expert = 0
     for name, n in numels:
         total += n
         if ".experts." in name or (fused and name.endswith(fused)):
             expert += n
     n_experts, top_k = moe_counts(dict(config))
+    if config.get("block_kind") in ("peer", "mh_moe") and n_experts and top_k:  # each head routes on its own
+        top_k = min(top_k * int(config.get("block_heads") or 1), n_experts)
     return ParamCounts(total, total - expert + (expert * top_k // n_experts if n_experts and top_k else expert))
 
 

@@ -38,7 +38,7 @@ class RunFolder:
     ADAPTER: ClassVar[str] = "adapter"            # the LoRA adapter beside the merged model
     TRACKER: ClassVar[str] = "moemerge"           # accelerate's tracker folder under project_dir (tensorboard)
     TRAINER_STATE: ClassVar[str] = "trainer_state.json"  # inside a checkpoint, written last
-    PLOTS: ClassVar[tuple[str, ...]] = ("loss.png", "lr.png", "expert_load.png")  # `moemerge plot`
+    PLOTS: ClassVar[tuple[str, ...]] = ("loss.png", "lr.png", "expert_load.png", "peer_usage.png")  # `moemerge plot`
     MARKERS: ClassVar[tuple[str, ...]] = (RECORD, METRICS, FINAL)  # any of them: a run folder, not a model
     # All that `--overwrite` may remove, with what each folder may hold (None: a plain file; ANY: anything).
     PRODUCTS: ClassVar[dict[str, tuple[str, ...] | None]] = {

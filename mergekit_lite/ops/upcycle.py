@@ -30,6 +30,7 @@ from mergekit_lite.arch.tables import (
 )
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, resolve_model_path
+from mergekit_lite.ops import upcycle_blocks as blocks
 from mergekit_lite.ops.plan_transforms import apply_plan_transforms
 from mergekit_lite.ops.upcycle_context import DenseShapes, TargetContext
 from mergekit_lite.ops.upcycle_layout import ExpertSpec, Layout, make_layout, parity_notes
@@ -126,8 +127,9 @@ class UpcyclePlanner:
         self.mean_models = sorted(set(copy_models)) if recipe.non_expert == "average" else [0]
         for m in sorted(set(copy_models) | set(self.mean_models)):
             self._check_same_shapes(m)
-        self.layout: Layout = make_layout(recipe, self.fam, self.shapes.intermediate, self.shapes.n_layers,
-                                          copy_models, self.dense_type)
+        blocks.check_block_shapes(self)
+        self.layout: Layout = make_layout(blocks.layout_recipe(recipe), self.fam, self.shapes.intermediate,
+                                          self.shapes.n_layers, copy_models, self.dense_type)
         self.experts = self.layout.experts
         self.moe = set(self.layout.moe_layers)
 
@@ -243,6 +245,8 @@ class UpcyclePlanner:
         if i not in self.moe:  # partial MoE: a dense layer keeps its FFN (mlp_only_layers)
             return ops + [self.non_expert(layer_key(i, mlp[p]), "dense_ffn", layer_key(i, self.fam.dense_mlp[p]))
                           for p in PROJS]
+        if blocks.has_block(self.r):  # PEER / MH-MoE: new weights (beside the dense FFN in mode add)
+            return ops + blocks.block_layer_ops(self, i)
         ops += [self.router_op(i), *bias_ops(self.fam, i, self.r.num_experts)]
         for e, spec in enumerate(self.experts):
             ops += self.expert_ops(i, e, spec)
@@ -260,7 +264,7 @@ class UpcyclePlanner:
         ctx = self.context()
         config, dropped = moe_config(self.cfg, self.fam, num_experts=ctx.num_experts, top_k=self.r.experts_per_token,
                                      expert_size=ctx.expert_size, dtype=self._dtype_name(ops),
-                                     overrides=moe_overrides(ctx))
+                                     overrides={**moe_overrides(ctx), **blocks.block_config(self)})
         plan = Plan("upcycle", self.sources, ops, config, self.sources[0], notes=self._notes(dropped))
         plan = apply_plan_transforms(plan, ctx, self.fam.plan_transforms)
         return replace(plan, active_params=param_counts(plan.numels(), plan.config).active)
@@ -291,6 +295,8 @@ class UpcyclePlanner:
             notes.append(f"num_experts={E} is not a power of two: llama.cpp's converter and kernels may refuse it")
         if dropped:
             notes.append(f"config fields not used by {self.fam.model_type}: {', '.join(dropped)}")
+        if blocks.has_block(self.r):
+            return notes + blocks.block_notes(self)
         return notes + router_notes(self.r, self.fam) + parity_notes(
             self.r, self.layout, self.shapes.n_layers, self._narrowing(), self.fam)
 
@@ -347,7 +353,8 @@ def plan_upcycle(recipe: UpcycleRecipe, recipe_text: str | None = None) -> tuple
     plan.record = recipe_record("upcycle", recipe_yaml, paths, {
         "target": plan.config["model_type"], "num_experts": recipe.num_experts,
         "experts_per_token": recipe.experts_per_token, "router_init": recipe.router.init, "seed": recipe.seed,
-        "total_params": plan.total_params, "active_params": plan.active_params, "upcycle": planner.record()})
+        "total_params": plan.total_params, "active_params": plan.active_params, "upcycle": planner.record(),
+        "added": blocks.added_keys(plan)})
     return plan, readers
 
 

@@ -26,9 +26,9 @@ from mergekit_lite.recipe.ensemble import (
 )
 from mergekit_lite.recipe.graft import GraftRecipe, GraftSlice
 from mergekit_lite.recipe.train import LoraSettings, MoETraining, TrainData, TrainRecipe
-from mergekit_lite.recipe.upcycle import ExpertSource, MoEEvery, RouterInit, Target, UpcycleRecipe
+from mergekit_lite.recipe.upcycle import BlockSpec, ExpertSource, MoEEvery, RouterInit, Target, UpcycleRecipe
 
-__all__ = ["ByteSize", "DType", "EnsembleMember", "EnsembleRecipe", "ExchangeSettings", "ExpertSource", "Generation",
-           "GraftRecipe", "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit", "ScoreSettings",
-           "Strict", "Target", "Templates", "TrainData", "TrainRecipe", "UpcycleRecipe", "format_validation_error",
-           "load_recipe", "parse_size", "read_yaml", "validate_recipe"]
+__all__ = ["BlockSpec", "ByteSize", "DType", "EnsembleMember", "EnsembleRecipe", "ExchangeSettings", "ExpertSource",
+           "Generation", "GraftRecipe", "GraftSlice", "LoraSettings", "MoEEvery", "MoETraining", "RouterInit",
+           "ScoreSettings", "Strict", "Target", "Templates", "TrainData", "TrainRecipe", "UpcycleRecipe",
+           "format_validation_error", "load_recipe", "parse_size", "read_yaml", "validate_recipe"]

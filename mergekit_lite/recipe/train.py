@@ -172,8 +172,9 @@ class TrainRecipe(Strict):
                           "are slower while it compiles")
     seed: int = 0
     """fixes the batch order and every random draw of the run"""
-    trainable: Literal["all", "routers", "routers+experts", "new_layers", "lora"] = "all"
-    """all, routers, routers+experts, new_layers (the identity blocks of graft --expand) or lora"""
+    trainable: Literal["all", "routers", "routers+experts", "new_layers", "added", "lora"] = "all"
+    """all, routers, routers+experts, new_layers (the identity blocks of graft --expand), added (what the upcycle
+    created: PEER / MH-MoE blocks and routers; every source tensor stays bit-identical) or lora"""
     lora: LoraSettings = LoraSettings()
     """LoRA adapters for trainable: lora (the lora.* fields)"""
     moe: MoETraining = MoETraining()

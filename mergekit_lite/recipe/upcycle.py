@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
@@ -22,6 +23,8 @@ else:
 # Routed experts per MoE layer: 4096 is 8x today's largest released MoE layers (DeepSeek-V3 256, Qwen3-Next 512);
 # a typo such as 1000000000 would otherwise build a plan of billions of tensors before failing.
 MAX_EXPERTS = 4096
+# PEER's single-neuron experts: the paper's 1024^2 = 1,048,576, with room for 2048^2 (tables of N x hidden)
+MAX_PEER_EXPERTS = 2048 * 2048
 
 class RouterInit(Strict):
     """How fresh router (gate) weights are initialised."""
@@ -51,6 +54,43 @@ class RouterInit(Strict):
                                                           "routed down_proj x 1/scaling keeps step-0 parity")
 
 
+class BlockSpec(Strict):
+    """`block:` (architecture: moemerge): which MoE block each MoE layer gets, and whether it replaces the FFN."""
+
+    kind: Literal["topk", "peer", "mh_moe"] = "topk"
+    """topk (router + copied experts), peer (product-key retrieval over num_experts single-neuron experts) or mh_moe
+    (multi-head MoE: each token split into `heads` sub-tokens routed on their own)"""
+    mode: Literal["add", "replace"] | None = Field(
+        None, description="add: the dense FFN stays and the block's output (output projection at zero) is added, "
+                          "step-0 parity; replace: the block takes the FFN's place (no parity). Default: add for "
+                          "peer and mh_moe, replace for topk (the only mode it has)")
+    heads: int | None = Field(None, ge=1, le=64, description="peer: retrieval heads (default 8); mh_moe: sub-tokens "
+                                                             "per token (default 4), dividing the hidden size")
+    key_dim: int | None = Field(None, ge=2, le=4096, description="peer: query and product-key dimension, even "
+                                                                 "(default 128)")
+    query_batchnorm: bool | None = Field(None, description="peer: BatchNorm on the query, as the paper (default true)")
+    activation: Literal["gelu", "relu", "silu", "gelu_pytorch_tanh"] | None = Field(
+        None, description="peer: each single-neuron expert's activation (default gelu)")
+    score: Literal["softmax", "sigmoid"] | None = Field(
+        None, description="peer: gate over each head's top-k scores (default softmax)")
+    expert_size: int | None = Field(None, ge=1, description="mh_moe: channels of one expert (default: the dense "
+                                                            "intermediate size / heads)")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> "BlockSpec":
+        own = {"peer": {"heads", "key_dim", "query_batchnorm", "activation", "score"},
+               "mh_moe": {"heads", "expert_size"}, "topk": set()}[self.kind]
+        foreign = sorted(f for f in self.model_fields_set - {"kind", "mode"} if f not in own)
+        if foreign:
+            raise ValueError(f"block.{foreign[0]} does not apply to block.kind: {self.kind}; remove it")
+        if self.kind == "topk" and self.mode == "add":
+            raise ValueError("block.mode: add needs kind peer or mh_moe (a top-k block beside the dense FFN is "
+                             "shared_experts: 1 with shared_split); use mode: replace or another kind")
+        if self.key_dim is not None and self.key_dim % 2:
+            raise ValueError(f"block.key_dim={self.key_dim} must be even (the query is split in two halves)")
+        return self
+
+
 class ExpertSource(Strict):
     """One entry of `experts:` (Branch-Train-MiX / mergekit-moe style): a dense model giving one expert copy."""
 
@@ -78,13 +118,16 @@ class UpcycleRecipe(Strict):
     architecture: Target = "auto"
     """target class: mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1, ernie4_5_moe, granitemoe, granitemoeshared, or auto
     (Llama/Mistral -> mixtral, Qwen2 -> qwen2_moe, Qwen3 -> qwen3_moe)"""
-    num_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS,
-                                    description="fine experts per MoE layer; with `experts:` it defaults to "
+    num_experts: int | None = Field(None, ge=1, le=MAX_PEER_EXPERTS,
+                                    description="fine experts per MoE layer (at most 4096; block.kind: peer up to "
+                                                "2048^2, a perfect square); with `experts:` it defaults to "
                                                 "len(experts) * granularity")
     experts_per_token: int = Field(ge=1, le=MAX_EXPERTS)
     """top-k: experts per token, at most num_experts; with granularity G a multiple of G (whole copies)"""
     router: RouterInit = RouterInit()
     """how the routers start and what they compute (the router.* fields)"""
+    block: BlockSpec | None = None
+    """architecture: moemerge only: the block kind and mode (the block.* fields); default topk"""
     # Advanced upcycling (docs/upcycle.md); the defaults reproduce plain sparse upcycling.
     granularity: int = Field(1, ge=1, le=MAX_EXPERTS,
                              description="split each FFN into this many fine experts (slices of I/G)")
@@ -116,6 +159,7 @@ class UpcycleRecipe(Strict):
     @model_validator(mode="after")
     def _topk(self) -> "UpcycleRecipe":
         _check_advanced(self)
+        _check_block(self)
         if self.experts_per_token > self.num_experts:
             raise ValueError(
                 f"experts_per_token={self.experts_per_token} is larger than num_experts={self.num_experts}; "
@@ -163,6 +207,40 @@ def _check_advanced(r: "UpcycleRecipe") -> None:
                                            or len(set(r.moe_layers)) != len(r.moe_layers)):
         raise ValueError(f"moe_layers={r.moe_layers} must be distinct layer indices >= 0 (and at least one)")
     _check_prompts(r)
+
+
+def _check_block(r: "UpcycleRecipe") -> None:
+    """`block:` only on moemerge; PEER's N = n * n with top-k <= n; options that copy or split the dense FFN into
+    experts only with topk (peer and mh_moe experts are new weights)."""
+    b = r.block
+    kind = b.kind if b else "topk"
+    if kind != "peer" and r.num_experts is not None and r.num_experts > MAX_EXPERTS:
+        raise ValueError(f"num_experts={r.num_experts} is more than {MAX_EXPERTS}; only block.kind: peer takes more")
+    if b is None:
+        return
+    if r.architecture != "moemerge":
+        raise ValueError(f"`block` needs architecture: moemerge (the project's own classes); {r.architecture} is a "
+                         "native target with its own block; set architecture: moemerge or remove `block`")
+    if kind == "topk":
+        return
+    if kind == "peer":
+        n = math.isqrt(r.num_experts or 0)
+        if n * n != r.num_experts:
+            raise ValueError(f"block.kind: peer needs num_experts = n * n (product keys: n sub-keys per half); "
+                             f"{r.num_experts} is not a perfect square, use {n * n} or {(n + 1) ** 2}")
+        if r.experts_per_token > n:
+            raise ValueError(f"experts_per_token={r.experts_per_token} is above n = sqrt(num_experts) = {n}: each "
+                             f"half's top-k is taken over n sub-keys; use experts_per_token <= {n}")
+    copying = {"granularity": r.granularity != 1, "shared_experts": r.shared_experts != 0,
+               "drop_ratio": r.drop_ratio != 0, "noise": r.noise != 0, "experts": r.experts is not None,
+               "router.init: hidden": r.router.init == "hidden", "router.groups": r.router.groups is not None}
+    if kind == "peer":
+        copying |= {"router.scoring": r.router.scoring is not None, "router.scaling": r.router.scaling is not None,
+                    f"router.init: {r.router.init}": r.router.init != "random"}
+    bad = [name for name, on in copying.items() if on]
+    if bad:
+        raise ValueError(f"{bad[0]} does not apply to block.kind: {kind} (its experts are new weights, not copies of "
+                         "the dense FFN); remove it")
 
 
 def _check_groups(r: "UpcycleRecipe") -> None:

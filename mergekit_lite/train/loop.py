@@ -193,6 +193,8 @@ def fit(run: Run, recipe_text: str | None = None, *, progress: bool = True, prog
                         grad_norm=float(grad_norm) if grad_norm is not None else None)
             if tap.is_moe:
                 metrics.log("router", step, **tap.read_stats(reduce=lambda t: acc.reduce(t, "sum")))
+            if tap.peer:  # PEER expert usage since the last log line (train/blocks.py)
+                metrics.log("peer", step, **tap.peer.read(reduce=lambda t: acc.reduce(t, "sum")))
             bar.set_postfix(loss=f"{ce_m:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             sums.zero_()
             micro, t_log, steps_timed = 0, now, 0

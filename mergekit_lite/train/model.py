@@ -38,7 +38,8 @@ def build_model(r: TrainRecipe, model_dir: Path, accelerator, config: dict[str, 
     if accelerator.ddp_handler is not None:
         accelerator.ddp_handler.find_unused_parameters = unused_parameters_possible(model)
     new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
-    trainable_parameters(model, r.trainable, tap.routers, new_layers)
+    added = (read_sidecar(model_dir) or {}).get("added") if r.trainable == "added" else None
+    trainable_parameters(model, r.trainable, tap.routers, new_layers, added)
     return model, tap
 
 
@@ -59,7 +60,8 @@ def active_params(model: nn.Module) -> int:
     return model_param_counts(model).active
 
 
-def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int]) -> list:
+def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], new_layers: list[int],
+                         added: list[str] | None = None) -> list:
     """Freeze everything outside `mode` and return the parameters left trainable.
 
     ERNIE's selection bias (a parameter, not a buffer) is never trained: it gets no gradient, and the
@@ -70,6 +72,13 @@ def trainable_parameters(model: nn.Module, mode: str, routers: list[nn.Module], 
             p.requires_grad_(False)
     if mode in ("all", "lora"):  # peft has already frozen the base for lora
         return [p for p in model.parameters() if p.requires_grad]
+    if mode == "added":  # the tensors the upcycle created, recorded in its moemerge.json (train/blocks.py)
+        from mergekit_lite.train.blocks import select_added
+
+        if keep := select_added(model, added or []):
+            return keep
+        raise MoemergeError("trainable = 'added' selects no parameter of this model (its moemerge.json names tensors "
+                            "the model does not hold)")
     router_ids = {id(p) for r in routers for p in r.parameters()}
     prefixes = tuple(f"model.layers.{i}." for i in new_layers)
     keep = []

@@ -31,6 +31,7 @@ from mergekit_lite.arch.specs import RouterSpec
 from mergekit_lite.arch.tables import MOE, model_type_of
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.train import compat, routing
+from mergekit_lite.train.blocks import PeerUsage
 
 # the learned noise projection of `routing: noisy_topk`, registered on each router: trained and checkpointed
 # with the model, and left out of final/ (save.py), whose router is W_g alone
@@ -122,6 +123,7 @@ class RouterTap:
         self.drop_policy = getattr(moe, "drop_policy", "position")
         self.use_bias = bias_update_rate > 0
         self.native_bias = bool(self.routers) and spec.bias is not None
+        self.peer = PeerUsage(model)  # PEER layers' expert usage (none: empty, false)
         self.active = True  # off during evaluation: validation batches are not training statistics
         n_exp = self.routers[0].num_experts if self.routers else 0
         device = self.routers[0].weight.device if self.routers else torch.device("cpu")
@@ -310,6 +312,7 @@ class RouterTap:
         """Move the bias and counters to the device the prepared model runs on."""
         for name in self._STATE + ("step_load",):
             setattr(self, name, getattr(self, name).to(device))
+        self.peer.to(device)
         return self
 
     # accelerate.register_for_checkpointing: the tap's own selection bias is training state, and the statistics
@@ -320,7 +323,10 @@ class RouterTap:
     def state_dict(self, reduce=lambda t: t) -> dict:
         """The bias (equal on every process) and the statistics counters summed over processes by `reduce`
         (every process must call it)."""
-        return {name: (self.bias if name == "bias" else reduce(getattr(self, name))).cpu() for name in self._STATE}
+        state = {name: (self.bias if name == "bias" else reduce(getattr(self, name))).cpu() for name in self._STATE}
+        if self.peer:
+            state["peer_counts"] = reduce(self.peer.counts).cpu()
+        return state
 
     def load_state_dict(self, state: dict, counters: bool = True) -> None:
         """Restore the bias; the counters too where `counters` (one process of several gets the sums)."""
@@ -329,6 +335,12 @@ class RouterTap:
                 getattr(self, name).copy_(state[name].to(self.bias.device))
             elif name != "bias":
                 getattr(self, name).zero_()
+        if self.peer:
+            counts = state.get("peer_counts")
+            if counts is not None and counters:
+                self.peer.counts.copy_(counts.to(self.peer.counts.device))
+            else:
+                self.peer.counts.zero_()
 
 
 def _add_to(bias: torch.Tensor, row: torch.Tensor) -> None:

@@ -69,7 +69,8 @@ def dropped_series(router_rows: list[dict]) -> tuple[list[int], list[list[float]
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              echo: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """Write loss.png, lr.png and (for MoE runs) expert_load.png into `out_dir` (default: the run folder).
+    """Write loss.png, lr.png, (for MoE runs) expert_load.png and (PEER runs) peer_usage.png into `out_dir` (default:
+    the run folder).
 
     Args:
         run_dir: a `moemerge train` output folder holding metrics.jsonl.
@@ -77,7 +78,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
         echo: receives a note when the run has no router records (dense model).
 
     Returns:
-        The paths written, in the order loss, lr, expert_load.
+        The paths written, in the order loss, lr, expert_load, peer_usage.
     """
     import matplotlib
 
@@ -87,12 +88,14 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(run_dir).resolve().name
-    loss_png, lr_png, load_png = RunFolder.PLOTS
+    loss_png, lr_png, load_png, peer_png = RunFolder.PLOTS
     paths = [_loss_png(m, out / loss_png, name), _lr_png(m["train"], out / lr_png, name)]
     if m.get("router"):
         paths.append(_load_png(m["router"], out / load_png, name))
     else:
         echo("no router records (dense model): expert_load.png not drawn")
+    if m.get("peer"):
+        paths.append(_peer_png(m["peer"], out / peer_png, name))
     return paths
 
 
@@ -226,6 +229,26 @@ def _load_png(router: list[dict], path: Path, name: str) -> Path:
         axes[2].set(xlabel="step", ylabel="dropped share", title="assignments over expert capacity (dropped)")
         if n_layers <= 8:
             axes[2].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _peer_png(peer: list[dict], path: Path, name: str) -> Path:
+    """PEER expert usage per layer over the run: share of the N experts retrieved since the previous log line, and
+    the usage entropy (nats)."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in peer]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i in range(len(peer[-1]["used"])):
+        ax.plot(steps, [r["used"][i] for r in peer], label=f"PEER layer {i}")
+        ax2.plot(steps, [r["entropy"][i] for r in peer], label=f"PEER layer {i}")
+    ax.set(xlabel="step", ylabel="share of experts retrieved", ylim=(0, 1.02),
+           title=f"{name}: experts used since the previous line")
+    ax2.set(xlabel="step", ylabel="entropy (nats)", title="expert usage entropy")
+    if len(peer[-1]["used"]) <= 8:
+        ax.legend(fontsize=7)
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
     return _save(fig, path)
 
 

@@ -64,6 +64,10 @@ def preflight(r: TrainRecipe, model_dir: Path, resume: bool, overwrite: bool) ->
         if not getattr(au, _TRACKER_CHECK[r.tracker])():
             raise MoemergeError(f"tracker = {r.tracker!r} but its package is not installed; "
                                 f"pip install {r.tracker}, or set tracker: none")
+    if r.trainable == "added":  # refused when the folder records nothing the upcycle added
+        from mergekit_lite.train.blocks import added_keys
+
+        added_keys(model_dir)
     if r.trainable == "new_layers" and not (read_sidecar(model_dir) or {}).get("new_layers"):
         raise MoemergeError(f"trainable = 'new_layers' but {model_dir}/moemerge.json records no new layers; "
                             "make the model with `moemerge graft --expand`, or pick another trainable mode")

@@ -9,6 +9,7 @@ The fields below say which layers hold an MoE block and what the block computes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -28,7 +29,15 @@ class MoemergeConfig(PreTrainedConfig):
         scoring: "softmax" or "sigmoid" (DeepSeek-V3) router scores.
         norm_topk_prob: divide the top-k weights by their sum.
         routed_scaling_factor: factor on the (renormalised) top-k weights.
-        block_kind: which MoE block class the layers use (`BLOCKS` in modeling_moemerge.py).
+        block_kind: which MoE block class the layers use (`BLOCKS` in modeling_moemerge.py): "topk" (router +
+            experts), "peer" (product-key retrieval over single-neuron experts) or "mh_moe" (multi-head MoE).
+        block_mode: "replace" (the block is the layer's FFN) or "add" (the dense FFN stays; the block's output is
+            added to it).
+        block_heads: retrieval heads (peer) or sub-tokens per token (mh_moe).
+        peer_key_dim: query / product-key dimension (peer; each half scores n = sqrt(num_experts) sub-keys).
+        peer_query_batchnorm: batch-normalise the query (peer).
+        peer_activation: activation of a single-neuron expert, act(up . x) * down (peer).
+        peer_score: "softmax" or "sigmoid" over each head's top-k scores (peer).
         router_aux_loss_coef: weight of the load-balancing loss when `output_router_logits` is set.
         tie_word_embeddings: lm_head shares the embedding matrix.
     """
@@ -46,6 +55,12 @@ class MoemergeConfig(PreTrainedConfig):
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     block_kind: str = "topk"
+    block_mode: str = "replace"
+    block_heads: int = 1
+    peer_key_dim: int = 128
+    peer_query_batchnorm: bool = True
+    peer_activation: str = "gelu"
+    peer_score: str = "softmax"
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
     tie_word_embeddings: bool = False
@@ -60,10 +75,27 @@ class MoemergeConfig(PreTrainedConfig):
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                              f"num_experts={self.num_experts}")
+        self._check_block()
         n = self.text_config.num_hidden_layers
         bad = [i for i in self.mlp_only_layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"mlp_only_layers={self.mlp_only_layers}: layers {bad} do not exist ({n} layers)")
+
+    def _check_block(self) -> None:
+        if self.block_kind not in ("topk", "peer", "mh_moe") or self.block_mode not in ("replace", "add"):
+            raise ValueError(f"block_kind={self.block_kind!r} / block_mode={self.block_mode!r}: use topk, peer or "
+                             "mh_moe / replace or add")
+        if self.block_kind == "peer":
+            n = math.isqrt(self.num_experts)
+            if n * n != self.num_experts or not 1 <= self.num_experts_per_tok <= n or self.peer_key_dim % 2:
+                raise ValueError(f"peer: num_experts={self.num_experts} must be a perfect square n*n, "
+                                 f"num_experts_per_tok={self.num_experts_per_tok} at most n, and peer_key_dim="
+                                 f"{self.peer_key_dim} even")
+            if self.peer_score not in ("softmax", "sigmoid"):
+                raise ValueError(f"peer_score={self.peer_score!r}: use 'softmax' or 'sigmoid'")
+        if self.block_kind == "mh_moe" and self.text_config.hidden_size % self.block_heads:
+            raise ValueError(f"block_heads={self.block_heads} does not divide hidden_size="
+                             f"{self.text_config.hidden_size}")
 
     def moe_layer_indices(self) -> list[int]:
         """Indices of the layers whose FFN is an MoE block."""

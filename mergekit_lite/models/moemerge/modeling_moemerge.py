@@ -18,9 +18,20 @@ keys are the dense family's plus, per MoE layer:
 
 Every expert is the family's gated FFN, down(act(gate(x)) * up(x)), with the family's activation
 (SiLU for Llama/Mistral/Qwen, tanh-GELU for Gemma3).
+
+Other block kinds (`config.block_kind`), with `P` = `model.layers.{i}.mlp.` (`block_mode: replace`) or
+`model.layers.{i}.mlp.added.` (`block_mode: add`: the layer keeps its dense FFN `mlp.{gate,up,down}_proj.weight`
+and adds the block's output to it):
+
+    peer    P.retrieval.query.weight (heads * key_dim, hidden); P.retrieval.query_norm.* (optional);
+            P.retrieval.sub_keys (heads, 2, n, key_dim / 2); P.expert_up, P.expert_down (num_experts, hidden)
+    mh_moe  P.head_proj.weight, P.merge_proj.weight (hidden, hidden); P.gate.weight (num_experts, hidden / heads)
+            and P.gate.e_score_correction_bias; P.experts.{e}.{gate,up,down}_proj.weight at width hidden / heads
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +56,9 @@ class MoemergeRouter(nn.Module):
     in float32 whatever the weights' dtype.
     """
 
-    def __init__(self, config: MoemergeConfig):
+    def __init__(self, config: MoemergeConfig, hidden: int | None = None):
         super().__init__()
-        hidden = config.text_config.hidden_size
+        hidden = hidden or config.text_config.hidden_size
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.scoring, self.norm_topk_prob = config.scoring, config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
@@ -124,8 +135,128 @@ class MoemergeSparseBlock(nn.Module):
         return out.reshape(shape)
 
 
+class MoemergeQueryNorm(nn.Module):
+    """PEER's query BatchNorm: batch statistics while training (running mean/var updated, momentum 0.1), the running
+    ones at inference. Float buffers only (no integer batch counter), so every tensor of the folder is a float."""
+
+    def __init__(self, features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
+class MoemergePeerRetrieval(nn.Module):
+    """PEER's product-key retrieval (He, 2024): per head, the top-k of N = n * n experts without scoring all N.
+
+    The query (BatchNorm-ed) is split in two halves; each half scores its n sub-keys and keeps its top-k, the
+    k * k sums of the two are the only candidates (the best k full scores are always among them), and the final
+    top-k is taken over those. Returns (scores, indices), each (T, heads, k); expert id = i1 * n + i2.
+    """
+
+    def __init__(self, config: MoemergeConfig):
+        super().__init__()
+        hidden, d = config.text_config.hidden_size, config.peer_key_dim
+        self.heads, self.top_k = config.block_heads, config.num_experts_per_tok
+        self.n = math.isqrt(config.num_experts)
+        self.query = nn.Linear(hidden, self.heads * d, bias=False)
+        self.query_norm = MoemergeQueryNorm(self.heads * d) if config.peer_query_batchnorm else None
+        self.sub_keys = nn.Parameter(torch.empty(self.heads, 2, self.n, d // 2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T, h, k, n = x.shape[0], self.heads, self.top_k, self.n
+        q = self.query(x)  # (T, h * d)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        q = q.float().view(T, h, 2, -1)  # (T, h, 2 halves, d / 2)
+        sub = torch.einsum("thcd,hcnd->thcn", q, self.sub_keys.float())  # (T, h, 2, n): sqrt(N) scores per half
+        s, i = sub.topk(k, dim=-1)  # (T, h, 2, k)
+        cand = s[:, :, 0, :, None] + s[:, :, 1, None, :]  # (T, h, k, k)
+        ids = i[:, :, 0, :, None] * n + i[:, :, 1, None, :]  # (T, h, k, k)
+        scores, pos = cand.flatten(2).topk(k, dim=-1)  # (T, h, k)
+        return scores, ids.flatten(2).gather(-1, pos)
+
+
+class MoemergePeerBlock(nn.Module):
+    """PEER layer: sum over heads and the k retrieved experts of gate * act(up_e . x) * down_e, (B, S, H) -> (B, S, H).
+
+    Experts are single neurons: rows of two (num_experts, hidden) tables. Only the retrieved rows are gathered
+    (never an N-sized temporary per token); the down side is one `embedding_bag` weighted sum.
+    """
+
+    def __init__(self, config: MoemergeConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.retrieval = MoemergePeerRetrieval(config)
+        self.expert_up = nn.Parameter(torch.empty(config.num_experts, hidden))
+        self.expert_down = nn.Parameter(torch.empty(config.num_experts, hidden))
+        self.act_fn = ACT2FN[config.peer_activation]
+        self.score = config.peer_score
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        scores, idx = self.retrieval(x)  # (T, h, k)
+        gates = scores.softmax(-1) if self.score == "softmax" else scores.sigmoid()  # per head
+        flat = idx.reshape(x.shape[0], -1)  # (T, h * k)
+        up = F.embedding(flat, self.expert_up)  # (T, h * k, H): the retrieved rows only
+        act = self.act_fn(torch.bmm(up, x.unsqueeze(-1).to(up.dtype)).squeeze(-1))  # (T, h * k)
+        coef = (act.float() * gates.reshape(flat.shape)).to(self.expert_down.dtype)
+        out = F.embedding_bag(flat, self.expert_down, per_sample_weights=coef, mode="sum")  # (T, H)
+        return out.to(hidden_states.dtype).reshape(shape)
+
+
+class MoemergeMultiHeadBlock(nn.Module):
+    """Multi-Head MoE (Huang et al., 2024): head projection, each token split into `heads` sub-tokens of H / heads
+    routed on their own (top-k of num_experts), experts' outputs merged back and projected, (B, S, H) -> (B, S, H).
+
+    The router and experts are the top-k block's classes at width H / heads, so training's router tap (losses,
+    policies, statistics) sees every sub-token as a token.
+    """
+
+    def __init__(self, config: MoemergeConfig):
+        super().__init__()
+        text = config.text_config
+        hidden, act = text.hidden_size, family_activation(text)
+        self.heads = config.block_heads
+        sub = hidden // self.heads
+        self.head_proj = nn.Linear(hidden, hidden, bias=False)
+        self.gate = MoemergeRouter(config, hidden=sub)
+        self.experts = MoemergeExperts(
+            MoemergeExpert(sub, config.moe_intermediate_size, act) for _ in range(config.num_experts))
+        self.merge_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = self.head_proj(hidden_states.reshape(-1, shape[-1]))  # (T, H)
+        x = x.reshape(-1, shape[-1] // self.heads)  # (T * heads, H / heads): the sub-tokens
+        _, weights, idx = self.gate(x)
+        y = self.experts(x, idx, weights).reshape(-1, shape[-1])  # (T, H): sub-tokens merged back
+        return self.merge_proj(y).reshape(shape)
+
+
 # MoE block classes by `config.block_kind`; each takes the config and maps (B, S, H) to (B, S, H).
-BLOCKS: dict[str, type[nn.Module]] = {"topk": MoemergeSparseBlock}
+BLOCKS: dict[str, type[nn.Module]] = {"topk": MoemergeSparseBlock, "peer": MoemergePeerBlock,
+                                      "mh_moe": MoemergeMultiHeadBlock}
+
+
+class MoemergeAddedBlock(MoemergeExpert):
+    """`block_mode: add`: the layer's dense FFN (its own keys, `mlp.{gate,up,down}_proj`) plus a block whose output is
+    added (`mlp.added`); with the block's output projection at zero the layer computes what the dense one did."""
+
+    def __init__(self, config: MoemergeConfig):
+        text = config.text_config
+        super().__init__(text.hidden_size, text.intermediate_size, family_activation(text))
+        self.added = BLOCKS[config.block_kind](config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.added(x)
 
 
 class MoemergePreTrainedModel(PreTrainedModel):
@@ -147,6 +278,19 @@ class MoemergePreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.weight.normal_(0.0, std)
                 module.e_score_correction_bias.zero_()
+        elif isinstance(module, MoemergeQueryNorm):
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+        elif isinstance(module, MoemergePeerRetrieval):
+            with torch.no_grad():
+                module.sub_keys.normal_(0.0, std)
+        elif isinstance(module, MoemergePeerBlock):
+            with torch.no_grad():
+                module.expert_up.normal_(0.0, std)
+                module.expert_down.normal_(0.0, std)
         elif getattr(self, "model", None) is not None and module is not self:
             self.model._init_weights(module)  # the dense family's own rules (Gemma3 norms, scaled embeddings)
 
@@ -162,7 +306,7 @@ class MoemergeForCausalLM(MoemergePreTrainedModel, GenerationMixin):
         self.model = AutoModel.from_config(text)
         self.vocab_size = text.vocab_size
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        block = BLOCKS[config.block_kind]
+        block = MoemergeAddedBlock if config.block_mode == "add" else BLOCKS[config.block_kind]
         for i in config.moe_layer_indices():
             self.model.layers[i].mlp = block(config)
         self._no_split_modules = [type(self.model.layers[0]).__name__]

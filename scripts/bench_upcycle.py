@@ -16,6 +16,7 @@ anonymous memory. mergekit-moe runs on the same job when it is installed (`pip i
     python scripts/bench_upcycle.py                        # 1.1B (TinyLlama-shaped) -> 8 experts, 3 rounds
     python scripts/bench_upcycle.py --sizes 0.25 --rounds 3 --architecture glm4_moe
     python scripts/bench_upcycle.py --sizes 1.1 --workers 1 # one writer thread, for comparison
+    python scripts/bench_upcycle.py --shard-size 2GB        # 7 shard files instead of 3: more writers at once
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
                       + (f"workers: {args.workers}\n" if args.workers else ""))
     out, copy = workdir / f"moe-{size}", workdir / f"copy-{size}"
     threads = writer_threads(args.workers, workdir)
-    cmd = [sys.executable, "-m", "mergekit_lite", "upcycle", str(recipe), "-o", str(out)]
+    cmd = [sys.executable, "-m", "mergekit_lite", "upcycle", str(recipe), "-o", str(out),
+           *(["--shard-size", args.shard_size] if args.shard_size else [])]
     ups, cps, probes, anon, out_bytes = alternating_rounds(cmd, dense, out, copy, threads, args)
     t_mk = mergekit_moe(dense, workdir / "mergekit-out", args.experts) if args.mergekit else None
     # interpreter + torch/transformers import, a fixed cost that matters only for small models
@@ -229,6 +231,8 @@ def main() -> None:
     ap.add_argument("--architecture", default="auto", help="upcycle target family (mixtral, qwen2_moe, glm4_moe, "
                                                             "granitemoe, ...; default: auto, the recipe's own)")
     ap.add_argument("--workers", type=int, default=None, help="writer threads (default: moemerge's own default)")
+    ap.add_argument("--shard-size", default=None, help="the upcycle's --shard-size (default: moemerge's, 5GB); more "
+                                                         "shards let more writer threads write at once")
     ap.add_argument("--rounds", type=int, default=3, help="alternating (upcycle, cp, probe) rounds; medians shown")
     ap.add_argument("--warm", action="store_true", help="leave the source in the page cache (default: evict it)")
     ap.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe if installed")

@@ -84,11 +84,11 @@ def params(folder: Path) -> tuple[int, int]:
     """(total, active per token) of a saved model."""
     import torch
 
+    from mergekit_lite.arch.params import model_param_counts
     from mergekit_lite.models import load_causal_lm
-    from mergekit_lite.train.model import active_params
 
-    model = load_causal_lm(folder, dtype=torch.float32)
-    return sum(p.numel() for p in model.parameters()), active_params(model)
+    counts = model_param_counts(load_causal_lm(folder, dtype=torch.float32))  # as inspect and train count them
+    return counts.total, counts.active
 
 
 def main() -> None:

@@ -134,8 +134,8 @@ def fit(run: Run, recipe_text: str | None = None, *, progress: bool = True, prog
     """Train an assembled run to its last step, validate, save final/; returns the summary."""
     from tqdm.auto import tqdm
 
-    r, acc, model, tap, optimizer, scheduler = run.recipe, run.accelerator, run.model, run.tap, run.optimizer, \
-        run.scheduler
+    r, acc, model, tap = run.recipe, run.accelerator, run.model, run.tap
+    optimizer, scheduler = run.optimizer, run.scheduler
     step, tokens, state = run.start.step, run.start.tokens, run.start.state
     metrics = Metrics(acc, RunFolder(run.out).metrics, keep_until=step if run.start.checkpoint else None)
     if step == 0:

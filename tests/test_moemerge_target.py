@@ -209,6 +209,42 @@ def test_edited_code_needs_trust_remote_code(gemma_out, tmp_path):
     assert compare_logits(edited, dense, device="cpu", trust_remote_code=True).max_abs <= TOL
 
 
+def test_a_folder_an_earlier_version_wrote_is_still_own_code(gemma_out, tmp_path):
+    """After an upgrade, the code files an earlier version wrote (kept in tests/data) are recognised as ours: this
+    version's classes load the folder, computing what the folder's own (earlier) code computes; edited, foreign."""
+    import shutil
+
+    from mergekit_lite.models import EARLIER_CODE, code_status
+
+    out, dense = gemma_out
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    kept = Path(__file__).parent / "data" / "moemerge-code-aaf35c6"
+    for name in ("configuration_moemerge.py", "modeling_moemerge.py"):
+        (old / name).write_bytes((kept / f"{name}.txt").read_bytes())
+    assert (old / "modeling_moemerge.py").read_bytes() != (out / "modeling_moemerge.py").read_bytes()
+    assert len(EARLIER_CODE) == 1 and code_status(old) == "own"
+    ours = load_causal_lm(old, dtype=torch.float32).eval()  # no trust needed: this package's classes
+    assert type(ours).__module__ == "mergekit_lite.models.moemerge.modeling_moemerge"
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))  # STANDALONE's
+    with torch.no_grad():
+        our_delta = (ours(ids).logits - ref(ids).logits).abs().max().item()
+    # the folder's own (earlier) code, run by transformers in a process where mergekit_lite cannot be imported
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(old), str(dense), str(tmp_path / "again")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["module"].startswith("transformers_modules") and not got["mergekit_loaded"]
+    assert got["missing"] == [] and got["unexpected"] == [] and got["delta"] == our_delta  # the same function
+    with open(old / "configuration_moemerge.py", "a") as f:
+        f.write("\n# edited\n")
+    assert code_status(old) == "foreign"
+
+
 def test_foreign_auto_map_is_foreign(gemma_out, tmp_path):
     import shutil
 

@@ -26,6 +26,13 @@ CODE_FILES = ("configuration_moemerge.py", "modeling_moemerge.py")
 AUTO_MAP = {"AutoConfig": "configuration_moemerge.MoemergeConfig",
             "AutoModelForCausalLM": "modeling_moemerge.MoemergeForCausalLM"}
 ARCHITECTURE = "MoemergeForCausalLM"
+# The code files earlier versions of this package wrote (sha256 of each), whose folders this version's classes load
+# as they are (those versions had the top-k block only, which is unchanged): after an upgrade such a folder is
+# still "own", not foreign code to be trusted by hand. tests/data/ keeps the files themselves.
+EARLIER_CODE = (
+    {"configuration_moemerge.py": "eef50c0740f238e3ae55bd3edd9a1b48c794a34f8d8dff9e52bcd40b7c6f3a0a",
+     "modeling_moemerge.py": "39a22d9819020bd0c5923665c070f06571aa992e87dd1889bcb6437af15530cb"},  # aaf35c6
+)
 
 
 def code_files() -> dict[str, bytes]:
@@ -38,7 +45,8 @@ def _digest(data: bytes) -> str:
 
 
 def code_status(folder: str | Path) -> str:
-    """"none" (no custom code: plain transformers), "own" (this version's moemerge files, unchanged) or "foreign".
+    """"none" (no custom code: plain transformers), "own" (moemerge files this version or an earlier one wrote,
+    unchanged; `EARLIER_CODE`) or "foreign".
 
     transformers runs a folder's code only through config.json's `auto_map`, so a folder without one is "none"
     (other `.py` files in it never run). It is "own" only when the config names our model type and our
@@ -55,9 +63,9 @@ def code_status(folder: str | Path) -> str:
         return "none"
     if cfg.get("model_type") != MODEL_TYPE or auto_map != AUTO_MAP:
         return "foreign"
-    ours = code_files()
-    same = all((folder / n).is_file() and _digest((folder / n).read_bytes()) == _digest(ours[n]) for n in CODE_FILES)
-    return "own" if same else "foreign"
+    have = {n: _digest((folder / n).read_bytes()) for n in CODE_FILES if (folder / n).is_file()}
+    ours = {n: _digest(data) for n, data in code_files().items()}
+    return "own" if any(have == known for known in (ours, *EARLIER_CODE)) else "foreign"
 
 
 @lru_cache(maxsize=1)

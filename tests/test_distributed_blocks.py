@@ -1,4 +1,5 @@
-"""PEER and MH-MoE upcycles (issue 27) trained on 2 CPU processes (DDP and FSDP2 over gloo) with `trainable: added`:
+"""PEER and MH-MoE upcycles (issue 27) trained on 2 CPU processes (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 over gloo)
+with `trainable: added`:
 the same run as one process accumulating two micro-batches (marker `distributed`, launched as a user launches them).
 
 One known difference, by design of BatchNorm: each process updates the query BatchNorm's running statistics from its
@@ -8,11 +9,14 @@ statistics and match; the running statistics and the validation loss (which uses
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_distributed import ONE, assert_engine, engine_cmd, final_weights, launch, records
+from test_deepspeed import assert_deepspeed, zero
+from test_distributed import ONE, assert_engine, engine_cmd, env_for, final_weights, launch, records
 from test_train import build_world
 
 from mergekit_lite.ops.upcycle import run_upcycle
@@ -36,14 +40,29 @@ def bworld(tmp_path_factory):
     return world
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
 @pytest.mark.parametrize("kind", BLOCKS)
 def test_blocks_train_the_same_on_two_processes(bworld, kind, engine):
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="pip install deepspeed (the test extra has it)")
     if kind not in bworld["refs"]:
         bworld["refs"][kind] = launch(bworld, f"one-{kind}", kind, ONE, "cpu", **RUN)
     one = bworld["refs"][kind]
-    two = launch(bworld, f"{engine}-{kind}", kind, engine_cmd("cpu", engine), "cpu", **RUN)
-    assert_engine(two, engine, "cpu")
+    if engine.startswith("zero"):  # DeepSpeed ZeRO-2/3 over gloo, the shipped launch configs
+        stage = int(engine[-1])
+        if (kind, stage) == ("mh_moe", 3):  # refused in one line on every process, before any step
+            out = launch(bworld, f"{engine}-{kind}", kind, ["true"], "cpu", **RUN)  # writes the recipe only
+            run = subprocess.run([*zero(stage), "-m", "mergekit_lite", "train", str(out) + ".yaml"],
+                                 capture_output=True, text=True, timeout=300, env=env_for("cpu"))
+            assert run.returncode != 0 and "mh_moe cannot train under DeepSpeed ZeRO-3" in run.stderr, run.stderr[-2000:]
+            assert "[rank0]: Traceback" not in run.stderr and "[rank1]: Traceback" not in run.stderr  # one line each
+            assert not (out / "final").exists()  # (the launcher's own ChildFailedError trace follows the lines)
+            return
+        two = launch(bworld, f"{engine}-{kind}", kind, [*zero(stage), "-m", "mergekit_lite"], "cpu", **RUN)
+        assert_deepspeed(two, stage)
+    else:
+        two = launch(bworld, f"{engine}-{kind}", kind, engine_cmd("cpu", engine), "cpu", **RUN)
+        assert_engine(two, engine, "cpu")
     a = [r["loss"] for r in records(one, "train")]
     b = [r["loss"] for r in records(two, "train")]
     assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)

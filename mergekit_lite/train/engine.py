@@ -185,8 +185,17 @@ def load_model(model_dir, accelerator, attn_implementation: str = "sdpa", trust_
 
 
 def prepare_sharding(accelerator, model) -> None:
-    """What an engine needs from the model before `prepare`: ZeRO-3 leaves for the MoE blocks."""
+    """What an engine needs from the model before `prepare`: ZeRO-3 leaves for the MoE blocks.
+
+    Raises:
+        MoemergeError: an MH-MoE model under ZeRO-3, whose backward reads an expert parameter ZeRO-3 has already
+            released (DeepSpeed 0.19, on every process at once, before any step); ZeRO-2, DDP and FSDP2 train it.
+    """
     if zero_stage(accelerator) == 3:
+        if getattr(getattr(model, "config", None), "block_kind", None) == "mh_moe":
+            raise MoemergeError("block kind mh_moe cannot train under DeepSpeed ZeRO-3 yet (its backward reads an "
+                                "expert parameter ZeRO-3 has released); launch with recipes/accelerate/"
+                                "deepspeed-zero2.yaml or fsdp.yaml")
         _zero3_leaves(model)
 
 

@@ -37,8 +37,9 @@ def build_model(r: TrainRecipe, model_dir: Path, accelerator, config: dict[str, 
     park_empty_linears(model)  # size-0 shared experts: no engine can shard an empty parameter
     if accelerator.ddp_handler is not None:
         accelerator.ddp_handler.find_unused_parameters = unused_parameters_possible(model)
-    new_layers = (read_sidecar(model_dir) or {}).get("new_layers", [])
-    added = (read_sidecar(model_dir) or {}).get("added") if r.trainable == "added" else None
+    sidecar = read_sidecar(model_dir) or {}  # what graft --expand and the upcycle recorded as new
+    new_layers = sidecar.get("new_layers", [])
+    added = sidecar.get("added") if r.trainable == "added" else None
     trainable_parameters(model, r.trainable, tap.routers, new_layers, added)
     return model, tap
 

@@ -7,10 +7,10 @@ requested size measures, in alternating rounds (upcycle, `cp -r` of its output, 
     included: a user waits for them), its files fsynced by the writer itself; the source is evicted
     from the page cache first (posix_fadvise DONTNEED; --warm keeps it), as on a first run;
   * cp: `cp -r` of the upcycle's output, then `sync` of the copied files;
-  * probe: the same number of bytes of zeros written by N threads (N = the upcycle's writer
+  * probe: the same number of bytes (a random block, repeated) written by N threads (N = the upcycle's writer
     threads), each to its own file, fsynced: what the disk takes at that queue depth;
 
-and prints the medians over the rounds, upcycle / cp and upcycle / probe, and the upcycle's peak
+each timed command starting after a `sync` and a short pause (`--settle`), and prints the medians over the rounds, upcycle / cp and upcycle / probe, and the upcycle's peak
 anonymous memory. mergekit-moe runs on the same job when it is installed (`pip install mergekit`).
 
     python scripts/bench_upcycle.py                        # 1.1B (TinyLlama-shaped) -> 8 experts, 3 rounds
@@ -126,6 +126,15 @@ def timed(cmd: list[str], sync: Path | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def settle(seconds: float) -> None:
+    """Let the disk finish what earlier steps left (dirty pages, and the TRIMs a `discard` mount issues after a
+    removal) before the next timed command. Measured without it on this VM (ext4 mounted with `discard`): of two
+    identical upcycles in a row, the one that came right after removing the previous 12.9 GB output took
+    2-3 s longer, whichever code it ran."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def evict(folder: Path) -> None:
     """Drop a folder's files from the page cache (clean pages only; no root needed), as on a first read."""
     for name in files(folder):
@@ -137,10 +146,16 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20) -> float:
-    """Seconds for `threads` threads to write `nbytes` of zeros in all (one file each) and fsync them."""
+def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20, zeros: bool = False) -> float:
+    """Seconds for `threads` threads to write `nbytes` in all (one file each) and fsync them.
+
+    The bytes are a random 64 MiB block written again and again, like model weights to the disk and the copy;
+    `zeros=True` writes zeros instead, as this probe did first: read from the kernel's one shared zero page,
+    they cost the copy less than any real data (measured to tmpfs, 12.9 GB: 6.0-6.3 s of system CPU against
+    7.6-9.3 s for random bytes), so the probe flattered the disk.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    zeros = memoryview(bytes(chunk))
+    block = memoryview(bytes(chunk) if zeros else bytearray(os.urandom(2**20)) * (chunk // 2**20))
     per = -(-nbytes // threads)
 
     def one(i: int) -> None:
@@ -148,7 +163,7 @@ def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20
         try:
             left = per
             while left > 0:
-                left -= os.write(fd, zeros[:min(chunk, left)])
+                left -= os.write(fd, block[:min(chunk, left)])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -187,16 +202,19 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
     anonymous memory of `cmd` (interpreter start-up and imports included: a user waits for them) and output bytes."""
     runs, cps, probes, anon, out_bytes = [], [], [], 0, 0
     for _ in range(args.rounds):
+        settle(args.settle)
         if not args.warm:
             evict(source)
         t, peak = run_sampled(cmd)
         runs.append(t)
         anon = max(anon, peak)
         out_bytes = sum(os.path.getsize(f) for f in files(out))
+        settle(args.settle)
         cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
         shutil.rmtree(copy)
         shutil.rmtree(out)
-        probes.append(write_probe(out.parent / "probe", out_bytes, threads))
+        settle(args.settle)
+        probes.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros))
     return runs, cps, probes, anon, out_bytes
 
 
@@ -234,6 +252,10 @@ def main() -> None:
     ap.add_argument("--shard-size", default=None, help="the upcycle's --shard-size (default: moemerge's, 5GB); more "
                                                          "shards let more writer threads write at once")
     ap.add_argument("--rounds", type=int, default=3, help="alternating (upcycle, cp, probe) rounds; medians shown")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after a sync before each timed "
+                                                                "command (default 3; see `settle`)")
+    ap.add_argument("--probe-zeros", action="store_true", help="the probe writes zeros (its first version; see "
+                                                                 "`write_probe`) instead of random bytes")
     ap.add_argument("--warm", action="store_true", help="leave the source in the page cache (default: evict it)")
     ap.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe if installed")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")

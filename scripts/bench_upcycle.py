@@ -7,11 +7,11 @@ requested size measures, in alternating rounds (upcycle, `cp -r` of its output, 
     included: a user waits for them), its files fsynced by the writer itself; the source is evicted
     from the page cache first (posix_fadvise DONTNEED; --warm keeps it), as on a first run;
   * cp: `cp -r` of the upcycle's output, then `sync` of the copied files;
-  * probe: the same number of bytes (a random block, repeated) written by N threads (N = the upcycle's writer
-    threads), each to its own file, fsynced: what the disk takes at that queue depth;
+  * probe: the same number of bytes (a random block, repeated) written by N threads (N = the upcycle's
+    writer threads), each to its own file, fsynced: what the disk takes at that queue depth;
 
-each timed command starting after a `sync` and a short pause (`--settle`), and prints the medians over the rounds, upcycle / cp and upcycle / probe, and the upcycle's peak
-anonymous memory. mergekit-moe runs on the same job when it is installed (`pip install mergekit`).
+each timed command starting after a `sync` and a short pause (`--settle`), and prints the medians over the
+rounds, upcycle / cp and upcycle / probe, and the upcycle's peak anonymous memory. mergekit-moe runs on the same job when it is installed (`pip install mergekit`).
 
     python scripts/bench_upcycle.py                        # 1.1B (TinyLlama-shaped) -> 8 experts, 3 rounds
     python scripts/bench_upcycle.py --sizes 0.25 --rounds 3 --architecture glm4_moe
@@ -149,8 +149,8 @@ def evict(folder: Path) -> None:
 def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20, zeros: bool = False) -> float:
     """Seconds for `threads` threads to write `nbytes` in all (one file each) and fsync them.
 
-    The bytes are a random 64 MiB block written again and again, like model weights to the disk and the copy;
-    `zeros=True` writes zeros instead, as this probe did first: read from the kernel's one shared zero page,
+    The bytes are one random 64 MiB block written again and again: to the copy into the page cache they cost
+    what model weights cost. `zeros=True` writes zeros instead, as this probe did first: read from the kernel's one shared zero page,
     they cost the copy less than any real data (measured to tmpfs, 12.9 GB: 6.0-6.3 s of system CPU against
     7.6-9.3 s for random bytes), so the probe flattered the disk.
     """

@@ -11,7 +11,8 @@ requested size measures, in alternating rounds (upcycle, `cp -r` of its output, 
     writer threads), each to its own file, fsynced: what the disk takes at that queue depth;
 
 each timed command starting after a `sync` and a short pause (`--settle`), and prints the medians over the
-rounds, upcycle / cp and upcycle / probe, and the upcycle's peak anonymous memory. mergekit-moe runs on the same job when it is installed (`pip install mergekit`).
+rounds, upcycle / cp and upcycle / probe, and the upcycle's peak anonymous memory. mergekit-moe runs on
+the same job when it is installed (`pip install mergekit`).
 
     python scripts/bench_upcycle.py                        # 1.1B (TinyLlama-shaped) -> 8 experts, 3 rounds
     python scripts/bench_upcycle.py --sizes 0.25 --rounds 3 --architecture glm4_moe

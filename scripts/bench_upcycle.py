@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -147,8 +148,13 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20, zeros: bool = False) -> float:
+def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20, zeros: bool = False,
+                direct: bool = False) -> float:
     """Seconds for `threads` threads to write `nbytes` in all (one file each) and fsync them.
+
+    `direct=True` writes with O_DIRECT (Linux) from page-aligned memory, around the page cache, as the
+    writer does for whole blocks: what the disk itself takes, with no copy into cache pages (`nbytes`
+    rounded up to whole chunks per thread).
 
     The bytes are one random 64 MiB block written again and again: to the copy into the page cache they cost
     what model weights cost. `zeros=True` writes zeros instead, as this probe did first: read from the kernel's one shared zero page,
@@ -156,11 +162,19 @@ def write_probe(folder: Path, nbytes: int, threads: int, chunk: int = 64 * 2**20
     7.6-9.3 s for random bytes), so the probe flattered the disk.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    block = memoryview(bytes(chunk) if zeros else bytearray(os.urandom(2**20)) * (chunk // 2**20))
+    if direct:  # page-aligned memory and whole blocks, as O_DIRECT needs
+        aligned = mmap.mmap(-1, chunk)
+        aligned.write(bytes(chunk) if zeros else os.urandom(2**20) * (chunk // 2**20))
+        block = memoryview(aligned)
+    else:
+        block = memoryview(bytes(chunk) if zeros else bytearray(os.urandom(2**20)) * (chunk // 2**20))
     per = -(-nbytes // threads)
+    if direct:
+        per = -(-per // chunk) * chunk
 
     def one(i: int) -> None:
-        fd = os.open(folder / f"probe{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+        fd = os.open(folder / f"probe{i}", flags, 0o644)
         try:
             left = per
             while left > 0:
@@ -197,11 +211,12 @@ def writer_threads(workers: int | None, folder: Path) -> int:
 
 
 def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, threads: int,
-                       args: argparse.Namespace) -> tuple[list[float], list[float], list[float], int, int]:
-    """`args.rounds` rounds of (cmd writing `out`, `cp -r` of it + sync, the write probe of its bytes), alternating
-    so a burst of a neighbour's load hits all three alike; returns (cmd, cp, probe) seconds per round, the peak
-    anonymous memory of `cmd` (interpreter start-up and imports included: a user waits for them) and output bytes."""
-    runs, cps, probes, anon, out_bytes = [], [], [], 0, 0
+                       args: argparse.Namespace) -> tuple[list[float], list[float], list[float], list[float], int, int]:
+    """`args.rounds` rounds of (cmd writing `out`, `cp -r` of it + sync, the write probe of its bytes through the
+    page cache, the same probe direct), alternating so a burst of a neighbour's load hits all alike; returns (cmd,
+    cp, probe, direct probe) seconds per round (no direct probe where the OS has no O_DIRECT), the peak anonymous
+    memory of `cmd` (interpreter start-up and imports included: a user waits for them) and output bytes."""
+    runs, cps, probes, directs, anon, out_bytes = [], [], [], [], 0, 0
     for _ in range(args.rounds):
         settle(args.settle)
         if not args.warm:
@@ -216,7 +231,11 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
         shutil.rmtree(out)
         settle(args.settle)
         probes.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros))
-    return runs, cps, probes, anon, out_bytes
+        if hasattr(os, "O_DIRECT"):
+            settle(args.settle)
+            directs.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros,
+                                       direct=True))
+    return runs, cps, probes, directs, anon, out_bytes
 
 
 def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
@@ -232,14 +251,16 @@ def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
     threads = writer_threads(args.workers, workdir)
     cmd = [sys.executable, "-m", "mergekit_lite", "upcycle", str(recipe), "-o", str(out),
            *(["--shard-size", args.shard_size] if args.shard_size else [])]
-    ups, cps, probes, anon, out_bytes = alternating_rounds(cmd, dense, out, copy, threads, args)
+    ups, cps, probes, directs, anon, out_bytes = alternating_rounds(cmd, dense, out, copy, threads, args)
     t_mk = mergekit_moe(dense, workdir / "mergekit-out", args.experts) if args.mergekit else None
     # interpreter + torch/transformers import, a fixed cost that matters only for small models
     t_start = timed([sys.executable, "-c", "import mergekit_lite.ops.upcycle, transformers.models.mixtral"])
     shutil.rmtree(dense)
     up, cp, probe = (statistics.median(x) for x in (ups, cps, probes))
+    direct = statistics.median(directs) if directs else None
     return {"size_B": size, "out_GB": out_bytes / 1e9, "threads": threads, "upcycle_s": up, "cp_s": cp,
-            "probe_s": probe, "start_s": t_start, "rounds": list(zip(ups, cps, probes)), "mergekit_s": t_mk,
+            "probe_s": probe, "direct_s": direct, "start_s": t_start, "rounds": list(zip(ups, cps, probes)),
+            "directs": directs, "mergekit_s": t_mk,
             "peak_anon_GB": anon / 1e9, "largest_tensor_GB": largest / 1e9}
 
 
@@ -274,6 +295,11 @@ def main() -> None:
               f"{r['largest_tensor_GB']:10.2f}")
         rounds = "; ".join(f"{u:.1f}, {c:.1f}, {p:.1f}" for u, c, p in r["rounds"])
         print(f"       rounds (upcycle, cp, probe) s: {rounds}; interpreter + imports {r['start_s']:.1f} s")
+        if r["direct_s"] is not None:
+            directs = ", ".join(f"{d:.1f}" for d in r["directs"])
+            print(f"       direct probe (O_DIRECT, no page cache) s: {directs}; upcycle / direct probe "
+                  f"{r['upcycle_s'] / r['direct_s']:.2f}x, w/o start-up "
+                  f"{(r['upcycle_s'] - r['start_s']) / r['direct_s']:.2f}x")
         mk = r["mergekit_s"]
         print(f"       mergekit-moe: {f'{mk:.1f} s' if mk is not None else 'not installed (pip install mergekit)'}")
     print(f"(cores: {os.cpu_count()}; medians of {args.rounds} alternating rounds; source "

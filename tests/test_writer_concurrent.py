@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import mergekit_lite.io.pool as pool_mod
 import mergekit_lite.io.writer as writer
 from mergekit_lite.errors import MoemergeError
 from mergekit_lite.io import CheckpointReader, TensorEntry, write_model_folder
@@ -113,7 +114,7 @@ def test_a_full_disk_in_a_worker_is_reported_with_its_file(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import os, signal, sys, threading, time, torch
+    import fcntl, os, signal, sys, threading, time, torch
     import mergekit_lite.io.pool as pool
     from mergekit_lite.io import TensorEntry, write_model_folder
 
@@ -121,10 +122,11 @@ CHILD = textwrap.dedent("""
     lock = threading.Lock()
     real = os.pwrite
 
-    def slow_pwrite(fd, data, offset):  # a slow disk: 20 ms a chunk, each logged
+    def slow_pwrite(fd, data, offset):  # a slow disk: 20 ms a chunk, each logged (direct ones as such)
         time.sleep(0.02)
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
         with lock:
-            log.write("pwrite\\n")
+            log.write("direct\\n" if direct else "pwrite\\n")
         return real(fd, data, offset)
 
     def on_sigint(*_):
@@ -132,7 +134,8 @@ CHILD = textwrap.dedent("""
             log.write("SIGINT\\n")
         raise KeyboardInterrupt
 
-    pool.CHUNK = 64 * 1024
+    pool.CHUNK = pool.DIRECT_CHUNK = 64 * 1024  # direct writes too, when this filesystem takes them
+    pool.DIRECT_MIN = pool.BLOCK
     pool.os.pwrite = slow_pwrite
     signal.signal(signal.SIGINT, on_sigint)
     t = torch.ones(2**20, dtype=torch.uint8)  # 1 MiB = 16 chunks a tensor
@@ -141,12 +144,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_stops_every_worker_within_one_chunk(tmp_path):
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_ctrl_c_stops_every_worker_within_one_chunk(tmp_path, direct):
     target, log = tmp_path / "m", tmp_path / "log"
     log.write_text("")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target), str(log)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target), str(log)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MOEMERGE_DIRECT_IO": direct})
     deadline = time.monotonic() + 60
-    while log.read_text().count("pwrite") < 40:  # mid-write: a few tensors of several shards in
+    while len(log.read_text().split()) < 40:  # mid-write: a few tensors of several shards in
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -155,6 +160,7 @@ def test_ctrl_c_stops_every_worker_within_one_chunk(tmp_path):
     stopped_in = time.monotonic() - t0
     lines = log.read_text().split()
     after = lines[lines.index("SIGINT") + 1:]
+    assert ("direct" in lines) == (direct == "1"), lines[:10]  # the path asked for is the path taken
     # each of the 4 workers finishes at most the chunk it is in (and one it started as the signal came)
     assert len(after) <= 8, f"{len(after)} chunks written after Ctrl-C; a worker kept going"
     assert "KeyboardInterrupt" in err and proc.returncode != 0
@@ -329,3 +335,125 @@ def test_two_trains_into_one_output_the_second_fails_before_any_check(tmp_path):
             train(r, echo=lambda *_: None)
     finally:
         held.release()
+
+
+# -- direct writes (O_DIRECT): the whole blocks of each tensor around the page cache --------------------------------
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+@pytest.fixture
+def small_direct(tmp_path, monkeypatch):
+    """Direct writes for any tensor with one whole block, in chunks of two blocks, so pico tensors take the
+    path a 1B model's do; skipped where this filesystem takes no O_DIRECT (then the writer never tries)."""
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        (tmp_path / "probe").unlink()
+    except (AttributeError, OSError):
+        pytest.skip(f"{tmp_path} takes no O_DIRECT")
+    monkeypatch.setattr(pool_mod, "DIRECT_MIN", pool_mod.BLOCK)
+    monkeypatch.setattr(pool_mod, "DIRECT_CHUNK", 2 * pool_mod.BLOCK)
+    direct = {"writes": 0, "bytes": 0}
+    real = os.pwrite
+
+    def counting(fd, data, offset):
+        if _is_direct(fd):
+            assert offset % pool_mod.BLOCK == 0 and len(data) % pool_mod.BLOCK == 0, (offset, len(data))
+            direct["writes"] += 1
+            direct["bytes"] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(pool_mod.os, "pwrite", counting)
+    return direct
+
+
+def blocky_entries(seed: int) -> tuple[list[TensorEntry], dict[str, torch.Tensor]]:
+    """Tensors of 0 to ~40 KiB at every phase against the 4 KiB blocks, copies of one source, a fused tensor of
+    parts, and a source whose own bytes start off any block (a slice of a bigger tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    want: dict[str, torch.Tensor] = {}
+    for i in range(30):
+        dtype = [torch.float32, torch.bfloat16, torch.uint8][i % 3]
+        n = int(torch.randint(0, 10_000, (1,), generator=g))
+        want[f"t{i:02d}"] = (torch.randn(n, generator=g) * 100).to(dtype)
+    big = torch.randn(40_001, generator=g)
+    shifted = big[7:7 + 9000]  # its address is 28 bytes past an allocation: never aligned
+    want["shifted.a"], want["shifted.b"] = shifted, shifted
+    want["fused"] = torch.stack([shifted] * 3)
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype, lambda v=v: v, cost=0) for k, v in want.items()
+               if k != "fused"]
+    entries.append(TensorEntry("fused", (3, 9000), torch.float32, lambda: [shifted] * 3, cost=0))
+    return entries, want
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_direct_writes_give_the_bytes_of_the_page_cache_path(tmp_path, monkeypatch, small_direct, workers):
+    entries, want = blocky_entries(seed=int(time.time()))  # randomness on: sizes and phases drawn now
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "0")
+    cached = write_model_folder(tmp_path / "cached", entries, shard_size=60_000, workers=workers)
+    assert small_direct["writes"] == 0  # MOEMERGE_DIRECT_IO=0: every byte through the page cache
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "1")
+    direct = write_model_folder(tmp_path / "direct", entries, shard_size=60_000, workers=workers)
+    total = sum(e.nbytes for e in entries)
+    assert small_direct["bytes"] > total // 2, small_direct  # most bytes went direct, in chunks of two blocks
+    assert small_direct["writes"] >= small_direct["bytes"] // (2 * pool_mod.BLOCK)
+    assert len(folder_bytes(direct)) > 3 and folder_bytes(direct) == folder_bytes(cached)
+    got = {}
+    for shard in direct.glob("model-*.safetensors"):
+        got.update(load_file(str(shard)))
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_an_upcycle_written_direct_is_the_upcycle_written_through_the_cache(tmp_path, pico_llama, monkeypatch,
+                                                                             small_direct):
+    body = {"source": str(pico_llama), "num_experts": 4, "experts_per_token": 2, "dtype": "bfloat16",
+            "noise": 0.01, "seed": int(time.time()) % 10_000, "shard_size": "100KB"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(body))
+    for mode in ("0", "1"):
+        monkeypatch.setenv("MOEMERGE_DIRECT_IO", mode)
+        run_upcycle(recipe, tmp_path / f"up{mode}", workers=4, echo=lambda _: None, progress=False)
+    assert small_direct["bytes"] > 0
+    assert folder_bytes(tmp_path / "up1") == folder_bytes(tmp_path / "up0")
+
+
+def test_a_filesystem_that_refuses_direct_writes_midway_gets_the_page_cache_path(tmp_path, monkeypatch,
+                                                                                small_direct):
+    """EINVAL from a direct write (a filesystem that opens O_DIRECT but will not write it): that chunk and the
+    rest of the file go through the cache, same bytes, and the refused descriptor is closed with the file."""
+    entries, _ = blocky_entries(seed=int(time.time()))
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "0")
+    cached = write_model_folder(tmp_path / "cached", entries, shard_size=60_000, workers=4)
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "1")
+    counting, refused = pool_mod.os.pwrite, []
+
+    def refusing(fd, data, offset):
+        if _is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return counting(fd, data, offset)
+
+    monkeypatch.setattr(pool_mod.os, "pwrite", refusing)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    direct = write_model_folder(tmp_path / "direct", entries, shard_size=60_000, workers=4)
+    assert refused and folder_bytes(direct) == folder_bytes(cached)
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # no descriptor left open
+
+
+def test_a_full_disk_in_a_direct_write_is_reported_with_its_file(tmp_path, monkeypatch, small_direct):
+    counting = pool_mod.os.pwrite
+
+    def full(fd, data, offset):
+        if _is_direct(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return counting(fd, data, offset)
+
+    monkeypatch.setattr(pool_mod.os, "pwrite", full)
+    big = torch.randn(50_000)
+    entries = [TensorEntry(f"t{i}", (50_000,), torch.float32, lambda: big, cost=0) for i in range(4)]
+    with pytest.raises(MoemergeError, match=r"No space left on device: '.*/model-0000\d-of-00004\.safetensors'"):
+        write_model_folder(tmp_path / "m", entries, shard_size=200_000, workers=4)
+    assert list(tmp_path.iterdir()) == []

@@ -12,20 +12,42 @@ lays tensors out in its own order (the output bytes would change).
 Memory stays flat: a tensor whose `make()` allocates (a cast, noise, a slice) is admitted only while
 the bytes of such tensors in flight stay under `budget` (one largest tensor, as when writing one at
 a time); memory-mapped copies cost nothing and run `workers` at a time.
+
+Bytes bypass the page cache where the filesystem allows (`O_DIRECT`, Linux): the whole 4 KiB blocks of a
+tensor are copied into a page-aligned buffer of the writer's own (`DIRECT_CHUNK`, one per thread, with the
+GIL released) and written from it straight to the disk; the partial blocks at a tensor's two ends go
+through the page cache as before, so no block is ever written both ways. Measured on this project's 2-core
+VM, 12.9 GB by 8 threads: through the page cache 19.6-20.3 s with 36-37 s of system CPU (the kernel's copy
+into cache pages and their write-back), direct 7.6-7.7 s with 0.3-0.4 s. The bytes written are the same
+either way; a filesystem that refuses `O_DIRECT` (tmpfs, some FUSE) gets the page-cache path, and
+`MOEMERGE_DIRECT_IO=0` asks for it everywhere.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHUNK = 64 * 2**20  # bytes per pwrite: a stop request (Ctrl-C, another worker's error) is seen within one chunk
 PREFETCH_AHEAD = 512 * 2**20  # output bytes whose sources are announced to the kernel before their turn
+BLOCK = 4096  # direct writes start and end on multiples of this (file offsets, buffer address, length)
+DIRECT_CHUNK = 8 * 2**20  # bytes per direct write, and the size of each writer thread's aligned buffer
+DIRECT_MIN = 1 * 2**20  # a tensor with fewer whole blocks than this goes through the page cache
+
+
+def direct_io_wanted() -> bool:
+    """True unless `MOEMERGE_DIRECT_IO` is 0/false/no/off (then every byte goes through the page cache)."""
+    return os.environ.get("MOEMERGE_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def default_workers(folder: str | Path) -> int:
@@ -69,16 +91,72 @@ class Stopped(Exception):
 
 
 class ShardFile:
-    """One open output file: header written at once; fsynced and closed by whoever writes its last tensor."""
+    """One open output file: header written at once; fsynced and closed by whoever writes its last tensor.
 
-    def __init__(self, path: Path, header: bytes, n_tensors: int):
+    With `buffers` (a pool's aligned buffers) and a filesystem that takes `O_DIRECT`, a second descriptor
+    writes the whole blocks of each tensor around the page cache (`write`).
+    """
+
+    def __init__(self, path: Path, header: bytes, n_tensors: int, buffers: "DirectBuffers | None" = None):
         self.path = path
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+        self.dfd: int | None = _open_direct(path) if buffers is not None else None
+        self.refused: int | None = None  # a direct descriptor the filesystem turned down mid-way, closed at the end
+        self.buffers = buffers
         self.left = n_tensors
         self.lock = threading.Lock()
         pwrite_all(self.fd, memoryview(header), 0)
         if n_tensors == 0:
             self.finish()
+
+    def write(self, data: memoryview, offset: int, stop: threading.Event | None = None) -> None:
+        """Write `data` at `offset`: its whole blocks direct when this file can, its partial end blocks cached.
+
+        Two tensors share a partial block only through the page cache, so no block is written both ways.
+        """
+        first = offset + (-offset % BLOCK)  # the first block boundary at or after `offset`
+        last = (offset + len(data)) // BLOCK * BLOCK  # the last one at or before its end
+        if self.dfd is None or last - first < DIRECT_MIN:
+            pwrite_all(self.fd, data, offset, stop)
+            return
+        head, tail = first - offset, last - offset
+        pwrite_all(self.fd, data[:head], offset, stop)
+        self._write_direct(data, head, tail, first, stop)
+        pwrite_all(self.fd, data[tail:], last, stop)
+
+    def _write_direct(self, data: memoryview, start: int, end: int, offset: int,
+                      stop: threading.Event | None) -> None:
+        """Write `data[start:end]` (whole blocks) at `offset` through an aligned buffer, a chunk at a time."""
+        source = np.frombuffer(data, dtype=np.uint8)  # a view, for the address; read-only memory maps too
+        address = source.ctypes.data
+        buf = self.buffers.take()
+        try:
+            pos = start
+            while pos < end:
+                if stop is not None and stop.is_set():
+                    raise Stopped
+                n = min(DIRECT_CHUNK, end - pos)
+                ctypes.memmove(buf.address, address + pos, n)  # releases the GIL; faults in a cold source
+                dfd = self.dfd
+                done = 0
+                if dfd is not None:
+                    try:
+                        done = os.pwrite(dfd, buf.view[:n], offset + pos - start)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:  # a full disk, an I/O error: as through the cache
+                            raise
+                        self.refuse_direct(dfd)  # the filesystem takes no direct writes after all
+                if done < n:  # refused, or a short write: the rest through the page cache
+                    pwrite_all(self.fd, data[pos + done:pos + n], offset + pos - start + done, stop)
+                pos += n
+        finally:
+            self.buffers.give(buf)
+
+    def refuse_direct(self, dfd: int) -> None:
+        """Stop writing this file direct; `dfd` is closed with the file, never under another thread's write."""
+        with self.lock:
+            if self.dfd == dfd:
+                self.dfd, self.refused = None, dfd
 
     def tensor_done(self) -> bool:
         """Count one tensor written; the last one makes the file durable. True when the file is complete."""
@@ -91,16 +169,82 @@ class ShardFile:
 
     def finish(self) -> None:
         """Flush the shard to disk and close it; called once its last tensor is written."""
-        os.fsync(self.fd)
+        os.fsync(self.fd)  # the data written through either descriptor: fsync is per file, not per descriptor
+        self._close_direct()
         os.close(self.fd)
         self.fd = None
 
     def abort(self) -> None:
         """Close the file without syncing (a failed or interrupted write); safe to call twice."""
         with self.lock:
+            self._close_direct()
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
+
+    def _close_direct(self) -> None:
+        for fd in (self.dfd, self.refused):
+            if fd is not None:
+                os.close(fd)
+        self.dfd = self.refused = None
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, `O_DIRECT` descriptor on `path`, or None where the platform or the filesystem has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # EINVAL: this filesystem does not do direct I/O
+        return None
+
+
+class AlignedBuffer:
+    """`DIRECT_CHUNK` bytes of page-aligned anonymous memory (a private map), its address and a view."""
+
+    def __init__(self):
+        self.map = mmap.mmap(-1, DIRECT_CHUNK)
+        self.view = memoryview(self.map)
+        self.address = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
+
+    def close(self) -> None:
+        """Unmap the memory (kept mapped, and freed with its last view, if a view is still held)."""
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:  # a view is still held somewhere: the map goes with it
+            pass
+
+
+class DirectBuffers:
+    """The aligned buffers of one pool: made on demand (one per thread writing at a time), freed at its end."""
+
+    def __init__(self):
+        self.free: queue.SimpleQueue[AlignedBuffer] = queue.SimpleQueue()
+        self.made: list[AlignedBuffer] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> AlignedBuffer:
+        """A free buffer, or a new one when all are in use."""
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            buf = AlignedBuffer()
+            with self.lock:
+                self.made.append(buf)
+            return buf
+
+    def give(self, buf: AlignedBuffer) -> None:
+        """Hand a buffer back for the next direct write."""
+        self.free.put(buf)
+
+    def close(self) -> None:
+        """Unmap every buffer made (the pool is done writing)."""
+        with self.lock:
+            for buf in self.made:
+                buf.close()
+            self.made.clear()
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int, stop: threading.Event | None = None) -> None:
@@ -140,12 +284,13 @@ class TensorPool:
         self.inflight: dict[Future, int] = {}  # future -> the anonymous bytes its tensor may allocate
         self.cost = 0
         self.files: list[ShardFile] = []
+        self.buffers = DirectBuffers() if direct_io_wanted() else None
         self.ahead: list = []  # entries in write order, for read-ahead
         self.next_prefetch = self.submitted = self.ahead_bytes = 0
 
     def open(self, path: Path, header: bytes, n_tensors: int) -> ShardFile:
         """Create a shard file with its header written and register it; an empty shard is done at once."""
-        shard = ShardFile(path, header, n_tensors)
+        shard = ShardFile(path, header, n_tensors, self.buffers)
         self.files.append(shard)
         if n_tensors == 0 and self.shard_done:
             self.shard_done()
@@ -195,7 +340,7 @@ class TensorPool:
             raise Stopped
         try:
             for part in made if made is not None else tensor_bytes(entry):
-                pwrite_all(shard.fd, part, offset, self.stop)
+                shard.write(part, offset, self.stop)
                 offset += len(part)
             made = part = None  # the tensor is freed before the heap is trimmed
             if cost:
@@ -228,6 +373,8 @@ class TensorPool:
             self.pool.shutdown(wait=True, cancel_futures=True)
         for f in self.files:
             f.abort()
+        if self.buffers is not None:
+            self.buffers.close()
 
 
 def tensor_bytes(entry) -> list[memoryview]:

@@ -3,9 +3,10 @@
 Builds a synthetic Llama-shaped bf16 checkpoint (2 shards, the same generator as `bench_upcycle.py`)
 in a temporary folder, then for SOLAR `--drop n/4` (and LLaMA-Pro `--expand n/4`) measures, in
 alternating rounds: the graft in a child process (start-up included; source evicted from the page
-cache first unless --warm), `cp -r` of its output + `sync` of the copied files, and the same bytes
-of zeros written by N threads + fsync (N = the graft's writer threads). Prints the medians,
-graft / cp, graft / probe, and the graft's peak anonymous memory.
+cache first unless --warm), `cp -r` of its output + `sync` of the copied files (`--no-cp` skips it),
+and the same number of bytes (a random block, repeated) written by N threads + fsync (N = the graft's
+writer threads), through the page cache and then direct (O_DIRECT), each after a sync and a pause
+(`--settle`). Prints the medians, graft / cp, graft / each probe, and the graft's peak anonymous memory.
 
     python scripts/bench_graft.py                              # ~1.1B-param source (2.2 GB), --drop, 3 rounds
     python scripts/bench_graft.py --size 3 --shard-sizes 5GB 1GB --expand
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_upcycle import VOCAB, alternating_rounds, build_dense, files, timed, writer_threads  # noqa: E402 - one synthetic-checkpoint generator, one set of measurements
+from bench_upcycle import VOCAB, add_round_args, alternating_rounds, build_dense, files, timed, writer_threads  # noqa: E402 - one synthetic-checkpoint generator, one set of measurements
 
 HIDDEN, INTER = 2048, 5632
 
@@ -39,10 +40,13 @@ def bench_one(src: Path, work: Path, flag: str, k: int, shard: str, args: argpar
     cmd = [sys.executable, "-m", "mergekit_lite", "graft", str(src), flag, str(k), "-o", str(out),
            "--shard-size", shard] + (["--workers", str(args.workers)] if args.workers else [])
     threads = writer_threads(args.workers, work)
-    grafts, cps, probes, anon, out_bytes = alternating_rounds(cmd, src, out, copy, threads, args)
-    g, c, p = (statistics.median(x) for x in (grafts, cps, probes))
+    grafts, cps, probes, directs, anon, out_bytes = alternating_rounds(cmd, src, out, copy, threads, args)
+    g, p = statistics.median(grafts), statistics.median(probes)
+    c = statistics.median(cps) if cps else float("nan")
+    d = statistics.median(directs) if directs else float("nan")
     return {"op": f"{flag} {k}", "shard": shard, "out_GB": out_bytes / 1e9, "threads": threads, "graft_s": g,
-            "cp_s": c, "probe_s": p, "anon_GB": anon / 1e9, "rounds": list(zip(grafts, cps, probes))}
+            "cp_s": c, "probe_s": p, "direct_s": d, "anon_GB": anon / 1e9,
+            "rounds": list(zip(grafts, cps or [float("nan")] * len(grafts), probes)), "directs": directs}
 
 
 def main() -> None:
@@ -51,8 +55,7 @@ def main() -> None:
     ap.add_argument("--shard-sizes", nargs="+", default=["5GB"])
     ap.add_argument("--expand", action="store_true", help="also LLaMA-Pro --expand n/4 (first shard size)")
     ap.add_argument("--workers", type=int, default=None, help="writer threads (default: moemerge's own default)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating (graft, cp, probe) rounds; medians shown")
-    ap.add_argument("--warm", action="store_true", help="leave the source in the page cache (default: evict it)")
+    add_round_args(ap, "graft")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
     n = layers_for(args.size)
@@ -77,6 +80,10 @@ def main() -> None:
               f"{r['anon_GB']:8.2f}")
         print("            rounds (graft, cp, probe) s: "
               + "; ".join(f"{g:.1f}, {c:.1f}, {p:.1f}" for g, c, p in r["rounds"]))
+        if r["directs"]:
+            print("            direct probe (O_DIRECT) s: " + ", ".join(f"{d:.1f}" for d in r["directs"])
+                  + f"; graft / direct probe {r['graft_s'] / r['direct_s']:.2f}x, w/o start-up "
+                  f"{(r['graft_s'] - t_start) / r['direct_s']:.2f}x")
     print(f"(cores: {os.cpu_count()}; medians of {args.rounds} alternating rounds; source "
           f"{'warm' if args.warm else 'evicted from the page cache'} before each graft; copies are memory-mapped "
           "views, so anonymous memory stays near the interpreter's whatever the shard size)")

@@ -6,12 +6,13 @@ requested size measures, in alternating rounds (upcycle, `cp -r` of its output, 
   * upcycle: `moemerge upcycle` to 8 experts in a child process (interpreter start-up and imports
     included: a user waits for them), its files fsynced by the writer itself; the source is evicted
     from the page cache first (posix_fadvise DONTNEED; --warm keeps it), as on a first run;
-  * cp: `cp -r` of the upcycle's output, then `sync` of the copied files;
+  * cp: `cp -r` of the upcycle's output, then `sync` of the copied files (`--no-cp` skips it);
   * probe: the same number of bytes (a random block, repeated) written by N threads (N = the upcycle's
-    writer threads), each to its own file, fsynced: what the disk takes at that queue depth;
+    writer threads), each to its own file, fsynced: what the disk takes at that queue depth through the
+    page cache; then the same probe written direct (O_DIRECT), as the writer writes whole blocks;
 
 each timed command starting after a `sync` and a short pause (`--settle`), and prints the medians over the
-rounds, upcycle / cp and upcycle / probe, and the upcycle's peak anonymous memory. mergekit-moe runs on
+rounds, upcycle / cp and upcycle / each probe, and the upcycle's peak anonymous memory. mergekit-moe runs on
 the same job when it is installed (`pip install mergekit`).
 
     python scripts/bench_upcycle.py                        # 1.1B (TinyLlama-shaped) -> 8 experts, 3 rounds
@@ -225,9 +226,10 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
         runs.append(t)
         anon = max(anon, peak)
         out_bytes = sum(os.path.getsize(f) for f in files(out))
-        settle(args.settle)
-        cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
-        shutil.rmtree(copy)
+        if args.cp:
+            settle(args.settle)
+            cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
+            shutil.rmtree(copy)
         shutil.rmtree(out)
         settle(args.settle)
         probes.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros))
@@ -236,6 +238,19 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
             directs.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros,
                                        direct=True))
     return runs, cps, probes, directs, anon, out_bytes
+
+
+def add_round_args(ap: argparse.ArgumentParser, command: str) -> None:
+    """The options of `alternating_rounds`, for this script and bench_graft.py."""
+    ap.add_argument("--rounds", type=int, default=3, help=f"alternating ({command}, cp, probes) rounds; medians shown")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after a sync before each timed "
+                                                                "command (default 3; see `settle`)")
+    ap.add_argument("--probe-zeros", action="store_true", help="the probe writes zeros (its first version; see "
+                                                                 "`write_probe`) instead of random bytes")
+    ap.add_argument("--no-cp", dest="cp", action="store_false", help="skip the `cp -r` of the output (the output "
+                                                                      "written direct is not in the page cache, so "
+                                                                      "cp reads it back from the disk: slow)")
+    ap.add_argument("--warm", action="store_true", help="leave the source in the page cache (default: evict it)")
 
 
 def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
@@ -256,10 +271,11 @@ def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
     # interpreter + torch/transformers import, a fixed cost that matters only for small models
     t_start = timed([sys.executable, "-c", "import mergekit_lite.ops.upcycle, transformers.models.mixtral"])
     shutil.rmtree(dense)
-    up, cp, probe = (statistics.median(x) for x in (ups, cps, probes))
+    up, probe = statistics.median(ups), statistics.median(probes)
+    cp = statistics.median(cps) if cps else float("nan")
     direct = statistics.median(directs) if directs else None
     return {"size_B": size, "out_GB": out_bytes / 1e9, "threads": threads, "upcycle_s": up, "cp_s": cp,
-            "probe_s": probe, "direct_s": direct, "start_s": t_start, "rounds": list(zip(ups, cps, probes)),
+            "probe_s": probe, "direct_s": direct, "start_s": t_start, "rounds": list(zip(ups, cps or [float("nan")] * len(ups), probes)),
             "directs": directs, "mergekit_s": t_mk,
             "peak_anon_GB": anon / 1e9, "largest_tensor_GB": largest / 1e9}
 
@@ -273,12 +289,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="writer threads (default: moemerge's own default)")
     ap.add_argument("--shard-size", default=None, help="the upcycle's --shard-size (default: moemerge's, 5GB); more "
                                                          "shards let more writer threads write at once")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating (upcycle, cp, probe) rounds; medians shown")
-    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after a sync before each timed "
-                                                                "command (default 3; see `settle`)")
-    ap.add_argument("--probe-zeros", action="store_true", help="the probe writes zeros (its first version; see "
-                                                                 "`write_probe`) instead of random bytes")
-    ap.add_argument("--warm", action="store_true", help="leave the source in the page cache (default: evict it)")
+    add_round_args(ap, "upcycle")
     ap.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe if installed")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()

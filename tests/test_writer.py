@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -225,3 +226,31 @@ def test_final_model_goes_through_the_shared_writer_in_shards(tiny_moe, tmp_path
     sizes = {s: sum(t.numel() * t.element_size() for t in load_file(str(final / s)).values()) for s in shards}
     assert sum(sizes.values()) == index["metadata"]["total_size"]
     assert (final / "README.md").is_file() and (final / "moemerge.json").is_file()
+
+
+def test_preflight_counts_the_debris_of_a_killed_run_as_free(tmp_path, monkeypatch):
+    """A run killed mid-write and started again: its own temporary folder, removed before writing, is not
+    held against it; a live process's folder is."""
+    from test_safety import dead_pid
+
+    from mergekit_lite.io.writer import preflight_disk
+
+    target = tmp_path / "m"
+    _little_disk(monkeypatch, free=500_000)  # the estimate for 1000 bytes is 1,001,020: short by about 0.5 MB
+    with pytest.raises(MoemergeError, match=r"need about 1.00 MB, 500.00 KB free on \S+$"):
+        preflight_disk(target, 1000)
+    live = tmp_path / f".m.moemerge-tmp-{os.getppid()}"  # alive, not ours: never removed, so not free either
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(bytes(600_000))
+    with pytest.raises(MoemergeError, match=r"500.00 KB free on \S+$"):
+        preflight_disk(target, 1000)
+    dead = tmp_path / f".m.moemerge-tmp-{dead_pid()}"
+    dead.mkdir()
+    (dead / "model-00001-of-00002.safetensors").write_bytes(bytes(300_000))
+    with pytest.raises(MoemergeError, match=r"500.00 KB free on \S+ \(and 300.00 KB in temporary folders of "
+                                            r"interrupted runs\)$"):
+        preflight_disk(target, 1000)
+    (dead / "model-00002-of-00002.safetensors").write_bytes(bytes(300_000))
+    preflight_disk(target, 1000)  # 500 KB free + 600 KB of a dead run's debris
+    write_model_folder(target, [TensorEntry("t", (250,), torch.float32, lambda: torch.ones(250))], shard_size=10**6)
+    assert not dead.exists() and live.exists() and (target / "model.safetensors").is_file()

@@ -146,6 +146,8 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("direct", ["0", "1"])
 def test_ctrl_c_stops_every_worker_within_one_chunk(tmp_path, direct):
+    if direct == "1":
+        skip_without_direct_io(tmp_path)
     target, log = tmp_path / "m", tmp_path / "log"
     log.write_text("")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target), str(log)], stderr=subprocess.PIPE, text=True,
@@ -339,6 +341,15 @@ def test_two_trains_into_one_output_the_second_fails_before_any_check(tmp_path):
 
 # -- direct writes (O_DIRECT): the whole blocks of each tensor around the page cache --------------------------------
 
+def skip_without_direct_io(folder: Path) -> None:
+    """Skip where `folder`'s filesystem (or the OS) takes no O_DIRECT: there the writer never writes direct."""
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        (folder / "probe").unlink()
+    except (AttributeError, OSError):
+        pytest.skip(f"{folder} takes no O_DIRECT")
+
+
 def _is_direct(fd: int) -> bool:
     import fcntl
 
@@ -349,11 +360,7 @@ def _is_direct(fd: int) -> bool:
 def small_direct(tmp_path, monkeypatch):
     """Direct writes for any tensor with one whole block, in chunks of two blocks, so pico tensors take the
     path a 1B model's do; skipped where this filesystem takes no O_DIRECT (then the writer never tries)."""
-    try:
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
-        (tmp_path / "probe").unlink()
-    except (AttributeError, OSError):
-        pytest.skip(f"{tmp_path} takes no O_DIRECT")
+    skip_without_direct_io(tmp_path)
     monkeypatch.setattr(pool_mod, "DIRECT_MIN", pool_mod.BLOCK)
     monkeypatch.setattr(pool_mod, "DIRECT_CHUNK", 2 * pool_mod.BLOCK)
     direct = {"writes": 0, "bytes": 0}
@@ -457,3 +464,30 @@ def test_a_full_disk_in_a_direct_write_is_reported_with_its_file(tmp_path, monke
     with pytest.raises(MoemergeError, match=r"No space left on device: '.*/model-0000\d-of-00004\.safetensors'"):
         write_model_folder(tmp_path / "m", entries, shard_size=200_000, workers=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_direct_writes_at_the_real_sizes_give_the_page_cache_bytes(tmp_path, monkeypatch):
+    """The constants as shipped (1 MiB minimum, 8 MiB chunks): tensors past one chunk at odd offsets, and one
+    just under the minimum, through both paths."""
+    skip_without_direct_io(tmp_path)
+    direct = []
+    real = os.pwrite
+
+    def counting(fd, data, offset):
+        n = real(fd, data, offset)  # a write the kernel refused (EINVAL) is not counted
+        if _is_direct(fd):
+            direct.append(n)
+        return n
+
+    monkeypatch.setattr(pool_mod.os, "pwrite", counting)
+    g = torch.Generator().manual_seed(int(time.time()))
+    sizes = [3, 2**20 + 4099, 9 * 2**20 + 123, 2**20 - 1, 17 * 2**20]
+    want = {f"t{i}": torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype, lambda v=v: v, cost=0) for k, v in want.items()]
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "0")
+    cached = write_model_folder(tmp_path / "cached", entries, shard_size=2**30, workers=4)
+    assert direct == []
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "1")
+    written = write_model_folder(tmp_path / "direct", entries, shard_size=2**30, workers=4)
+    assert direct and max(direct) == pool_mod.DIRECT_CHUNK and sum(direct) > 26 * 2**20  # all but the partial end blocks
+    assert folder_bytes(written) == folder_bytes(cached)

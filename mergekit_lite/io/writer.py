@@ -32,6 +32,7 @@ from mergekit_lite.io.safety import (
     OLD_TAG,
     TMP_TAG,
     clear_stale_temps,
+    find_debris,
     record_written,
     temp_path,
     written_record,
@@ -369,12 +370,18 @@ def write_index(folder: str | Path, weight_map: dict[str, str], total_size: int,
 
 
 def preflight_disk(output: Path, nbytes: int) -> None:
-    """Refuse before writing when the output's filesystem cannot hold the estimated output."""
+    """Refuse before writing when the output's filesystem cannot hold the estimated output.
+
+    The temporary folders that killed runs left for this output count as free: the writer removes them
+    before it writes (a run killed mid-write and started again must not be refused for its own debris).
+    """
     probe = output.resolve()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
+    debris = sum(d.nbytes for d in find_debris(output) if not d.alive)
     need = int(nbytes * 1.02) + 1_000_000
-    if free < need:
+    if free + debris < need:
+        also = f" (and {format_bytes(debris)} in temporary folders of interrupted runs)" if debris else ""
         raise MoemergeError(f"not enough free disk for {output}: need about {format_bytes(need)}, "
-                            f"{format_bytes(free)} free on {probe}")
+                            f"{format_bytes(free)} free on {probe}{also}")

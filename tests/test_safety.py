@@ -4,6 +4,7 @@ temporary folders of killed runs are cleaned up (and reported by `check`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -293,6 +294,8 @@ def dead_pid() -> int:
 
 def test_stale_temp_folders_removed_live_ones_kept(tmp_path, pico_llama):
     out = tmp_path / "out"
+    recipe = up_recipe(tmp_path / "recipes", source=pico_llama)
+    run_upcycle(recipe, out, echo=lambda _: None)  # the old-tag folder of a finished swap is debris beside it
     dead = dead_pid()
     stale = [tmp_path / f".out.moemerge-tmp-{dead}", tmp_path / f".out.moemerge-old-{dead}"]
     live = tmp_path / f".out.moemerge-tmp-{os.getppid()}"  # alive, but not ours
@@ -301,7 +304,7 @@ def test_stale_temp_folders_removed_live_ones_kept(tmp_path, pico_llama):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x" * 3000)
     lines: list[str] = []
-    run_upcycle(up_recipe(tmp_path / "recipes", source=pico_llama), out, echo=lines.append)
+    run_upcycle(recipe, out, overwrite=True, echo=lines.append)
     assert not any(d.exists() for d in stale) and live.exists() and other.exists()
     removed = [line for line in lines if "left by an interrupted run" in line]
     assert len(removed) == 2 and all(f"process {dead} has ended" in line for line in removed)
@@ -404,3 +407,39 @@ def test_overwrite_goes_by_the_record_of_what_moemerge_wrote(tmp_path, src):
     (out / "model-backup.safetensors").unlink()
     (out / "tokenizer.json").write_text("{}")  # a user's edit of a file moemerge wrote
     refused(lambda: run_upcycle(r, out, overwrite=True, echo=print), out, "holds", "tokenizer.json")
+
+
+KILL_BETWEEN_RENAMES = """
+import os, pathlib, signal, sys
+from mergekit_lite.ops.upcycle import run_upcycle
+
+real = pathlib.Path.rename
+
+def rename(self, target):  # the first rename of the swap (target -> .NAME.moemerge-old-PID), then a kill -9
+    out = real(self, target)
+    if ".moemerge-old-" in str(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+pathlib.Path.rename = rename
+run_upcycle(sys.argv[1], sys.argv[2], overwrite=True, echo=lambda _: None, progress=False)
+"""
+
+
+def test_a_run_killed_between_the_two_renames_of_an_overwrite_gets_the_old_folder_back(tmp_path, pico_llama):
+    out = tmp_path / "out"
+    run_upcycle(up_recipe(tmp_path / "recipes", source=pico_llama), out, echo=lambda _: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = up_recipe(tmp_path / "recipes2", source=pico_llama, num_experts=2)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(again), str(out)], stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert not out.exists() and list(tmp_path.glob(f".out.moemerge-old-{proc.pid}"))  # killed mid-swap
+    lines: list[str] = []
+    with pytest.raises(MoemergeError, match="already exists; pass --overwrite"):  # the old folder is back
+        run_upcycle(again, out, echo=lines.append)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert any(f"restored {out} from .out.moemerge-old-{proc.pid}" in line for line in lines), lines
+    run_upcycle(again, out, overwrite=True, echo=lines.append)  # and replaced when asked; the debris goes too
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipes", "recipes2"]

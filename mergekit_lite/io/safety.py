@@ -8,7 +8,8 @@ Three rules, each checked before a byte is written:
   folder holds anything else (`remove_own_entries`);
 * the temporary folders `AtomicDir` builds beside a target (`.NAME.moemerge-tmp-PID`, and
   `.NAME.moemerge-old-PID` while a finished folder replaces an older one) are removed on the next
-  run for that target once their process has ended (`clear_stale_temps`); `check` reports them.
+  run for that target once their process has ended (`clear_stale_temps`), except a folder a killed run
+  had moved aside and not yet replaced, which is put back (`restore_interrupted_swap`); `check` reports them.
 """
 
 from __future__ import annotations
@@ -222,6 +223,28 @@ def find_debris(target: str | Path) -> list[Debris]:
             pid = int(m.group(1))
             found.append(Debris(p, pid, pid_alive(pid), folder_bytes(p)))
     return found
+
+
+def restore_interrupted_swap(target: str | Path, echo: Callable[[str], None] | None = None) -> Path | None:
+    """Put back the folder a killed run had moved aside to replace it, when nothing took its place.
+
+    `AtomicDir` replaces a folder with two renames (target -> `.NAME.moemerge-old-PID`, new -> target); a run
+    killed between them leaves no target and the previous folder under the old-tag name, which
+    `clear_stale_temps` would delete. Renamed back, the target is as it was before that run (its new folder,
+    never announced as written, stays debris). Returns the restored folder, or None.
+    """
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        return None
+    moved = [d for d in find_debris(target) if not d.alive and d.path.name.startswith(f".{target.name}.{OLD_TAG}-")]
+    if not moved:
+        return None
+    old = max(moved, key=lambda d: d.path.stat().st_mtime).path  # the latest, if ever there were several
+    old.rename(target)
+    if echo:
+        echo(f"  restored {target} from {old.name}: a run replacing it was killed before the new folder took its "
+             "place")
+    return target
 
 
 def clear_stale_temps(target: str | Path, echo: Callable[[str], None] | None = None) -> list[Debris]:

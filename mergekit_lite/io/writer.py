@@ -34,6 +34,7 @@ from mergekit_lite.io.safety import (
     clear_stale_temps,
     find_debris,
     record_written,
+    restore_interrupted_swap,
     temp_path,
     written_record,
 )
@@ -61,6 +62,7 @@ class AtomicDir:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # a second command writing the same output fails here, in one line
         try:
+            restore_interrupted_swap(self.target, self.echo)  # before the check: the folder is back, as it was
             check_output(self.target, self.overwrite)  # again, under the lock
             clear_stale_temps(self.target, self.echo)  # a kill -9 leaves them; their PID tells they are dead
             if self.tmp.exists():

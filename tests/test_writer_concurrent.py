@@ -491,3 +491,14 @@ def test_direct_writes_at_the_real_sizes_give_the_page_cache_bytes(tmp_path, mon
     written = write_model_folder(tmp_path / "direct", entries, shard_size=2**30, workers=4)
     assert direct and max(direct) == pool_mod.DIRECT_CHUNK and sum(direct) > 26 * 2**20  # all but the partial end blocks
     assert folder_bytes(written) == folder_bytes(cached)
+
+
+def test_a_misspelt_direct_io_switch_is_refused_before_the_output_is_touched(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMERGE_DIRECT_IO", "O")  # the letter, for a zero
+    entries = [TensorEntry("t", (10,), torch.float32, lambda: torch.ones(10))]
+    with pytest.raises(MoemergeError, match=r"^MOEMERGE_DIRECT_IO='o' is not understood; set it to 0 .* or 1 "):
+        write_model_folder(tmp_path / "m", entries, shard_size=10**6)
+    assert list(tmp_path.iterdir()) == []
+    for value, direct in (("", True), (" On ", True), ("FALSE", False), ("0", False)):
+        monkeypatch.setenv("MOEMERGE_DIRECT_IO", value)
+        assert pool_mod.direct_io_wanted() is direct

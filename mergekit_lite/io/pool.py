@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergekit_lite.errors import MoemergeError
+
 CHUNK = 64 * 2**20  # bytes per pwrite: a stop request (Ctrl-C, another worker's error) is seen within one chunk
 PREFETCH_AHEAD = 512 * 2**20  # output bytes whose sources are announced to the kernel before their turn
 BLOCK = 4096  # direct writes start and end on multiples of this (file offsets, buffer address, length)
@@ -46,8 +48,15 @@ DIRECT_MIN = 1 * 2**20  # a tensor with fewer whole blocks than this goes throug
 
 
 def direct_io_wanted() -> bool:
-    """True unless `MOEMERGE_DIRECT_IO` is 0/false/no/off (then every byte goes through the page cache)."""
-    return os.environ.get("MOEMERGE_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+    """False when `MOEMERGE_DIRECT_IO` is 0/false/no/off (every byte through the page cache), True when it is
+    unset, empty or 1/true/yes/on; any other value is refused in one line rather than guessed."""
+    value = os.environ.get("MOEMERGE_DIRECT_IO", "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise MoemergeError(f"MOEMERGE_DIRECT_IO={value[:20]!r} is not understood; set it to 0 (write through the "
+                        "page cache) or 1 (the default: whole blocks direct where the filesystem allows)")
 
 
 def default_workers(folder: str | Path) -> int:

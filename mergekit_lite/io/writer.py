@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.errors import MoemergeError
-from mergekit_lite.io.pool import ShardFile, TensorPool, default_workers
+from mergekit_lite.io.pool import ShardFile, TensorPool, default_workers, direct_io_wanted
 from mergekit_lite.io.safety import (
     EDITED,
     OLD_TAG,
@@ -284,6 +284,7 @@ def write_model_folder(target: str | Path, entries: Sequence[TensorEntry], *, sh
 
     budget = max((e.nbytes for e in entries), default=0)  # computed tensors in flight: one largest, as in order
     n_workers = workers or default_workers(Path(target).parent)
+    direct_io_wanted()  # a misspelt MOEMERGE_DIRECT_IO is refused before the output is touched
     with AtomicDir(target, overwrite, echo=echo) as tmp:
         try:
             with TensorPool(n_workers, budget, written, shard_done) as pool:

@@ -239,6 +239,13 @@ def test_preflight_counts_the_debris_of_a_killed_run_as_free(tmp_path, monkeypat
     _little_disk(monkeypatch, free=500_000)  # the estimate for 1000 bytes is 1,001,020: short by about 0.5 MB
     with pytest.raises(MoemergeError, match=r"need about 1.00 MB, 500.00 KB free on \S+$"):
         preflight_disk(target, 1000)
+    moved = tmp_path / f".m.moemerge-old-{dead_pid()}"  # a swap killed midway: put back, so not free either
+    moved.mkdir()
+    (moved / "model.safetensors").write_bytes(bytes(600_000))
+    with pytest.raises(MoemergeError, match=r"500.00 KB free on \S+$"):
+        preflight_disk(target, 1000)
+    (moved / "model.safetensors").unlink()
+    moved.rmdir()
     live = tmp_path / f".m.moemerge-tmp-{os.getppid()}"  # alive, not ours: never removed, so not free either
     live.mkdir()
     (live / "model.safetensors").write_bytes(bytes(600_000))

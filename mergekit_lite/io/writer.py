@@ -377,12 +377,14 @@ def preflight_disk(output: Path, nbytes: int) -> None:
 
     The temporary folders that killed runs left for this output count as free: the writer removes them
     before it writes (a run killed mid-write and started again must not be refused for its own debris).
+    A folder moved aside by a swap that never finished does not: with no output in its place, it is put back.
     """
     probe = output.resolve()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    debris = sum(d.nbytes for d in find_debris(output) if not d.alive)
+    restored = not output.exists()  # then `restore_interrupted_swap` renames the old-tag folder back
+    debris = sum(d.nbytes for d in find_debris(output) if not d.alive and not (restored and OLD_TAG in d.path.name))
     need = int(nbytes * 1.02) + 1_000_000
     if free + debris < need:
         also = f" (and {format_bytes(debris)} in temporary folders of interrupted runs)" if debris else ""

@@ -204,7 +204,7 @@ def _open_direct(path: Path) -> int | None:
     if not flag:
         return None
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return os.open(path, os.O_WRONLY | flag | getattr(os, "O_NOFOLLOW", 0))  # the file just made, never a link
     except OSError:  # EINVAL: this filesystem does not do direct I/O (tmpfs before Linux 6.6)
         return None
 

@@ -15,6 +15,7 @@ writer threads), through the page cache and then direct (O_DIRECT), each after a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -41,12 +42,10 @@ def bench_one(src: Path, work: Path, flag: str, k: int, shard: str, args: argpar
            "--shard-size", shard] + (["--workers", str(args.workers)] if args.workers else [])
     threads = writer_threads(args.workers, work)
     grafts, cps, probes, directs, anon, out_bytes = alternating_rounds(cmd, src, out, copy, threads, args)
-    g, p = statistics.median(grafts), statistics.median(probes)
-    c = statistics.median(cps) if cps else float("nan")
-    d = statistics.median(directs) if directs else float("nan")
+    g, c, p, d = (statistics.median(x) for x in (grafts, cps, probes, directs))
     return {"op": f"{flag} {k}", "shard": shard, "out_GB": out_bytes / 1e9, "threads": threads, "graft_s": g,
             "cp_s": c, "probe_s": p, "direct_s": d, "anon_GB": anon / 1e9,
-            "rounds": list(zip(grafts, cps or [float("nan")] * len(grafts), probes)), "directs": directs}
+            "rounds": list(zip(grafts, cps, probes)), "directs": directs}
 
 
 def main() -> None:
@@ -80,7 +79,7 @@ def main() -> None:
               f"{r['anon_GB']:8.2f}")
         print("            rounds (graft, cp, probe) s: "
               + "; ".join(f"{g:.1f}, {c:.1f}, {p:.1f}" for g, c, p in r["rounds"]))
-        if r["directs"]:
+        if not math.isnan(r["direct_s"]):
             print("            direct probe (O_DIRECT) s: " + ", ".join(f"{d:.1f}" for d in r["directs"])
                   + f"; graft / direct probe {r['graft_s'] / r['direct_s']:.2f}x, w/o start-up "
                   f"{(r['graft_s'] - t_start) / r['direct_s']:.2f}x")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import mmap
 import os
 import shutil
@@ -45,6 +46,7 @@ from safetensors.torch import save_file
 SHAPES = {1.1: (2048, 5632, 22), 1.0: (2048, 5632, 16), 0.5: (1536, 4096, 14), 0.25: (1024, 2816, 16),
           0.05: (512, 1408, 4)}  # 0.05: a smoke run (~0.3 GB out), e.g. of a new --architecture
 VOCAB = 32000
+NAN = float("nan")  # a measurement skipped (--no-cp) or not possible here (no O_DIRECT)
 
 
 def build_dense(folder: Path, hidden: int, inter: int, layers: int) -> int:
@@ -215,7 +217,8 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
                        args: argparse.Namespace) -> tuple[list[float], list[float], list[float], list[float], int, int]:
     """`args.rounds` rounds of (cmd writing `out`, `cp -r` of it + sync, the write probe of its bytes through the
     page cache, the same probe direct), alternating so a burst of a neighbour's load hits all alike; returns (cmd,
-    cp, probe, direct probe) seconds per round (no direct probe where the OS has no O_DIRECT), the peak anonymous
+    cp, probe, direct probe) seconds per round (NaN for a skipped cp, and for the direct probe where the OS has
+    no O_DIRECT), the peak anonymous
     memory of `cmd` (interpreter start-up and imports included: a user waits for them) and output bytes."""
     runs, cps, probes, directs, anon, out_bytes = [], [], [], [], 0, 0
     for _ in range(args.rounds):
@@ -226,17 +229,18 @@ def alternating_rounds(cmd: list[str], source: Path, out: Path, copy: Path, thre
         runs.append(t)
         anon = max(anon, peak)
         out_bytes = sum(os.path.getsize(f) for f in files(out))
+        cps.append(NAN)
         if args.cp:
             settle(args.settle)
-            cps.append(timed(["cp", "-r", str(out), str(copy)], sync=copy))
+            cps[-1] = timed(["cp", "-r", str(out), str(copy)], sync=copy)
             shutil.rmtree(copy)
         shutil.rmtree(out)
         settle(args.settle)
         probes.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros))
+        directs.append(NAN)
         if hasattr(os, "O_DIRECT"):
             settle(args.settle)
-            directs.append(write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros,
-                                       direct=True))
+            directs[-1] = write_probe(out.parent / "probe", out_bytes, threads, zeros=args.probe_zeros, direct=True)
     return runs, cps, probes, directs, anon, out_bytes
 
 
@@ -271,11 +275,9 @@ def bench(size: float, workdir: Path, args: argparse.Namespace) -> dict:
     # interpreter + torch/transformers import, a fixed cost that matters only for small models
     t_start = timed([sys.executable, "-c", "import mergekit_lite.ops.upcycle, transformers.models.mixtral"])
     shutil.rmtree(dense)
-    up, probe = statistics.median(ups), statistics.median(probes)
-    cp = statistics.median(cps) if cps else float("nan")
-    direct = statistics.median(directs) if directs else None
+    up, cp, probe, direct = (statistics.median(x) for x in (ups, cps, probes, directs))
     return {"size_B": size, "out_GB": out_bytes / 1e9, "threads": threads, "upcycle_s": up, "cp_s": cp,
-            "probe_s": probe, "direct_s": direct, "start_s": t_start, "rounds": list(zip(ups, cps or [float("nan")] * len(ups), probes)),
+            "probe_s": probe, "direct_s": direct, "start_s": t_start, "rounds": list(zip(ups, cps, probes)),
             "directs": directs, "mergekit_s": t_mk,
             "peak_anon_GB": anon / 1e9, "largest_tensor_GB": largest / 1e9}
 
@@ -306,7 +308,7 @@ def main() -> None:
               f"{r['largest_tensor_GB']:10.2f}")
         rounds = "; ".join(f"{u:.1f}, {c:.1f}, {p:.1f}" for u, c, p in r["rounds"])
         print(f"       rounds (upcycle, cp, probe) s: {rounds}; interpreter + imports {r['start_s']:.1f} s")
-        if r["direct_s"] is not None:
+        if not math.isnan(r["direct_s"]):
             directs = ", ".join(f"{d:.1f}" for d in r["directs"])
             print(f"       direct probe (O_DIRECT, no page cache) s: {directs}; upcycle / direct probe "
                   f"{r['upcycle_s'] / r['direct_s']:.2f}x, w/o start-up "
